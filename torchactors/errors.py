@@ -1,0 +1,138 @@
+"""Every public exception of torchactors, shared by the store, the runtime and the actors.
+
+Each error keeps its facts as attributes (so code can react without parsing text) and
+defines ``__reduce__`` so it survives pickling: an error raised in an actor process is
+re-raised in the caller with the same attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class TorchActorsError(Exception):
+    """Base class of every torchactors error."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.args, {f: getattr(self, f, None) for f in self._fields}))
+
+
+def _rebuild_error(cls: type, args: tuple, fields: dict) -> TorchActorsError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    for name, value in fields.items():
+        setattr(err, name, value)
+    return err
+
+
+class ActorError(TorchActorsError):
+    """An actor method raised: carries the remote type, message and formatted traceback."""
+
+    _fields = ("remote_type", "remote_message", "remote_traceback", "actor", "method")
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str,
+                 actor: str = "", method: str = "") -> None:
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        self.actor = actor
+        self.method = method
+        where = f" in {actor}.{method}()" if actor else ""
+        super().__init__(f"{remote_type}: {remote_message}{where}\n\nRemote traceback:\n{remote_traceback}")
+
+
+class ActorDiedError(TorchActorsError):
+    """The actor's process is gone: pending and later calls fail with this until a restart."""
+
+    _fields = ("actor", "exit_code", "signal_name", "restarts_left")
+
+    def __init__(self, actor: str, exit_code: Optional[int] = None, signal_name: Optional[str] = None,
+                 restarts_left: int = 0, detail: str = "") -> None:
+        self.actor = actor
+        self.exit_code = exit_code
+        self.signal_name = signal_name
+        self.restarts_left = restarts_left
+        if signal_name:
+            how = f"killed by {signal_name}"
+        elif exit_code is not None:
+            how = f"exited with code {exit_code}"
+        else:
+            how = "died"
+        then = (f"; it is being restarted ({restarts_left} restart(s) left), call again"
+                if restarts_left > 0 else "; no restarts left (set max_restarts to restart it)")
+        super().__init__(f"actor {actor} {how}{then}" + (f". {detail}" if detail else ""))
+
+
+class GetTimeoutError(TorchActorsError, TimeoutError):
+    """``get``/``wait``/``put`` did not finish within its ``timeout``."""
+
+    _fields = ("timeout",)
+
+    def __init__(self, message: str, timeout: Optional[float] = None) -> None:
+        self.timeout = timeout
+        super().__init__(message)
+
+
+class OwnerDiedError(TorchActorsError):
+    """The process that put the object died, and with it the object."""
+
+    _fields = ("object_id", "owner")
+
+    def __init__(self, object_id: str, owner: str) -> None:
+        self.object_id = object_id
+        self.owner = owner
+        super().__init__(f"object {object_id} is lost: its owner {owner} died. Objects live in the "
+                         f"process that put them; put long-lived data from a process that outlives its readers")
+
+
+class ObjectFreedError(TorchActorsError):
+    """The object was released (``free`` or reclaimed) before this ``get``."""
+
+    _fields = ("object_id",)
+
+    def __init__(self, object_id: str, detail: str = "") -> None:
+        self.object_id = object_id
+        super().__init__(f"object {object_id} was freed before this get" + (f" ({detail})" if detail else "")
+                         + "; keep the ObjectRef alive and do not call free() while others still need it")
+
+
+class StoreFullError(TorchActorsError, MemoryError):
+    """A put does not fit in the store even after reclaiming unreferenced objects."""
+
+    _fields = ("requested", "used", "capacity")
+
+    def __init__(self, requested: int, used: int, capacity: int, detail: str = "") -> None:
+        self.requested = requested
+        self.used = used
+        self.capacity = capacity
+        super().__init__(
+            f"object store is full: put of {_fmt(requested)} does not fit ({_fmt(used)} used of "
+            f"{_fmt(capacity)} capacity){'; ' + detail if detail else ''}. Drop or free() refs you no longer "
+            f"need, pass put(..., timeout=s) to wait for space, or raise ta.init(store_capacity=...)")
+
+
+class ConfigError(TorchActorsError, ValueError):
+    """A job file or override is invalid: names the file, line, key and what is allowed."""
+
+    _fields = ("file", "line", "key", "allowed")
+
+    def __init__(self, message: str, file: Optional[str] = None, line: Optional[int] = None,
+                 key: Optional[str] = None, allowed: Any = None) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        self.allowed = allowed
+        super().__init__(message)
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+__all__ = ["TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
+           "ObjectFreedError", "StoreFullError", "ConfigError"]

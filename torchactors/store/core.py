@@ -1,0 +1,425 @@
+"""The store of one process: ``put``, ``get``, ``free``, ``wait``, ``stats``.
+
+Box in the data flow::
+
+    put(t) -> pool block (copy once) -> ObjectRef(owner, slot, gen, fd, inode, offset, meta)
+    ObjectRef --(any message)--> get(ref) -> mapping cache -> view of the same bytes (no copy)
+    last ref dropped everywhere -> owner's reclaim pass -> block back to the pool
+
+Every process of a job has one ``Store``. It owns the objects it put (Ray's ownership model)
+in a ``SegmentPool``, maps other owners' segments through a ``MappingCache``, and counts the
+refs it holds in the job's hold tables (``registry.Membership``).
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import ctypes
+import logging
+import os
+import pickle
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from torchactors.errors import GetTimeoutError, ObjectFreedError, OwnerDiedError, StoreFullError
+from torchactors.store import registry, serialize
+from torchactors.store.refs import ObjectRef, SerializationContext
+from torchactors.store.segments import MappingCache, Segment, SegmentPool, size_class
+
+logger = logging.getLogger(__name__)
+
+INLINE_LIMIT = 1024     # skeletons up to this size, with no tensor bytes, ride inside the ref
+
+
+def default_capacity() -> int:
+    """4 GiB, or a quarter of RAM if that is smaller (memfd memory is RAM, not /dev/shm)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 16 << 30
+    return min(4 << 30, ram // 4)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like ``"4GiB"``, ``"512MB"``, ``"1.5G"``."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().replace(" ", "")
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000 ** 4,
+             "tib": 1 << 40}
+    num = text.rstrip("bBkKmMgGtTiI")
+    unit = text[len(num):].lower()
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read {value!r} as a size; write bytes as an int or a string like '4GiB', "
+                         f"'512MiB', '100MB'") from None
+
+
+class _Entry:
+    """An object this process owns."""
+
+    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external")
+
+    def __init__(self, gen: int, seg: Optional[Segment], offset: int, cls: int, keep: Any, external: bool) -> None:
+        self.gen = gen
+        self.seg = seg
+        self.offset = offset
+        self.cls = cls
+        self.keep = keep            # nested refs / shared tensors that must live as long as the object
+        self.external = external    # bytes in a storage torch already shares (not a pool block)
+
+
+def make_storage(seg: Segment, offset: int, nbytes: int, pin: Any) -> torch.UntypedStorage:
+    """An untyped storage over ``nbytes`` of ``seg`` at ``offset`` that keeps ``pin`` (the
+    ref) alive for as long as any tensor views it."""
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    buf = (ctypes.c_char * nbytes).from_buffer(seg.mm, offset)
+    buf.pin = pin
+    return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+
+
+class Store:
+    def __init__(self, job_dir: Optional[str] = None, index: Optional[int] = None,
+                 capacity: Optional[int] = None) -> None:
+        self.own_job_dir = job_dir is None
+        self.job_dir = job_dir or registry.create_job_dir()
+        self.membership = registry.Membership(self.job_dir, index)
+        self.index = self.membership.index
+        self.pid = os.getpid()
+        self.pool = SegmentPool(capacity or default_capacity())
+        self.maps = MappingCache()
+        self.entries: dict[int, _Entry] = {}
+        self.free_slots = list(range(registry.MAX_SLOTS - 1, 0, -1))   # slot 0 holds the free epoch
+        self.candidates: set[int] = set()      # owned objects no ref of this process holds
+        self.quarantine: set[int] = set()      # freed slots that stale refs may still count
+        self._free_epochs: tuple = ()
+        self.lock = threading.RLock()
+        self.closed = False
+        self.single_putters: dict[str, Callable[[torch.Tensor], tuple]] = {"cpu": self._put_cpu_tensor}
+        self.getters: dict[str, Callable[[ObjectRef, Optional[Segment]], Any]] = {
+            "t": self._get_cpu_tensor, "p": self._get_pickled, "v": self._get_inline}
+
+    # -- put ------------------------------------------------------------------------------
+
+    def put(self, obj: Any, timeout: Optional[float] = None) -> ObjectRef:
+        """Copy ``obj``'s tensor bytes once into shared memory and return its ref."""
+        if isinstance(obj, ObjectRef):
+            return obj
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.layout == torch.strided:
+            serialize.check_shareable(obj)
+            putter = self.single_putters.get(obj.device.type)
+            if putter is not None:
+                return self._register(*putter(obj, timeout))
+        return self._register(*self._put_structure(obj, timeout))
+
+    def _put_cpu_tensor(self, t: torch.Tensor, timeout: Optional[float]) -> tuple:
+        storage = t.untyped_storage()
+        es = t.element_size()
+        flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
+        if t.numel() == 0:
+            return None, 0, 0, None, ("t", t.dtype, tuple(t.shape), t.stride(), 0, 0) + flags, False
+        if t.is_shared():
+            shared = self._register_shared(storage)
+            if shared is not None:
+                seg, keep = shared
+                meta = ("t", t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), storage.nbytes()) + flags
+                return seg, 0, 0, keep, meta, True
+        # Copy only the span the view covers, not the whole storage it may be a slice of.
+        lo = t.storage_offset()
+        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        nbytes = extent * es
+        seg, off, cls = self._allocate(nbytes, timeout)
+        src = torch.empty(0, dtype=torch.uint8).set_(storage, lo * es, (nbytes,), (1,))
+        seg.u8[off:off + nbytes].copy_(src)
+        meta = ("t", t.dtype, tuple(t.shape), t.stride(), 0, nbytes) + flags
+        return seg, off, cls, None, meta, False
+
+    def _register_shared(self, storage: torch.UntypedStorage) -> Optional[tuple[Segment, Any]]:
+        """A storage torch already shares through an fd: the object aliases it, no copy."""
+        try:
+            fd, size = storage._share_fd_cpu_()[:2]
+        except (RuntimeError, AttributeError, TypeError):
+            return None
+        seg = Segment(0, os.fstat(fd).st_size, fd=fd, populate=False)
+        seg.owned = False
+        seg.fd = fd
+        return seg, storage
+
+    def _put_structure(self, obj: Any, timeout: Optional[float]) -> tuple:
+        with SerializationContext() as ctx:
+            skeleton, layout = serialize.dumps_for_store(obj)
+        keep = ctx.refs or None
+        if layout.nbytes == 0 and len(skeleton) <= INLINE_LIMIT:
+            return None, 0, 0, keep, ("v", skeleton), False
+        total = layout.nbytes + len(skeleton)
+        seg, off, cls = self._allocate(total, timeout)
+        u8 = seg.u8
+        for storage, rel in zip(layout.storages, layout.offsets):
+            n = storage.nbytes()
+            if n:
+                u8[off + rel:off + rel + n].copy_(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n,), (1,)))
+        seg.mm[off + layout.nbytes:off + total] = skeleton
+        return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton)), False
+
+    def _register(self, seg: Optional[Segment], offset: int, cls: int, keep: Any, meta: tuple,
+                  external: bool) -> ObjectRef:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the store was shut down; call ta.init() to start a new one")
+            if not self.free_slots:
+                self._reclaim()
+                if not self.free_slots:
+                    raise StoreFullError(0, self.pool.used, self.pool.capacity,
+                                         f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can")
+            slot = self.free_slots.pop()
+            hdr = self.membership.header.cells
+            gen = hdr[slot * registry.HEADER_CELL] + 1
+            self.membership.set_header(slot, gen, registry.STATE_LIVE)
+            self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external)
+        loc = None
+        if seg is not None:
+            loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2])
+        return ObjectRef(self.index, slot, gen, self.pid, loc, meta)
+
+    def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
+        with self.lock:
+            if self.candidates and not self.pool.has_free(size_class(nbytes)):
+                self._reclaim()
+            found = self.pool.allocate(nbytes)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while found is None:
+                self._reclaim()
+                found = self.pool.allocate(nbytes)
+                if found is not None:
+                    break
+                if deadline is None or time.monotonic() >= deadline:
+                    raise StoreFullError(size_class(nbytes), self.pool.used, self.pool.capacity)
+                self.lock.release()
+                try:
+                    time.sleep(0.002)
+                finally:
+                    self.lock.acquire()
+            return found
+
+    # -- get ------------------------------------------------------------------------------
+
+    def get(self, ref: Any, timeout: Optional[float] = None, copy: bool = False) -> Any:
+        if isinstance(ref, (list, tuple)):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            return [self.get(r, None if deadline is None else max(0.0, deadline - time.monotonic()), copy)
+                    for r in ref]
+        if not isinstance(ref, ObjectRef):
+            raise TypeError(f"get() takes an ObjectRef or a list of them, not {type(ref).__name__}")
+        if ref._pending is not None:
+            value = ref._pending.result(timeout)
+            if isinstance(value, ObjectRef):
+                value = self.get(value)
+        else:
+            value = self.getters[ref.meta[0]](ref, self._segment_of(ref) if ref.loc is not None else None)
+        return copy_module.deepcopy(value) if copy else value
+
+    def _segment_of(self, ref: ObjectRef) -> Segment:
+        if ref.owner == self.index:
+            entry = self.entries.get(ref.slot)
+            if entry is None or entry.gen != ref.gen:
+                raise ObjectFreedError(ref.id)
+            return entry.seg
+        m = self.membership
+        peer = m.peer(ref.owner)
+        if peer.pid != ref.owner_pid or not peer.alive():
+            raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
+        i = ref.slot * registry.HEADER_CELL
+        cells = peer.header.cells
+        if cells[i] != ref.gen or cells[i + 1] != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
+            raise ObjectFreedError(ref.id)
+        fd, inode = ref.loc[0], ref.loc[1]
+        seg = self.maps.map(ref.owner_pid, fd, inode)
+        if seg is None:
+            if not peer.alive():
+                raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
+            raise ObjectFreedError(ref.id, "its memory was returned to the system")
+        return seg
+
+    def _get_cpu_tensor(self, ref: ObjectRef, seg: Optional[Segment]) -> torch.Tensor:
+        _, dtype, shape, stride, offset, nbytes, requires_grad, is_param = ref.meta
+        if seg is None:
+            t = torch.empty_strided(shape, stride, dtype=dtype)
+        else:
+            storage = make_storage(seg, ref.loc[2], nbytes, ref)
+            t = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+        return serialize.finish_tensor(t, requires_grad, is_param)
+
+    def _get_pickled(self, ref: ObjectRef, seg: Segment) -> Any:
+        base = ref.loc[2]
+        _, nbytes, nskel = ref.meta
+        with serialize.BlockReader(lambda rel, n: make_storage(seg, base + rel, n, ref)):
+            return pickle.loads(seg.mm[base + nbytes:base + nbytes + nskel])
+
+    def _get_inline(self, ref: ObjectRef, seg: Optional[Segment]) -> Any:
+        with serialize.BlockReader(lambda rel, n: torch.UntypedStorage(0)):
+            return pickle.loads(ref.meta[1])
+
+    # -- free and reclaim -----------------------------------------------------------------
+
+    def free(self, ref: Any) -> None:
+        """Release now: later gets raise ObjectFreedError. Views already rebuilt stay mapped,
+        but their bytes may be reused by later puts."""
+        if isinstance(ref, (list, tuple)):
+            for r in ref:
+                self.free(r)
+            return
+        if ref._pending is not None:
+            ref = ref._pending.materialize()
+        if ref.owner != self.index:
+            self.membership.mark_freed(ref.owner, ref.slot, ref.gen)
+            return
+        with self.lock:
+            entry = self.entries.get(ref.slot)
+            if entry is not None and entry.gen == ref.gen:
+                self._release(ref.slot, entry, registry.STATE_FREED)
+
+    def _release(self, slot: int, entry: _Entry, state: int) -> None:
+        del self.entries[slot]
+        self.candidates.discard(slot)
+        self.membership.set_header(slot, entry.gen, state)
+        if entry.seg is not None and not entry.external:
+            self.pool.release(entry.seg, entry.offset, entry.cls)
+        if state == registry.STATE_FREED:
+            self.quarantine.add(slot)
+        else:
+            self.free_slots.append(slot)
+
+    def _reclaim(self) -> None:
+        """Return the blocks of objects no live process references (and of objects other
+        processes freed) to the pool."""
+        with self.lock:
+            epochs = self.membership.free_epochs()
+            if epochs != self._free_epochs:
+                self._free_epochs = epochs
+                for slot, entry in list(self.entries.items()):
+                    if self.membership.freed_anywhere(self.index, slot, entry.gen):
+                        self._release(slot, entry, registry.STATE_FREED)
+            if not self.candidates and not self.quarantine:
+                return
+            for slot in self.membership.unreferenced(sorted(self.candidates | self.quarantine)):
+                if slot in self.quarantine:
+                    self.quarantine.discard(slot)
+                    self.membership.set_header(slot, self.membership.header.cells[slot * registry.HEADER_CELL],
+                                               registry.STATE_EMPTY)
+                    self.free_slots.append(slot)
+                else:
+                    entry = self.entries.get(slot)
+                    if entry is not None:
+                        self._release(slot, entry, registry.STATE_EMPTY)
+                    else:
+                        self.candidates.discard(slot)
+
+    def released(self, ref: ObjectRef) -> None:
+        left = self.membership.unhold(ref.owner, ref.slot)
+        if ref.owner == self.index and left <= 0:
+            self.candidates.add(ref.slot)
+
+    # -- wait and stats -------------------------------------------------------------------
+
+    def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
+             timeout: Optional[float] = None) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        refs = list(refs)
+        if num_returns > len(refs) or num_returns < 0:
+            raise ValueError(f"num_returns={num_returns} must be between 0 and len(refs)={len(refs)}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = [r._pending is None or r._pending.done() for r in refs]
+            if sum(done) >= num_returns:
+                break
+            pendings = [r._pending for r, d in zip(refs, done) if not d]
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            type(pendings[0]).wait_any(pendings, left)
+        ready: list[ObjectRef] = []
+        rest: list[ObjectRef] = []
+        for r, d in zip(refs, done):
+            (ready if d and len(ready) < num_returns else rest).append(r)
+        return ready, rest
+
+    def stats(self) -> dict:
+        with self.lock:
+            self._reclaim()
+            return {
+                "objects": len(self.entries),
+                "bytes_used": self.pool.used,
+                "bytes_reserved": self.pool.reserved,
+                "capacity": self.pool.capacity,
+                "segments": len(self.pool.segments),
+                "mapped_segments": self.maps.count(),
+                "process_index": self.index,
+            }
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.entries.clear()
+            self.pool.close()
+            self.maps.clear()
+            self.membership.close()
+            if self.own_job_dir:
+                import shutil
+                shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+# -- the process's store ------------------------------------------------------------------------
+
+_store: Optional[Store] = None
+_store_lock = threading.Lock()
+
+
+def current() -> Store:
+    """This process's store, created on first use (standalone, its own job) if nobody
+    attached one."""
+    s = _store
+    if s is None or s.closed:
+        with _store_lock:
+            s = _store
+            if s is None or s.closed:
+                s = _set(Store())
+    return s
+
+
+def attach(job_dir: Optional[str] = None, index: Optional[int] = None, capacity: Optional[int] = None) -> Store:
+    """Start this process's store inside job ``job_dir`` (the runtime calls this)."""
+    with _store_lock:
+        if _store is not None and not _store.closed:
+            _store.close()
+        return _set(Store(job_dir, index, capacity))
+
+
+def _set(s: Store) -> Store:
+    global _store
+    _store = s
+    return s
+
+
+def active() -> Optional[Store]:
+    return _store if _store is not None and not _store.closed else None
+
+
+def released(ref: ObjectRef) -> None:
+    s = _store
+    if s is not None and not s.closed and s.pid == os.getpid():
+        s.released(ref)
+
+
+def _after_fork() -> None:
+    global _store
+    _store = None
+
+
+os.register_at_fork(after_in_child=_after_fork)

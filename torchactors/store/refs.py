@@ -1,0 +1,113 @@
+"""``ObjectRef``: the small, picklable name of an object in the store.
+
+Box in the data flow: ``put`` returns one; it travels inside messages instead of tensor
+bytes; ``get`` turns it back into a view. Creating a ref (put, or unpickling one) counts a
+hold in this process's hold table; dropping the last Python reference to it uncounts it.
+So a ref alive anywhere keeps its object alive, and nobody needs to call ``free``.
+
+A ref may also stand for a value that is not there yet (an actor call's result): the
+runtime attaches a *pending* object with ``done()``, ``result(timeout)`` and ``fileno()``,
+and ``get``/``wait`` use it without knowing what an actor is.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+_local = threading.local()
+
+
+class SerializationContext:
+    """Collects the refs serialized into one message or stored object, so that the sender
+    (or the containing object) can keep holding them until the receiver has counted its own."""
+
+    def __init__(self) -> None:
+        self.refs: list[ObjectRef] = []
+
+    def __enter__(self) -> "SerializationContext":
+        self._prev = getattr(_local, "ctx", None)
+        _local.ctx = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.ctx = self._prev
+
+
+class ObjectRef:
+    """Names object ``(owner, slot, gen)`` owned by process ``owner`` (pid ``owner_pid``).
+
+    ``loc`` is where the bytes are: ``(fd, inode, offset, nbytes)`` in the owner's fd table,
+    or None for an object with no bytes. ``meta`` describes how to rebuild the value: a
+    single tensor's dtype/shape/stride, or the length of a pickled skeleton after the bytes.
+    """
+
+    __slots__ = ("owner", "slot", "gen", "owner_pid", "loc", "meta", "_pending", "_counted", "__weakref__")
+
+    def __init__(self, owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple],
+                 meta: Any, count: bool = True) -> None:
+        self.owner = owner
+        self.slot = slot
+        self.gen = gen
+        self.owner_pid = owner_pid
+        self.loc = loc
+        self.meta = meta
+        self._pending = None
+        self._counted = False
+        if count:
+            from torchactors.store import core
+            core.current().membership.hold(owner, slot)
+            self._counted = True
+
+    @classmethod
+    def pending(cls, pending: Any) -> "ObjectRef":
+        """A ref to a value still being computed; ``pending`` resolves it."""
+        ref = cls(-1, -1, 0, 0, None, None, count=False)
+        ref._pending = pending
+        return ref
+
+    @property
+    def id(self) -> str:
+        if self._pending is not None:
+            return getattr(self._pending, "id", "pending")
+        return f"{self.owner:x}.{self.slot:x}.{self.gen:x}"
+
+    def hex(self) -> str:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self.id})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObjectRef):
+            return NotImplemented
+        if self._pending is not None or other._pending is not None:
+            return self is other
+        return (self.owner, self.slot, self.gen) == (other.owner, other.slot, other.gen)
+
+    def __hash__(self) -> int:
+        if self._pending is not None:
+            return id(self)
+        return hash((self.owner, self.slot, self.gen))
+
+    def __reduce__(self) -> tuple:
+        ref = self
+        if self._pending is not None:
+            ref = self._pending.materialize()   # blocks until the call's result is in the store
+        ctx = getattr(_local, "ctx", None)
+        if ctx is not None:
+            ctx.refs.append(ref)
+        return (_rebuild_ref, (ref.owner, ref.slot, ref.gen, ref.owner_pid, ref.loc, ref.meta))
+
+    def __del__(self) -> None:
+        if self._counted:
+            self._counted = False
+            try:
+                from torchactors.store import core
+                core.released(self)
+            except Exception:       # interpreter shutdown: the process's tables go with it
+                pass
+
+
+def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple], meta: Any) -> ObjectRef:
+    return ObjectRef(owner, slot, gen, owner_pid, loc, meta)
