@@ -87,7 +87,7 @@ class _Table:
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, ncells * 8)      # sparse: only touched pages use memory
         self.fd = fd
-        self.mm = mmap.mmap(fd, ncells * 8)
+        self.mm = mmap.mmap(fd, ncells * 8, prot=mmap.PROT_READ | (mmap.PROT_WRITE if self.owned else 0))
         self.cells = memoryview(self.mm).cast("q")
         if not self.owned:
             os.close(fd)

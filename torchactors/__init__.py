@@ -1,0 +1,22 @@
+"""torchactors: a Ray-style actor runtime for PyTorch workers on one machine.
+
+Tensors live once, in shared memory, keyed by an object ID; processes pass small refs; ``get``
+rebuilds a view of the same memory. Actors are started and watched by a spawn supervisor.
+The design, box by box, is in docs/design.md. This module only re-exports the public API.
+"""
+
+from torchactors import store
+from torchactors.actors.api import get_actor, init, is_initialized, kill, shutdown
+from torchactors.actors.handle import ActorClass, ActorHandle, actor
+from torchactors.errors import (ActorDiedError, ActorError, ConfigError, GetTimeoutError, ObjectFreedError,
+                                OwnerDiedError, StoreFullError, TorchActorsError)
+from torchactors.store import ObjectRef, free, get, put, stats, wait
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "put", "get", "wait", "free", "stats", "actor", "kill", "get_actor",
+    "ObjectRef", "ActorHandle", "ActorClass", "store",
+    "TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
+    "ObjectFreedError", "StoreFullError", "ConfigError",
+]

@@ -1,0 +1,1 @@
+"""Actors: the ``@actor`` decorator, handles, and the actor process's call loop."""

@@ -1,0 +1,238 @@
+"""The caller's side of an actor: one connection per (process, actor) and its pending calls.
+
+Box in the data flow: caller -> socket -> ... -> reply -> pending call -> ``get``. No reader
+thread: whichever thread waits (``get``/``wait``) reads the socket and hands every reply it
+finds to its pending call, so a small call costs one round trip and no thread hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import threading
+import time
+from typing import Any, Optional
+
+from torchactors.actors import protocol
+from torchactors.errors import ActorDiedError, GetTimeoutError
+from torchactors.runtime.job import Job
+from torchactors.runtime.transport import Connection, ConnectionClosed, connect
+from torchactors.store import core as store_core
+from torchactors.store.refs import ObjectRef
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 120.0     # a new actor's process imports torch before it listens
+DEATH_DETAIL_WAIT = 0.5     # how long to wait for the supervisor's word on how it died
+
+
+class PendingCall:
+    """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it."""
+
+    __slots__ = ("channel", "seq", "held", "kind", "value", "_event", "id")
+
+    def __init__(self, channel: "Channel", seq: int, held: list) -> None:
+        self.channel = channel
+        self.seq = seq
+        self.held = held            # refs in the request, kept until the actor has read it
+        self.kind = 0
+        self.value: Any = None
+        self._event: Optional[threading.Event] = None
+        self.id = f"{channel.actor_id}.call{seq}"
+
+    def done(self) -> bool:
+        return self.kind != 0
+
+    def settle(self, kind: int, value: Any) -> None:
+        self.kind, self.value, self.held = kind, value, None
+        if self._event is not None:
+            self._event.set()
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if not self.kind:
+            self.channel.pump_until(self, timeout)
+        if self.kind == protocol.ERROR:
+            raise self.value
+        return self.value
+
+    def materialize(self) -> ObjectRef:
+        """The result as a store ref (to pass it on): the actor's ref, or a put of a small value."""
+        value = self.result()
+        if self.kind != protocol.OK_REF:
+            self.value = value = store_core.current().put(value)
+            self.kind = protocol.OK_REF
+        return value
+
+    @staticmethod
+    def wait_any(pendings: list["PendingCall"], timeout: Optional[float]) -> None:
+        """Block until at least one of ``pendings`` settles, or ``timeout``."""
+        channels = {p.channel for p in pendings}
+        for ch in channels:
+            if ch.pump_nowait():
+                return
+        readable = [ch for ch in channels if ch.conn is not None and not ch.conn.closed]
+        if not readable:
+            return
+        try:
+            ready, _, _ = select.select(readable, [], [], timeout)
+        except (OSError, ValueError):
+            ready = readable
+        for ch in ready:
+            ch.pump_nowait(force_read=True)
+
+
+class Channel:
+    def __init__(self, job: Job, actor_id: str, name: str) -> None:
+        self.job = job
+        self.actor_id = actor_id
+        self.name = name
+        self.conn: Optional[Connection] = None
+        self.incarnation = -1
+        self.seq = 0
+        self.read_upto = 0          # highest reply seq read (acknowledged with the next request)
+        self.pendings: dict[int, PendingCall] = {}
+        self.send_lock = threading.Lock()
+        self.read_lock = threading.Lock()
+        self.dead: Optional[ActorDiedError] = None
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def call(self, method: str, body: bytes, held: list) -> ObjectRef:
+        with self.send_lock:
+            self._ensure_connected()
+            self.seq += 1
+            pending = PendingCall(self, self.seq, held)
+            self.pendings[self.seq] = pending
+            try:
+                self.conn.send(protocol.request(protocol.CALL, self.seq, self.read_upto, method, body))
+            except OSError:
+                pass        # the read side sees the EOF and fails the call with the death details
+        return ObjectRef.pending(pending)
+
+    def send_control(self, kind: int) -> None:
+        with self.send_lock:
+            if self.conn is not None and not self.conn.closed:
+                try:
+                    self.conn.send(protocol.request(kind, 0, self.read_upto))
+                except OSError:
+                    pass
+
+    def _ensure_connected(self) -> None:
+        if self.conn is not None and not self.conn.closed and self.dead is None:
+            return
+        status = self.job.read_status(self.actor_id) or {}
+        incarnation = status.get("incarnation", 0)
+        if self.dead is not None and (incarnation <= self.incarnation or status.get("state") != "alive"):
+            raise self._death(status)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        path = self.job.socket_path(self.actor_id, incarnation)
+        while True:
+            if os.path.exists(path):
+                try:
+                    self.conn = connect(path, self.job.secret)
+                    break
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass
+            status = self.job.read_status(self.actor_id) or {}
+            if status.get("state") in ("dead", "restarting") or status.get("incarnation", 0) != incarnation:
+                self.incarnation = incarnation
+                raise self._death(status)
+            if time.monotonic() > deadline:
+                raise ActorDiedError(self.name, detail=f"it did not start listening within {CONNECT_TIMEOUT:.0f}s")
+            time.sleep(0.005)
+        self.incarnation = incarnation
+        self.dead = None
+        self.read_upto = 0
+        logger.debug("connected to %s incarnation %d", self.name, incarnation)
+
+    def _death(self, status: dict) -> ActorDiedError:
+        error = self.job.read_error(self.actor_id)
+        detail = f"its constructor raised:\n{error}" if error else ""
+        if status.get("killed"):
+            detail = "it was killed with ta.kill()" + (f"; {detail}" if detail else "")
+        return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
+                              status.get("restarts_left", 0) if not status.get("killed") else 0, detail)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def pump_until(self, pending: PendingCall, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not pending.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise GetTimeoutError(f"get timed out after {timeout}s waiting for {self.name} "
+                                      f"(call {pending.id}); the call is still running", timeout)
+            if self.read_lock.acquire(timeout=-1 if left is None else left):
+                try:
+                    if pending.done():
+                        return
+                    self._read(left)
+                finally:
+                    self.read_lock.release()
+
+    def pump_nowait(self, force_read: bool = False) -> bool:
+        """Hand out replies already buffered (or readable now); True if any call settled."""
+        if not self.read_lock.acquire(blocking=False):
+            return False
+        try:
+            return self._read(0.0 if force_read else None, only_buffered=not force_read) > 0
+        finally:
+            self.read_lock.release()
+
+    def _read(self, timeout: Optional[float], only_buffered: bool = False) -> int:
+        conn = self.conn
+        if conn is None or conn.closed:
+            self._fail_all()
+            return len(self.pendings)
+        messages = conn.buffered()
+        if not messages and not only_buffered:
+            try:
+                if timeout is not None and not select.select([conn], [], [], timeout)[0]:
+                    return 0
+                messages = conn.read_available()
+            except ConnectionClosed:
+                n = len(self.pendings)
+                self._fail_all()
+                return n
+        for msg in messages:
+            self._settle(msg)
+        return len(messages)
+
+    def _settle(self, msg: bytes) -> None:
+        kind, seq, holds, body = protocol.parse_reply(msg)
+        pending = self.pendings.pop(seq, None)
+        try:
+            value = pickle.loads(body)
+        except BaseException as e:         # e.g. the result's class cannot be imported here
+            kind, value = protocol.ERROR, e
+        self.read_upto = max(self.read_upto, seq)
+        if holds:
+            self.send_control(protocol.ACK)     # the actor may now drop its hold on the result
+        if pending is not None:
+            pending.settle(kind, value)
+
+    def _fail_all(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.close()
+        if self.dead is None:
+            deadline = time.monotonic() + DEATH_DETAIL_WAIT
+            status = self.job.read_status(self.actor_id) or {}
+            while (status.get("state") == "alive" and status.get("incarnation") == self.incarnation
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+                status = self.job.read_status(self.actor_id) or {}
+            self.dead = self._death(status)
+        pendings, self.pendings = self.pendings, {}
+        for p in pendings.values():
+            p.settle(protocol.ERROR, self.dead)
+
+    def close(self) -> None:
+        with self.send_lock:
+            if self.conn is not None:
+                self.conn.close()

@@ -1,0 +1,41 @@
+"""The call protocol between a caller and an actor: fixed binary headers, pickled bodies.
+
+Requests:  ``<B kind><Q seq><Q ack><H len(method)>method`` + args pickle (MessagePickler).
+Replies:   ``<B kind><Q seq><B holds>`` + body pickle.
+
+``ack`` tells the actor which replies the caller has read: the actor keeps holding the refs it
+sent in a reply until then, so an object is never reclaimed while its ref is in flight.
+"""
+
+from __future__ import annotations
+
+import struct
+
+REQ = struct.Struct("<BQQH")
+REP = struct.Struct("<BQB")
+
+CALL, ACK, KILL = 1, 2, 3                       # request kinds
+OK_VALUE, OK_REF, ERROR = 1, 2, 3               # reply kinds
+
+# Results of these types travel inside the reply; anything else is put into the actor's store.
+INLINE_TYPES = (type(None), bool, int, float, str, bytes, complex)
+
+
+def request(kind: int, seq: int, ack: int, method: str = "", body: bytes = b"") -> bytes:
+    name = method.encode()
+    return REQ.pack(kind, seq, ack, len(name)) + name + body
+
+
+def parse_request(msg: bytes) -> tuple[int, int, int, str, memoryview]:
+    kind, seq, ack, n = REQ.unpack_from(msg)
+    start = REQ.size
+    return kind, seq, ack, msg[start:start + n].decode(), memoryview(msg)[start + n:]
+
+
+def reply(kind: int, seq: int, holds: bool, body: bytes) -> bytes:
+    return REP.pack(kind, seq, holds) + body
+
+
+def parse_reply(msg: bytes) -> tuple[int, int, bool, memoryview]:
+    kind, seq, holds = REP.unpack_from(msg)
+    return kind, seq, bool(holds), memoryview(msg)[REP.size:]

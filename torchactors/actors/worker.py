@@ -1,0 +1,184 @@
+"""The actor process's call loop.
+
+Box in the data flow: socket -> actor loop -> method -> result ref -> socket. One thread
+reads every connection (selectors); a call from one caller runs in the order it was sent.
+With ``max_concurrency == 1`` a plain method runs on the loop thread itself (no thread hop per
+call); with ``max_concurrency > 1`` on a thread pool; ``async def`` methods on an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import pickle
+import selectors
+import signal
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import cloudpickle
+
+from torchactors.actors import protocol
+from torchactors.errors import ActorError
+from torchactors.runtime import job as job_module
+from torchactors.runtime.child import ChildContext
+from torchactors.runtime.transport import Connection, ConnectionClosed, Listener
+from torchactors.store import core as store_core
+from torchactors.store import serialize
+from torchactors.store.refs import ObjectRef, SerializationContext
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Ray's rule: refs passed as top-level arguments arrive as their values; nested refs stay refs."""
+    st = store_core.current()
+    args = tuple(st.get(a) if isinstance(a, ObjectRef) else a for a in args)
+    kwargs = {k: st.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+class _Peer:
+    """A caller's connection, with the refs sent to it that it has not acknowledged yet."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        self.held: dict[int, list] = {}
+
+    def ack(self, upto: int) -> None:
+        for seq in [s for s in self.held if s <= upto]:
+            del self.held[seq]
+
+
+class ActorServer:
+    def __init__(self, spec: dict, ctx: ChildContext) -> None:
+        self.job = job_module.current()
+        self.key = ctx.key
+        self.name = spec["name"]
+        self.max_concurrency = spec["max_concurrency"]
+        self.listener = Listener(self.job.socket_path(ctx.key, ctx.incarnation), self.job.secret)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.pool: Optional[ThreadPoolExecutor] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        if self.max_concurrency > 1:
+            self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor-call")
+        self.instance = self._construct(spec)
+
+    def _construct(self, spec: dict) -> Any:
+        try:
+            cls = cloudpickle.loads(spec["cls"])
+            args, kwargs = pickle.loads(spec["args"])
+            args, kwargs = resolve_top_level(args, kwargs)
+            return cls(*args, **kwargs)
+        except BaseException:
+            text = traceback.format_exc()
+            self.job.write_error(self.key, text)
+            logger.error("constructor of %s failed:\n%s", self.name, text)
+            os._exit(1)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="actor-asyncio", daemon=True).start()
+        return self.loop
+
+    def serve_forever(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.listener:
+                    conn = self.listener.accept()
+                    if conn is not None:
+                        self.selector.register(conn, selectors.EVENT_READ, _Peer(conn))
+                    continue
+                peer: _Peer = key.data
+                try:
+                    messages = peer.conn.read_available()
+                except ConnectionClosed:
+                    self.selector.unregister(peer.conn)
+                    peer.conn.close()
+                    peer.held.clear()       # the caller is gone: nobody will read those replies
+                    continue
+                for msg in messages:
+                    self._handle(peer, msg)
+
+    def _handle(self, peer: _Peer, msg: bytes) -> None:
+        kind, seq, ack, method, body = protocol.parse_request(msg)
+        if ack:
+            peer.ack(ack)
+        if kind == protocol.ACK:
+            return
+        if kind == protocol.KILL:
+            logger.info("%s killed on request", self.name)
+            os._exit(0)
+        try:
+            args, kwargs = pickle.loads(body)
+            args, kwargs = resolve_top_level(args, kwargs)
+            fn = getattr(self.instance, method)
+        except BaseException as e:
+            self._reply_error(peer, seq, method, e)
+            return
+        if inspect.iscoroutinefunction(fn):
+            fut = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop())
+            fut.add_done_callback(lambda f: self._finish(peer, seq, method, f))
+        elif self.pool is not None:
+            self.pool.submit(fn, *args, **kwargs).add_done_callback(lambda f: self._finish(peer, seq, method, f))
+        else:
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as e:
+                self._reply_error(peer, seq, method, e)
+                return
+            self._reply(peer, seq, method, result)
+
+    def _finish(self, peer: _Peer, seq: int, method: str, fut: Any) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            self._reply_error(peer, seq, method, exc)
+        else:
+            self._reply(peer, seq, method, fut.result())
+
+    def _reply(self, peer: _Peer, seq: int, method: str, result: Any) -> None:
+        try:
+            if type(result) in protocol.INLINE_TYPES:
+                msg = protocol.reply(protocol.OK_VALUE, seq, False, pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+                held = None
+            else:
+                ref = store_core.current().put(result)
+                with SerializationContext() as ctx:
+                    body = pickle.dumps(ref, pickle.HIGHEST_PROTOCOL)
+                msg = protocol.reply(protocol.OK_REF, seq, True, body)
+                held = ctx.refs
+        except BaseException as e:
+            self._reply_error(peer, seq, method, e)
+            return
+        self._send(peer, seq, msg, held)
+
+    def _reply_error(self, peer: _Peer, seq: int, method: str, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        err = ActorError(type(exc).__qualname__, str(exc), tb, self.name, method)
+        self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
+
+    def _send(self, peer: _Peer, seq: int, msg: bytes, held: Optional[list]) -> None:
+        with peer.send_lock:
+            if held:
+                peer.held[seq] = held
+            try:
+                peer.conn.send(msg)
+            except OSError:
+                peer.held.pop(seq, None)    # the caller is gone
+
+
+def serve(payload: bytes, ctx: ChildContext) -> None:
+    """Target of the supervisor for actor processes."""
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    spec = pickle.loads(payload)
+    from torchactors.actors import api
+
+    api.attach_runtime(ctx)
+    ActorServer(spec, ctx).serve_forever()

@@ -1,0 +1,310 @@
+"""IMPALA on CartPole: rollout actors, a V-trace learner and the driver program.
+
+Roles (see ``configs/impala_cartpole.yaml``):
+
+- ``RolloutActor`` steps ``num_envs`` vectorized CartPoles with its copy of the policy and
+  returns one unroll of ``unroll_length`` steps per ``rollout()`` call. Consecutive unrolls
+  continue the same episodes (obs[T] of one unroll is obs[0] of the next).
+- ``Learner`` runs one actor-critic update with V-trace correction per ``update()`` call;
+  V-trace makes the updates correct although the rollout actors act a few versions behind.
+- ``train(job)`` keeps one rollout in flight per actor, hands each finished unroll's ref to
+  the learner without fetching its bytes, and publishes each new version of the weights by
+  ref to the actors as they come back for more work.
+
+Both classes are plain: the job runner makes actors of them (``ta.actor(RolloutActor)``), and
+``examples/single_process_impala.py`` calls their methods directly as a reference.
+
+Per-replica seeds: the runner passes ``replica_index=<i>`` to a constructor only when the
+constructor accepts that keyword. ``RolloutActor`` does, so that replicas explore different
+episodes; when it is absent (direct construction) ``actor_index`` is used instead.
+
+The driver's own knobs are the module constants in ``TRAIN_DEFAULTS`` (the job config's schema
+has no section for the program's options); the learning hyperparameters are the ``args`` of
+the two roles.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from torchactors.rl import vtrace
+from torchactors.rl.cartpole import VecCartPole
+from torchactors.rl.model import PolicyValueNet
+
+logger = logging.getLogger(__name__)
+
+UNROLL_LENGTH = 20
+HIDDEN = 64
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    # Updates submitted to the learner and not yet finished before the driver waits for one.
+    # Bounds both the learner's queue (memory) and the policy lag of the rollout actors.
+    "max_pending_updates": 2,
+    # How many times in a row a rollout actor may fail (e.g. while it is restarted) before
+    # the job gives up.
+    "max_rollout_failures": 20,
+    "return_window": 100,
+}
+
+
+class RolloutActor:
+    """Acts in ``num_envs`` CartPoles with the last weights it was sent; returns unrolls."""
+
+    def __init__(
+        self,
+        num_envs: int = 64,
+        unroll_length: int = UNROLL_LENGTH,
+        seed: int = 0,
+        actor_index: int = 0,
+        replica_index: int | None = None,
+        hidden: int = HIDDEN,
+    ) -> None:
+        if replica_index is not None:
+            actor_index = replica_index
+        self.actor_index = actor_index
+        self.unroll_length = unroll_length
+        env_seed = seed * 10_007 + actor_index * 7_919 + 1
+        self.env = VecCartPole(num_envs, seed=env_seed)
+        self.generator = torch.Generator().manual_seed(env_seed + 1)
+        self.model = PolicyValueNet(hidden=hidden)
+        self.model.requires_grad_(False)
+        self.version = -1
+        self.obs = self.env.reset()
+
+    def set_weights(self, ref_or_state: Any, version: int) -> None:
+        """Load weights given as a state dict (a ref passed top-level arrives resolved) or a ref."""
+        state = ref_or_state
+        if not isinstance(state, Mapping):
+            import torchactors as ta  # only a ref needs the runtime
+
+            state = ta.get(state)
+        # load_state_dict copies, so the store's object may be freed right after.
+        self.model.load_state_dict(state)
+        self.version = int(version)
+
+    @torch.no_grad()
+    def rollout(self) -> dict[str, Any]:
+        """Step every env ``unroll_length`` times with the current policy; tensors are [T(+1), B, ...]."""
+        T, B = self.unroll_length, self.env.num_envs
+        obs = torch.empty(T + 1, B, 4)
+        actions = torch.empty(T, B, dtype=torch.int64)
+        rewards = torch.empty(T, B)
+        dones = torch.empty(T, B, dtype=torch.bool)
+        truncated = torch.empty(T, B, dtype=torch.bool)
+        logits = torch.empty(T, B, 2)
+        obs[0] = self.obs
+        policy = self.model.policy
+        for t in range(T):
+            lg = policy(obs[t])
+            a = torch.multinomial(F.softmax(lg, dim=-1), 1, generator=self.generator).squeeze(1)
+            step = self.env.step(a)
+            logits[t] = lg
+            actions[t] = a
+            obs[t + 1] = step.obs
+            rewards[t] = step.reward
+            dones[t] = step.terminated | step.truncated
+            truncated[t] = step.truncated
+        self.obs = obs[T].clone()
+        return {
+            "obs": obs,
+            "actions": actions,
+            "rewards": rewards,
+            "dones": dones,
+            "truncated": truncated,
+            "behaviour_logits": logits,
+            "episode_returns": self.env.pop_episode_returns(),
+            "version": self.version,
+        }
+
+
+def _concat_unrolls(unrolls: tuple[Mapping[str, Any], ...]) -> dict[str, Any]:
+    """Join unrolls along the batch dimension (dim 1), episode returns along dim 0."""
+    if len(unrolls) == 1:
+        return dict(unrolls[0])
+    out: dict[str, Any] = {}
+    for key, first in unrolls[0].items():
+        if key == "version":
+            out[key] = min(int(u[key]) for u in unrolls)
+        elif key == "episode_returns":
+            out[key] = torch.cat([u[key] for u in unrolls])
+        else:
+            out[key] = torch.cat([u[key] for u in unrolls], dim=1)
+    return out
+
+
+class Learner:
+    """Actor-critic learner with V-trace correction (rho_bar = c_bar = 1)."""
+
+    def __init__(
+        self,
+        lr: float = 3e-3,
+        seed: int = 0,
+        gamma: float = 0.99,
+        entropy_cost: float = 0.01,
+        baseline_cost: float = 0.5,
+        max_grad_norm: float = 0.5,
+        reward_scale: float = 1.0,
+        hidden: int = HIDDEN,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.model = PolicyValueNet(hidden=hidden)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, eps=1e-5)
+        self.gamma = gamma
+        self.entropy_cost = entropy_cost
+        self.baseline_cost = baseline_cost
+        self.max_grad_norm = max_grad_norm
+        self.reward_scale = reward_scale
+        self.version = 0
+        self.frames = 0
+
+    def update(self, *unrolls: Mapping[str, Any]) -> dict[str, float]:
+        """One gradient step on the given unrolls (each a ``RolloutActor.rollout()`` result)."""
+        batch = _concat_unrolls(unrolls)
+        actions = batch["actions"]
+        T = actions.shape[0]
+        logits, values = self.model(batch["obs"])
+        target_logits, bootstrap, values = logits[:T], values[T], values[:T]
+        discounts = (~batch["dones"]).float() * self.gamma
+        rewards = batch["rewards"] * self.reward_scale
+        vt = vtrace.from_logits(
+            behaviour_logits=batch["behaviour_logits"],
+            target_logits=target_logits.detach(),
+            actions=actions,
+            discounts=discounts,
+            rewards=rewards,
+            values=values.detach(),
+            bootstrap_value=bootstrap.detach(),
+        )
+        log_probs = F.log_softmax(target_logits, dim=-1)
+        action_logp = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        pg_loss = -(action_logp * vt.pg_advantages).mean()
+        baseline_loss = 0.5 * (vt.vs - values).pow(2).mean()
+        entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
+        loss = pg_loss + self.baseline_cost * baseline_loss - self.entropy_cost * entropy
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.version += 1
+        self.frames += actions.numel()
+        loss, pg_loss, baseline_loss, entropy = (x.detach() for x in (loss, pg_loss, baseline_loss, entropy))
+        return {
+            "loss": loss.item(),
+            "pg_loss": pg_loss.item(),
+            "baseline_loss": baseline_loss.item(),
+            "entropy": entropy.item(),
+            "grad_norm": float(grad_norm),
+            "mean_rho": float(vt.log_rhos.exp().mean()),
+            "policy_lag": float(self.version - 1 - int(batch["version"])),
+            "updates": self.version,
+            "version": self.version,
+        }
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A snapshot of the state dict (cloned, so later updates never show through it)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def get_version(self) -> int:
+        return self.version
+
+
+def train(job: Any) -> None:
+    """The driver: keep every rollout actor busy, feed the learner, publish weights by ref."""
+    import torchactors as ta
+
+    opts = dict(TRAIN_DEFAULTS)
+    learner = job.roles["learner"][0]
+    actors = list(job.roles["rollout"])
+    n = len(actors)
+
+    # The newest weights known to be ready in the store, and the version they are.
+    wref = learner.weights.remote()
+    ta.wait([wref], num_returns=1)
+    w_version = 0
+    actor_version = [-1] * n
+    failures = [0] * n
+    pending: collections.deque = collections.deque()  # (update ref, weights ref, version)
+    in_flight: dict[Any, int] = {}
+    returns: collections.deque = collections.deque(maxlen=int(opts["return_window"]))
+    frames = episodes = updates = submitted = 0
+    last_stats: dict[str, float] = {}
+
+    def launch(i: int) -> None:
+        if actor_version[i] < w_version:
+            # A top-level ref is resolved in the actor: it maps the weights, no copy here.
+            actors[i].set_weights.remote(wref, w_version)
+            actor_version[i] = w_version
+        in_flight[actors[i].rollout.remote()] = i
+
+    def harvest() -> None:
+        nonlocal wref, w_version, updates, last_stats
+        while pending:
+            upd, w, v = pending[0]
+            if len(pending) <= opts["max_pending_updates"]:
+                ready, _ = ta.wait([w], num_returns=1, timeout=0)
+                if not ready:
+                    return
+            last_stats = ta.get(upd)  # a learner failure surfaces here
+            ta.wait([w], num_returns=1)
+            pending.popleft()
+            wref, w_version, updates = w, v, int(last_stats["updates"])
+
+    for i in range(n):
+        launch(i)
+    start = time.monotonic()
+    while not job.should_stop():
+        ready, _ = ta.wait(list(in_flight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            i = in_flight.pop(ref)
+            try:
+                out = ta.get(ref)
+            except (ta.ActorDiedError, ta.ActorError) as exc:
+                failures[i] += 1
+                if failures[i] > opts["max_rollout_failures"]:
+                    raise
+                logger.warning("rollout actor %d failed (%s); relaunching", i, type(exc).__name__)
+                actor_version[i] = -1  # a restarted actor has fresh weights
+                time.sleep(0.1)
+                launch(i)
+                continue
+            failures[i] = 0
+            frames += out["actions"].numel()
+            ep = out["episode_returns"].tolist()
+            del out  # drop the views; the learner keeps the object alive through the ref
+            episodes += len(ep)
+            returns.extend(ep)
+            submitted += 1
+            pending.append((learner.update.remote(ref), learner.weights.remote(), submitted))
+            harvest()
+            launch(i)
+        if ready:
+            mean_return = sum(returns) / len(returns) if returns else 0.0
+            job.report(
+                frames=frames,
+                episodes=episodes,
+                mean_return=mean_return,
+                updates=updates,
+                loss=last_stats.get("loss", float("nan")),
+                policy_lag=last_stats.get("policy_lag", 0.0),
+            )
+
+    for upd, _, _ in pending:
+        last_stats = ta.get(upd)
+    final_ref = learner.weights.remote()  # held while its views are read
+    job.save_model({k: v.clone() for k, v in ta.get(final_ref).items()})
+    del final_ref
+    logger.info(
+        "trained %d updates on %d frames in %.1fs; mean return %.1f over the last %d episodes",
+        int(last_stats.get("updates", updates)),
+        frames,
+        time.monotonic() - start,
+        sum(returns) / max(len(returns), 1),
+        len(returns),
+    )

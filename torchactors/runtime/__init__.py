@@ -1,0 +1,1 @@
+"""Processes: the spawn supervisor, the transport, the job, YAML job configs and the CLI."""

@@ -1,0 +1,62 @@
+"""The first code a spawned process runs: join the job, then call the target.
+
+Box in the data flow: supervisor -> (fresh interpreter) -> here -> target(payload, ctx).
+The boot record arrives on stdin, so nothing secret is in argv or the environment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ChildContext:
+    """What the target learns about its place in the job."""
+
+    key: str
+    incarnation: int
+    device: str
+    num_threads: int
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:      # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> None:
+    boot = pickle.loads(sys.stdin.buffer.read())
+    _die_with_parent(boot["parent_pid"])
+    sys.stdin.close()
+    os.chdir(boot["cwd"])
+    for entry in reversed(boot["sys_path"]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    logging.basicConfig(level=os.environ.get("TORCHACTORS_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s {boot['key']} %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(boot["num_threads"])
+    if boot["device"].startswith("cuda"):
+        torch.cuda.set_device(torch.device(boot["device"]))
+
+    from torchactors.runtime import job as job_module
+
+    info = boot["job"]
+    job_module.set_current(job_module.Job.join(info["dir"], info["secret"], info["capacity"]))
+    module, _, name = boot["target"].partition(":")
+    target = getattr(importlib.import_module(module), name)
+    target(boot["payload"], ChildContext(boot["key"], boot["incarnation"], boot["device"], boot["num_threads"]))

@@ -1,0 +1,158 @@
+"""The ``torchactors`` command: ``run``, ``validate`` and ``plot`` a YAML job.
+
+Box: top layer, the user's entry point. It only parses arguments, loads the config (so a bad
+file fails with exit code 2 before anything starts) and maps outcomes to exit codes:
+
+    0 ok    1 the job failed    2 bad config or usage    130 stopped by Ctrl-C (after a clean stop)
+
+The runtime is imported only by ``run``, so ``validate`` and ``plot`` work without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torchactors.errors import ConfigError
+from torchactors.runtime.config import load_config
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchactors", description="Run YAML jobs of PyTorch actors.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,validate,plot}")
+
+    run = sub.add_parser("run", help="start a job's actors and run its program",
+                         description="Start a job's actors, run its program, write metrics and a summary.")
+    run.add_argument("job", help="the job's YAML file")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override a config value, e.g. roles.rollout.replicas=3 stop.max_seconds=30")
+    run.add_argument("--out", metavar="DIR", help="output directory (default runs/<job name>-<time>)")
+
+    val = sub.add_parser("validate", help="check a job file without starting anything",
+                         description="Check a job file: keys, types, values, and that classes import.")
+    val.add_argument("job", help="the job's YAML file")
+    val.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as for run")
+
+    plot = sub.add_parser("plot", help="plot a run's metrics.csv to curves.png",
+                          description="Plot mean return and frames/s over time from DIR/metrics.csv.")
+    plot.add_argument("dir", help="a run's output directory")
+    return p
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides appear after ``--out DIR`` too."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if item.startswith("-") or "=" not in item or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides.append(item)
+    return args
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.job, args.overrides)
+    print(f"OK: {args.job} ({len(cfg.roles)} roles, {cfg.num_processes} processes)")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.job, args.overrides)
+    from torchactors.runtime.runner import run_job  # imports the runtime only now
+
+    try:
+        summary = run_job(cfg, args.out)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        traceback.print_exc()
+        print(f"torchactors: job {cfg.job.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_INTERRUPTED if summary["stopped_by"] == "interrupted" else EXIT_OK
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    run_dir = Path(args.dir)
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        print(f"torchactors plot: no {metrics} (give the output directory of a run)", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        import matplotlib
+    except ImportError:
+        print("torchactors plot needs matplotlib, which is not installed: pip install matplotlib",
+              file=sys.stderr)
+        return EXIT_FAILED
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    t, fps, t_ret, ret = [], [], [], []
+    with metrics.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                time_s = float(row["time_s"])
+                fps.append(float(row["fps"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a torn last row of a run still going
+            t.append(time_s)
+            if row.get("mean_return") not in (None, "", "nan"):
+                t_ret.append(time_s)
+                ret.append(float(row["mean_return"]))
+    fig, (ax_ret, ax_fps) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    ax_ret.plot(t_ret, ret)
+    ax_ret.set_ylabel("mean return")
+    ax_ret.grid(alpha=0.3)
+    ax_fps.plot(t, fps)
+    ax_fps.set_ylabel("frames / s")
+    ax_fps.set_xlabel("time (s)")
+    ax_fps.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out} ({len(t)} rows)")
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``torchactors`` console script; returns the exit code."""
+    args = _parse(argv)
+    logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _import_from_cwd()
+    commands = {"run": _cmd_run, "validate": _cmd_validate, "plot": _cmd_plot}
+    try:
+        return commands[args.command](args)
+    except ConfigError as e:
+        print(f"torchactors: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _import_from_cwd() -> None:
+    """Let ``class: mymodule:Actor`` find ./mymodule.py, as ``python -m`` would, here and in actors."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd] + [p for p in paths if p])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+"""YAML job files: load them, apply ``key=value`` overrides, validate, and say where a mistake is.
+
+Box: the input of the top layer (``torchactors run``/``validate``). A job file is composed into
+YAML nodes rather than loaded straight to dicts, so every mapping key keeps the line it was
+written on; overrides are applied to the plain data and remember their own text. One
+table-driven pass (``JOB_KEYS``, ``RUNTIME_KEYS``, ``ROLE_KEYS``, ``STOP_KEYS``) then checks
+each section, fills defaults and imports every ``class`` and ``program``, so that a job that
+validates only fails later for reasons of its own code. Every failure is a ``ConfigError``
+whose message names the file, the line (or the override), the dotted key and what is allowed.
+
+The result is a frozen ``JobConfig`` dataclass tree; ``JobConfig.to_dict()`` gives the plain,
+defaults-filled dict that programs see as ``job.config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import yaml
+
+from torchactors.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = object()  # sentinel default: the key must be given
+
+Path_ = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+class _Invalid(Exception):
+    """A value failed its check; ``detail`` says why when the allowed set alone does not."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a section: how to check it, its default, and the words for docs and errors."""
+
+    check: Callable[[Any], Any]
+    default: Any
+    allowed: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(minimum: Optional[int] = None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if not _is_int(v) or (minimum is not None and v < minimum):
+            raise _Invalid()
+        return v
+    return check
+
+
+def _float(positive: bool = False) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise _Invalid()
+        return float(v)
+    return check
+
+
+def _optional(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        return None if v is None else inner(v)
+    return check
+
+
+def _choice(*values: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in values:
+            raise _Invalid()
+        return v
+    return check
+
+
+def _name(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v):
+        raise _Invalid()
+    return v
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_size(v: Union[str, int]) -> int:
+    """Bytes in ``v``: an int, or a string such as ``"4GiB"``, ``"512MiB"``, ``"1.5GB"``."""
+    if _is_int(v):
+        if v <= 0:
+            raise ValueError(f"size must be positive, got {v}")
+        return v
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v) if isinstance(v, str) else None
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {v!r}")
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {v!r}")
+    return n
+
+
+def _size(v: Any) -> Union[str, int]:
+    try:
+        parse_size(v)
+    except ValueError:
+        raise _Invalid() from None
+    return v  # kept as written: ta.init takes "4GiB" as well as bytes
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _Invalid()
+    return v
+
+
+def _start_method(v: Any) -> str:
+    if v in ("fork", "forkserver"):
+        raise _Invalid(f"{v!r} is not supported: fork copies the parent mid-flight, with any CUDA "
+                       "context and the locks of running threads (torch's intra-op pool, the "
+                       "runtime's transport threads), and the child can deadlock or crash; "
+                       "forkserver forks a server that imports torch too. Actors always spawn")
+    if v != "spawn":
+        raise _Invalid()
+    return v
+
+
+def _device(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+        raise _Invalid()
+    return v
+
+
+def _kwargs(v: Any) -> dict:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k.isidentifier() for k in v):
+        raise _Invalid()
+    return copy.deepcopy(v)
+
+
+def _env(v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise _Invalid()
+    for k, val in v.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise _Invalid(f"{k!r} is not an environment variable name")
+        if not isinstance(val, str):
+            raise _Invalid(f"{k} is {val!r} ({type(val).__name__}, as YAML reads it); quote the value: {k}: \"...\"")
+    return dict(v)
+
+
+def _import_ref(what: str) -> Callable[[Any], str]:
+    """Check a ``module:attr`` string and import it now, so a typo fails at validate time."""
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or not re.fullmatch(r"[\w.]+:[\w.]+", v):
+            raise _Invalid()
+        try:
+            obj = import_string(v)
+        except ImportError as e:
+            raise _Invalid(str(e)) from None
+        if what == "class" and not (inspect.isclass(obj) or _is_actor_class(obj)):
+            raise _Invalid(f"{v} is a {type(obj).__name__}, not a class")
+        if what == "function" and not callable(obj):
+            raise _Invalid(f"{v} is a {type(obj).__name__}, not callable")
+        return v
+    return check
+
+
+# --------------------------------------------------------------------------- the schema
+
+JOB_KEYS: dict[str, Key] = {
+    "name": Key(_name, _REQUIRED, "a name of letters, digits, '_', '-', '.'"),
+    "seed": Key(_int(), 0, "int"),
+}
+RUNTIME_KEYS: dict[str, Key] = {
+    "backend": Key(_choice("local", "ray"), "local", "local, ray"),
+    "address": Key(_optional(_text), None,
+                   "null or a Ray address string (backend ray only)"),
+    "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
+    "store_capacity": Key(_optional(_size), None,
+                          "null (runtime default) or a size: bytes as int, or a string like 4GiB, 512MiB"),
+    "start_method": Key(_start_method, "spawn", "spawn"),
+}
+ROLE_KEYS: dict[str, Key] = {
+    "class": Key(_import_ref("class"), _REQUIRED, "'module:Class', importable"),
+    "replicas": Key(_int(1), 1, "int >= 1"),
+    "args": Key(_kwargs, {}, "a mapping of keyword arguments for the class"),
+    "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
+    "device": Key(_device, "cpu", "cpu, cuda, cuda:N"),
+    "max_restarts": Key(_int(0), 0, "int >= 0"),
+    "max_concurrency": Key(_int(1), 1, "int >= 1"),
+    "env": Key(_env, {}, "a mapping of environment variable names to strings"),
+}
+PROGRAM_KEY = Key(_import_ref("function"), _REQUIRED, "'module:function', importable, taking the job context")
+STOP_KEYS: dict[str, Key] = {
+    "max_frames": Key(_optional(_int(1)), None, "null or int >= 1"),
+    "max_seconds": Key(_optional(_float(positive=True)), None, "null or a number > 0"),
+    "target_return": Key(_optional(_float()), None, "null or a number"),
+}
+TOP_KEYS = ("job", "runtime", "roles", "program", "stop")
+_ROLE_NAME = "a role name of letters, digits, '_', '-'"
+
+# Top-level shorthands, as the README writes them: `torchactors run job.yaml backend=ray address=...`
+OVERRIDE_ALIASES = {"backend": "runtime.backend", "address": "runtime.address"}
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class JobSection:
+    name: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    backend: str = "local"
+    address: Optional[str] = None
+    num_threads: Optional[int] = None
+    store_capacity: Union[str, int, None] = None
+    start_method: str = "spawn"
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    name: str
+    class_path: str  # the YAML key is `class`
+    replicas: int = 1
+    args: dict = field(default_factory=dict)
+    num_threads: Optional[int] = None
+    device: str = "cpu"
+    max_restarts: int = 0
+    max_concurrency: int = 1
+    env: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StopSection:
+    max_frames: Optional[int] = None
+    max_seconds: Optional[float] = None
+    target_return: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A validated job: every key present, defaults filled, every import checked."""
+
+    job: JobSection
+    runtime: RuntimeSection
+    roles: dict[str, RoleConfig]
+    program: str
+    stop: StopSection
+    file: str = "<string>"
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def num_processes(self) -> int:
+        """Actor processes the job starts (the driver not counted)."""
+        return sum(r.replicas for r in self.roles.values())
+
+    def to_dict(self) -> dict:
+        """The plain dict programs see as ``job.config`` (YAML spelling: roles have ``class``)."""
+        roles = {}
+        for name, role in self.roles.items():
+            d = dataclasses.asdict(role)
+            del d["name"]
+            roles[name] = {"class": d.pop("class_path"), **d}
+        return {"job": dataclasses.asdict(self.job), "runtime": dataclasses.asdict(self.runtime),
+                "roles": roles, "program": self.program, "stop": dataclasses.asdict(self.stop)}
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def import_string(ref: str) -> Any:
+    """The object named by ``"package.module:Attr.path"``; ImportError (with the reason) if absent."""
+    module_name, sep, attr_path = ref.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ImportError(f"{ref!r} is not of the form 'module:attribute'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # a module that fails while importing is as unusable as a missing one
+        raise ImportError(f"cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    return obj
+
+
+def _is_actor_class(obj: Any) -> bool:
+    """An already ``@ta.actor``-decorated class: it has ``remote`` and ``options``."""
+    return callable(getattr(obj, "remote", None)) and callable(getattr(obj, "options", None))
+
+
+def plain_class(obj: Any) -> Optional[type]:
+    """The user's class behind ``obj`` (itself, or the class an ``@ta.actor`` wrapper holds)."""
+    if not _is_actor_class(obj):
+        return obj if inspect.isclass(obj) else None
+    for attr in ("__wrapped__", "cls", "_cls", "_class", "user_class"):
+        inner = getattr(obj, attr, None)
+        if inspect.isclass(inner) and not _is_actor_class(inner):
+            return inner
+    return None
+
+
+def accepts_replica_index(cls: type) -> bool:
+    """Whether ``cls(...)`` names a ``replica_index`` parameter (only then the runner passes one)."""
+    try:
+        return "replica_index" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+def _config_error(file: str, message: str, *, line: Optional[int] = None, override: Optional[str] = None,
+                  key: Optional[str] = None, allowed: Any = None) -> ConfigError:
+    """One message shape for every mistake: ``file:line: what; allowed: ...`` (or the override for a line)."""
+    if isinstance(allowed, (list, tuple)):
+        allowed = tuple(allowed)
+    where = f"{file}: override '{override}'" if override is not None else (f"{file}:{line}" if line else file)
+    allowed_text = ", ".join(allowed) if isinstance(allowed, tuple) else allowed
+    return ConfigError(f"{where}: {message}" + (f"; allowed: {allowed_text}" if allowed_text else ""),
+                       file=file, line=line, key=key, allowed=allowed)
+
+
+class _Doc:
+    """Plain data of a job file, plus where each key came from (a line, or an override)."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.data: Any = None
+        self.lines: dict[Path_, int] = {}
+        self.overridden: dict[Path_, str] = {}
+
+    def where(self, path: Path_) -> tuple[Optional[int], Optional[str]]:
+        """The line or override that set ``path`` or, failing that, its nearest ancestor."""
+        for i in range(len(path), -1, -1):
+            p = path[:i]
+            if p in self.overridden:
+                return None, self.overridden[p]
+            if p in self.lines:
+                return self.lines[p], None
+        return 1, None
+
+    def error(self, path: Path_, message: str, allowed: Any = None) -> ConfigError:
+        line, override = self.where(path)
+        return _config_error(self.file, message, line=line, override=override, key=".".join(path) or None,
+                             allowed=allowed)
+
+
+def _compose(doc: _Doc, text: str) -> None:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise _config_error(doc.file, f"not valid YAML: {e.problem or e}", line=line,
+                            allowed="YAML: key: value lines, indented by spaces") from None
+    if node is None:
+        raise _config_error(doc.file, "the job file is empty", line=1, allowed=TOP_KEYS)
+    doc.lines[()] = node.start_mark.line + 1
+    doc.data = _to_python(doc, node, (), yaml.constructor.SafeConstructor())
+
+
+def _to_python(doc: _Doc, node: yaml.Node, path: Path_, ctor: yaml.constructor.SafeConstructor) -> Any:
+    """Build plain data from a node, recording the line of each mapping key and refusing duplicates."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = ctor.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _with_line(doc, path, key, line, f"duplicate key '{key}' in {_dotted(path)} "
+                                     f"(first at line {seen[key]})")
+                seen[key] = line
+        ctor.flatten_mapping(node)  # resolve `<<: *anchor` merges; later keys win, as in YAML
+        out: dict = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _with_line(doc, path, "?", key_node.start_mark.line + 1,
+                                 f"keys must be plain strings in {_dotted(path)}")
+            key = ctor.construct_object(key_node)
+            if not isinstance(key, str):
+                raise _with_line(doc, path, str(key), key_node.start_mark.line + 1,
+                                 f"key {key!r} in {_dotted(path)} is a {type(key).__name__}; keys must be strings")
+            doc.lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = _to_python(doc, value_node, path + (key,), ctor)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(doc, item, path + (str(i),), ctor) for i, item in enumerate(node.value)]
+    return ctor.construct_object(node, deep=True)
+
+
+def _with_line(doc: _Doc, path: Path_, key: Any, line: int, message: str) -> ConfigError:
+    """An error at an explicit line (duplicate and non-string keys have no entry in ``doc.lines``)."""
+    return _config_error(doc.file, message, line=line, key=".".join(path + (str(key),)),
+                         allowed="each key once, as a string")
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(path) if path else "the top level"
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _apply_override(doc: _Doc, text: str) -> None:
+    """Set ``dotted.path=value`` in ``doc.data``; the value is parsed as YAML (``3`` is an int)."""
+    def fail(message: str, allowed: Any = None, key: Optional[str] = None) -> ConfigError:
+        return _config_error(doc.file, message, override=text, key=key, allowed=allowed)
+
+    dotted, sep, raw = text.partition("=")
+    dotted = OVERRIDE_ALIASES.get(dotted.strip(), dotted.strip())
+    path = tuple(dotted.split("."))
+    if not sep or not all(re.fullmatch(r"[\w-]+", p) for p in path):
+        raise fail("not of the form dotted.key=value", allowed="e.g. roles.rollout.replicas=3, stop.max_seconds=30")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise fail(f"the value {raw!r} is not valid YAML ({getattr(e, 'problem', e)})", key=dotted,
+                   allowed="a YAML scalar such as 3, 0.5, true, null, text, or a flow list/mapping") from None
+
+    node = doc.data
+    for i, seg in enumerate(path[:-1]):
+        here = path[:i]
+        if here == ("roles",) and seg not in node:
+            raise fail(f"unknown role '{seg}'", allowed=sorted(node) or "(no roles defined)", key=dotted)
+        if node.get(seg) is None:
+            node[seg] = {}
+            doc.overridden[path[:i + 1]] = text  # created by this override: errors below it name it
+        elif not isinstance(node[seg], dict):
+            raise fail(f"{'.'.join(path[:i + 1])} is a {type(node[seg]).__name__}, not a mapping", key=dotted,
+                       allowed="a path through mappings")
+        node = node[seg]
+    if path[:-1] == ("roles",) and path[-1] not in node and not isinstance(value, dict):
+        raise fail(f"unknown role '{path[-1]}'", allowed=sorted(node), key=dotted)
+    node[path[-1]] = value
+    for p in [p for p in doc.lines if p[:len(path)] == path]:
+        del doc.lines[p]  # the file's lines below this key no longer describe its value
+    doc.overridden[path] = text
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _section(doc: _Doc, path: Path_, value: Any, keys: dict[str, Key]) -> dict:
+    """Check a mapping against ``keys``: unknown keys, missing required ones, each value; fill defaults."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise doc.error(path, f"{_dotted(path)} must be a mapping, got {_show(value)}", allowed=sorted(keys))
+    for k in value:
+        if k not in keys:
+            where = f"in {_dotted(path)}" if path else "at the top level"
+            raise doc.error(path + (k,), f"unknown key '{k}' {where}", allowed=sorted(keys))
+    out = {}
+    for k, spec in keys.items():
+        if k not in value:
+            if spec.default is _REQUIRED:
+                raise doc.error(path, f"missing required key '{k}' in {_dotted(path)}", allowed=spec.allowed)
+            out[k] = copy.deepcopy(spec.default)
+            continue
+        try:
+            out[k] = spec.check(value[k])
+        except _Invalid as e:
+            reason = e.detail or f"got {_show(value[k])}"
+            raise doc.error(path + (k,), f"{'.'.join(path + (k,))}: {reason}", allowed=spec.allowed) from None
+    return out
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else f"{v!r} ({type(v).__name__})"
+
+
+def _check_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
+    """Bind ``args`` to the class's ``__init__`` now, so a misspelt argument fails before any spawn."""
+    cls = plain_class(import_string(cls_ref))
+    if cls is None:
+        return
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return  # no signature to check against (e.g. a C extension type)
+    path = ("roles", role, "args")
+    allowed = f"the arguments of {cls_ref}: " + (", ".join(str(p) for p in params.values()) or "(none)")
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    by_name = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for k in args:
+        if k == "replica_index" and "replica_index" in by_name:
+            raise doc.error(path + (k,), f"roles.{role}.args.replica_index is set by the runner for each replica",
+                            allowed=allowed)
+        if k not in by_name and not takes_any:
+            raise doc.error(path + (k,), f"{cls_ref} takes no argument '{k}' (roles.{role}.args)", allowed=allowed)
+    given = set(args) | ({"replica_index"} & by_name)
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in given
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise doc.error(path, f"{cls_ref} needs argument(s) {', '.join(missing)} in roles.{role}.args", allowed=allowed)
+
+
+def _check_program(doc: _Doc, ref: str) -> None:
+    fn = import_string(ref)
+    try:
+        inspect.signature(fn).bind(object())
+    except TypeError:
+        raise doc.error(("program",), f"program {ref} must take one argument, the job context",
+                        allowed="def main(job): ...") from None
+    except ValueError:
+        pass  # builtins without a signature: let the call decide
+
+
+def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
+    data = doc.data
+    if not isinstance(data, dict):
+        raise doc.error((), f"the job file must be a mapping, got {_show(data)}", allowed=TOP_KEYS)
+    for k in data:
+        if k not in TOP_KEYS:
+            raise doc.error((k,), f"unknown key '{k}' at the top level", allowed=sorted(TOP_KEYS))
+    for k in ("job", "roles", "program"):
+        if k not in data:
+            raise doc.error((), f"missing required key '{k}' at the top level",
+                            allowed={"job": "a mapping with name (and seed)", "roles": "a mapping of roles",
+                                     "program": PROGRAM_KEY.allowed}[k])
+    job = _section(doc, ("job",), data["job"], JOB_KEYS)
+    runtime = _section(doc, ("runtime",), data.get("runtime"), RUNTIME_KEYS)
+    if runtime["address"] is not None and runtime["backend"] != "ray":
+        raise doc.error(("runtime", "address"), "runtime.address is only used with backend: ray",
+                        allowed="null with backend local")
+    stop = _section(doc, ("stop",), data.get("stop"), STOP_KEYS)
+
+    roles_raw = data["roles"]
+    if not isinstance(roles_raw, dict) or not roles_raw:
+        raise doc.error(("roles",), f"roles must be a non-empty mapping of role name to role, got {_show(roles_raw)}",
+                        allowed="role_name: {class: 'module:Class', ...}")
+    roles = {}
+    for name, body in roles_raw.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+            raise doc.error(("roles", name), f"role name '{name}' cannot name actors", allowed=_ROLE_NAME)
+        if not isinstance(body, dict):
+            raise doc.error(("roles", name), f"roles.{name} must be a mapping, got {_show(body)}",
+                            allowed=sorted(ROLE_KEYS))
+        role = _section(doc, ("roles", name), body, ROLE_KEYS)
+        _check_args(doc, name, role["class"], role["args"])
+        roles[name] = RoleConfig(name=name, class_path=role.pop("class"), **role)
+
+    try:
+        program = PROGRAM_KEY.check(data["program"])
+    except _Invalid as e:
+        raise doc.error(("program",), f"program: {e.detail or 'got ' + _show(data['program'])}",
+                        allowed=PROGRAM_KEY.allowed) from None
+    _check_program(doc, program)
+    return JobConfig(job=JobSection(**job), runtime=RuntimeSection(**runtime), roles=roles, program=program,
+                     stop=StopSection(**stop), file=doc.file, overrides=tuple(overrides))
+
+
+def parse_config(text: str, file: str = "<string>", overrides: Iterable[str] = ()) -> JobConfig:
+    """Validate job YAML given as text (``file`` only names it in messages)."""
+    overrides = list(overrides)
+    doc = _Doc(file)
+    _compose(doc, text)
+    if isinstance(doc.data, dict):
+        for text_ in overrides:
+            _apply_override(doc, text_)
+    return _validate(doc, overrides)
+
+
+def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> JobConfig:
+    """Load, override and validate a job file; ``ConfigError`` names file, line, key and what is allowed."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise _config_error(file, f"cannot read the job file: {e.strerror or e}",
+                            allowed="a readable YAML file") from None
+    except UnicodeDecodeError as e:
+        raise _config_error(file, f"not UTF-8 text ({e.reason})", allowed="a UTF-8 YAML file") from None
+    cfg = parse_config(text, file, overrides)
+    log.debug("loaded %s: %d roles, %d processes", file, len(cfg.roles), cfg.num_processes)
+    return cfg

@@ -1,0 +1,236 @@
+"""The spawn supervisor: starts processes, watches their sentinels, restarts the fallen.
+
+Box in the data flow: supervisor -> sentinel (pidfd) -> status file / restart. It starts any
+``module:function`` target in a fresh interpreter (the ``spawn`` start method: CUDA-safe, no
+inherited locks or threads), with its thread count, environment and ``PR_SET_PDEATHSIG`` so
+that children die with their parent. It knows nothing of actors.
+
+All spawning happens on the supervisor's own long-lived thread: PDEATHSIG fires when the
+*thread* that forked the child exits, so children forked from a short-lived user thread would
+die with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torchactors.runtime.job import Job, describe
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_START = 0.2
+BACKOFF_MAX = 10.0
+
+
+@dataclass
+class ProcessSpec:
+    key: str                        # unique id in the job (an actor id)
+    target: str                     # "module:function" called in the child as f(payload, ctx)
+    payload: bytes
+    num_threads: int = 1
+    env: dict = field(default_factory=dict)
+    max_restarts: int = 0
+    device: str = "cpu"
+
+
+class _Proc:
+    def __init__(self, spec: ProcessSpec) -> None:
+        self.spec = spec
+        self.incarnation = -1
+        self.popen: Optional[subprocess.Popen] = None
+        self.pidfd = -1
+        self.restarts_left = spec.max_restarts
+        self.restart_at: Optional[float] = None
+        self.backoff = BACKOFF_START
+        self.started_at = 0.0
+
+
+class Supervisor:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.procs: dict[str, _Proc] = {}
+        self._requests: "queue.Queue[tuple]" = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="torchactors-supervisor", daemon=True)
+        self._thread.start()
+
+    # -- requests (any thread) ------------------------------------------------------------
+
+    def start(self, spec: ProcessSpec) -> None:
+        self.job.write_status(spec.key, {"state": "starting", "incarnation": 0, "pid": None,
+                                         "restarts_left": spec.max_restarts})
+        self._request(("start", spec))
+
+    def kill(self, key: str, wait: float = 5.0) -> None:
+        """Stop ``key`` for good (no restart); waits up to ``wait`` seconds for it to exit."""
+        self.job.mark_killed(key)
+        done = threading.Event()
+        self._request(("kill", key, done))
+        done.wait(wait)
+
+    def restarts(self, key: str) -> int:
+        p = self.procs.get(key)
+        return 0 if p is None else p.spec.max_restarts - p.restarts_left
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        if self._stopping:
+            return
+        done = threading.Event()
+        self._request(("shutdown", done))
+        done.wait(timeout)
+        self._thread.join(timeout)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _request(self, req: tuple) -> None:
+        self._requests.put(req)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # -- the supervisor thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            timers = [p.restart_at for p in self.procs.values() if p.restart_at is not None]
+            timeout = max(0.0, min(timers) - now) if timers else None
+            fds = [self._wake_r] + [p.pidfd for p in self.procs.values() if p.pidfd >= 0]
+            ready, _, _ = select.select(fds, [], [], timeout)
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            if not self._handle_requests():
+                return
+            for p in list(self.procs.values()):
+                if p.pidfd >= 0 and p.pidfd in ready:
+                    self._reap(p)
+            now = time.monotonic()
+            for p in list(self.procs.values()):
+                if p.restart_at is not None and p.restart_at <= now:
+                    p.restart_at = None
+                    self._spawn(p)
+
+    def _handle_requests(self) -> bool:
+        while True:
+            try:
+                req = self._requests.get_nowait()
+            except queue.Empty:
+                return True
+            if req[0] == "start":
+                p = _Proc(req[1])
+                self.procs[req[1].key] = p
+                self._spawn(p)
+            elif req[0] == "kill":
+                p = self.procs.get(req[1])
+                if p is not None:
+                    self._terminate(p)
+                req[2].set()
+            elif req[0] == "shutdown":
+                self._stopping = True
+                self._terminate_all()
+                req[1].set()
+                return False
+
+    def _spawn(self, p: _Proc) -> None:
+        spec = p.spec
+        p.incarnation += 1
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in spec.env.items()})
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(spec.num_threads)
+        boot = {"job": describe(self.job), "key": spec.key, "incarnation": p.incarnation,
+                "target": spec.target, "payload": spec.payload, "num_threads": spec.num_threads,
+                "device": spec.device, "sys_path": list(sys.path), "parent_pid": os.getpid(),
+                "cwd": os.getcwd()}
+        try:
+            popen = subprocess.Popen([sys.executable, "-c", "from torchactors.runtime.child import main; main()"],
+                                     stdin=subprocess.PIPE, env=env, close_fds=True)
+            popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
+            popen.stdin.close()
+        except (OSError, BrokenPipeError) as e:
+            logger.error("could not start %s: %s", spec.key, e)
+            self.job.write_status(spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
+                                             "exit_code": None, "signal": None, "restarts_left": 0,
+                                             "error": str(e)})
+            return
+        p.popen = popen
+        p.pidfd = os.pidfd_open(popen.pid)
+        p.started_at = time.monotonic()
+        self.job.write_status(spec.key, {"state": "alive", "incarnation": p.incarnation, "pid": popen.pid,
+                                         "restarts_left": p.restarts_left})
+        logger.debug("started %s incarnation %d as pid %d", spec.key, p.incarnation, popen.pid)
+
+    def _reap(self, p: _Proc) -> None:
+        code = p.popen.wait()
+        os.close(p.pidfd)
+        p.pidfd = -1
+        exit_code, sig = (None, signal.Signals(-code).name) if code < 0 else (code, None)
+        killed = self._stopping or self.job.was_killed(p.spec.key)
+        restart = not killed and p.restarts_left > 0
+        if restart:
+            p.restarts_left -= 1
+            if time.monotonic() - p.started_at > 30:
+                p.backoff = BACKOFF_START      # it ran a good while: a fresh failure, not a crash loop
+            p.restart_at = time.monotonic() + p.backoff
+            p.backoff = min(p.backoff * 2, BACKOFF_MAX)
+        state = "restarting" if restart else "dead"
+        self.job.write_status(p.spec.key, {"state": state, "incarnation": p.incarnation, "pid": p.popen.pid,
+                                           "exit_code": exit_code, "signal": sig,
+                                           "restarts_left": p.restarts_left, "killed": killed})
+        if not killed:
+            logger.warning("%s (pid %d) %s; %s", p.spec.key, p.popen.pid,
+                           f"killed by {sig}" if sig else f"exited with code {exit_code}",
+                           f"restarting in {p.restart_at - time.monotonic():.1f}s" if restart else "not restarting")
+
+    def _terminate_all(self, grace: float = 1.0) -> None:
+        """SIGTERM everyone at once, then SIGKILL whoever is still there after ``grace``."""
+        live = [p for p in self.procs.values() if p.popen is not None and p.pidfd >= 0]
+        for p in live:
+            p.restart_at = None
+            try:
+                p.popen.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for p in live:
+            try:
+                p.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+            self._reap(p)
+
+    def _terminate(self, p: _Proc, grace: float = 1.0) -> None:
+        p.restart_at = None
+        if p.popen is None or p.pidfd < 0:
+            self.job.write_status(p.spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
+                                               "exit_code": None, "signal": None, "restarts_left": 0,
+                                               "killed": True})
+            return
+        try:
+            p.popen.send_signal(signal.SIGTERM)
+            try:
+                p.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+        except OSError:
+            pass
+        self._reap(p)

@@ -1,0 +1,195 @@
+"""Transport: authenticated, length-prefixed messages over local Unix sockets.
+
+Box in the data flow: caller -> socket -> actor loop -> socket -> caller. One connection per
+(caller process, actor); a message is a 4-byte little-endian length and a pickle. Before
+anything is unpickled, both ends prove they hold the job's secret (HMAC-SHA256 over a fresh
+nonce each way), so a pickle from outside the job is never loaded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import select
+import socket
+import struct
+import time
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+_LEN = struct.Struct("<I")
+_NONCE = 32
+_DIGEST = 32
+AUTH_TIMEOUT = 10.0
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the connection (or died)."""
+
+
+class AuthenticationError(ConnectionError):
+    """The peer did not prove it holds the job secret."""
+
+
+class Connection:
+    """A framed message stream over a connected socket. ``recv`` buffers what it reads so
+    that small messages cost one syscall."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, payload: bytes) -> None:
+        if len(payload) < 65536:
+            self.sock.sendall(_LEN.pack(len(payload)) + payload)
+        else:
+            self.sock.sendall(_LEN.pack(len(payload)))
+            self.sock.sendall(payload)
+
+    def has_message(self) -> bool:
+        """A whole message is already buffered (no syscall needed to read it)."""
+        if len(self._buf) < 4:
+            return False
+        return len(self._buf) >= 4 + _LEN.unpack_from(self._buf)[0]
+
+    def read_available(self) -> list[bytes]:
+        """One ``recv`` of what the socket has, then every whole message buffered so far.
+        Call when the socket is readable. Raises ConnectionClosed on EOF."""
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            chunk = None
+        except OSError as e:
+            raise ConnectionClosed(str(e)) from None
+        if chunk == b"":
+            raise ConnectionClosed("peer closed the connection")
+        if chunk:
+            self._buf += chunk
+        return self.buffered()
+
+    def buffered(self) -> list[bytes]:
+        """Every whole message already buffered, without a syscall."""
+        out = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 4:
+            n = _LEN.unpack_from(buf, pos)[0]
+            if len(buf) - pos - 4 < n:
+                break
+            out.append(bytes(buf[pos + 4:pos + 4 + n]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[bytes]:
+        """One message, or None if ``timeout`` passed first. Raises ConnectionClosed on EOF."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.has_message():
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    return None
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except OSError as e:
+                raise ConnectionClosed(str(e)) from None
+            if not chunk:
+                raise ConnectionClosed("peer closed the connection")
+            self._buf += chunk
+        n = _LEN.unpack_from(self._buf)[0]
+        msg = bytes(self._buf[4:4 + n])
+        del self._buf[:4 + n]
+        return msg
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise AuthenticationError("peer closed the connection during authentication")
+        data += chunk
+    return data
+
+
+def _mac(secret: bytes, nonce: bytes, role: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, "sha256").digest()
+
+
+def connect(path: str, secret: bytes, timeout: float = AUTH_TIMEOUT) -> Connection:
+    """Connect to a listener at ``path`` and authenticate both ways."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        server_nonce = _recv_exact(sock, _NONCE)
+        my_nonce = secrets.token_bytes(_NONCE)
+        sock.sendall(_mac(secret, server_nonce, b"client") + my_nonce)
+        if not hmac.compare_digest(_recv_exact(sock, _DIGEST), _mac(secret, my_nonce, b"server")):
+            raise AuthenticationError(f"the listener at {path} does not hold this job's secret")
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock)
+
+
+class Listener:
+    """A Unix socket (mode 0600 inside the job directory) accepting authenticated peers."""
+
+    def __init__(self, path: str, secret: bytes) -> None:
+        self.path = path
+        self.secret = secret
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(128)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Optional[Connection]:
+        """Accept one peer; returns None (and closes it, unread) if it fails to authenticate."""
+        sock, _ = self.sock.accept()
+        try:
+            sock.settimeout(AUTH_TIMEOUT)
+            nonce = secrets.token_bytes(_NONCE)
+            sock.sendall(nonce)
+            answer = _recv_exact(sock, _DIGEST + _NONCE)
+            if not hmac.compare_digest(answer[:_DIGEST], _mac(self.secret, nonce, b"client")):
+                logger.warning("refused a connection on %s: bad authentication", self.path)
+                sock.close()
+                return None
+            sock.sendall(_mac(self.secret, answer[_DIGEST:], b"server"))
+            sock.settimeout(None)
+        except (OSError, AuthenticationError) as e:
+            logger.warning("refused a connection on %s: %s", self.path, e)
+            sock.close()
+            return None
+        return Connection(sock)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
