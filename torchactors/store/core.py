@@ -154,7 +154,7 @@ class Store:
     def _put_structure(self, obj: Any, timeout: Optional[float]) -> tuple:
         with SerializationContext() as ctx:
             skeleton, layout = serialize.dumps_for_store(obj)
-        keep = ctx.refs or None
+        keep = (ctx.refs + layout.keep) or None
         if layout.nbytes == 0 and len(skeleton) <= INLINE_LIMIT:
             return None, 0, 0, keep, ("v", skeleton), False
         total = layout.nbytes + len(skeleton)
@@ -299,6 +299,7 @@ class Store:
         """Return the blocks of objects no live process references (and of objects other
         processes freed) to the pool."""
         with self.lock:
+            self.membership.refresh_peers()
             epochs = self.membership.free_epochs()
             if epochs != self._free_epochs:
                 self._free_epochs = epochs

@@ -55,8 +55,7 @@ class ObjectRef:
         self._pending = None
         self._counted = False
         if count:
-            from torchactors.store import core
-            core.current().membership.hold(owner, slot)
+            _core().current().membership.hold(owner, slot)
             self._counted = True
 
     @classmethod
@@ -103,10 +102,21 @@ class ObjectRef:
         if self._counted:
             self._counted = False
             try:
-                from torchactors.store import core
-                core.released(self)
+                _core().released(self)
             except Exception:       # interpreter shutdown: the process's tables go with it
                 pass
+
+
+_core_module = None
+
+
+def _core():
+    """The store core, imported late (it imports this module)."""
+    global _core_module
+    if _core_module is None:
+        from torchactors.store import core
+        _core_module = core
+    return _core_module
 
 
 def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple], meta: Any) -> ObjectRef:

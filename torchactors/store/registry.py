@@ -26,6 +26,7 @@ import select
 import shutil
 import tempfile
 import threading
+import time
 from typing import Optional
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class Membership:
         self.header = _Table(MAX_SLOTS * HEADER_CELL)
         self.index = self._claim_index(index)
         self.peers: dict[int, Peer] = {}
-        self._peers_mtime = 0.0
+        self._peers_mtime = 0
+        self._procs_dir = os.path.join(job_dir, "procs")
         self.lock = threading.Lock()
         self.count_lock = threading.Lock()
         self._busy = False
@@ -215,8 +217,8 @@ class Membership:
         return False
 
     def free_epochs(self) -> tuple:
-        """A fingerprint of every peer's free() count: changes when someone frees something."""
-        self.refresh_peers()
+        """A fingerprint of every peer's free() count: changes when someone frees something.
+        Call ``refresh_peers`` first."""
         return tuple((p.index, p.header.cells[FREE_EPOCH]) for p in list(self.peers.values())
                      if p.header is not None and not p.dead)
 
@@ -228,17 +230,20 @@ class Membership:
     # -- peers ---------------------------------------------------------------------------
 
     def refresh_peers(self) -> None:
-        """Meet processes that joined since the last look (cheap when nothing changed)."""
-        procs = os.path.join(self.job_dir, "procs")
+        """Meet processes that joined since the last look: one stat when nothing changed.
+
+        Directory times are coarse (a clock tick), so a listing taken less than a tick after
+        the last change may miss a process that joined in the same tick: while the change is
+        recent, list again every time."""
         try:
-            mtime = os.stat(procs).st_mtime
+            mtime = os.stat(self._procs_dir).st_mtime_ns
         except FileNotFoundError:
             return
-        if mtime == self._peers_mtime:
+        if mtime == self._peers_mtime and time.time_ns() - mtime > 50_000_000:
             return
         with self.lock:
             self._peers_mtime = mtime
-            for name in os.listdir(procs):
+            for name in os.listdir(self._procs_dir):
                 if not name.isdigit():
                     continue
                 index = int(name)
@@ -249,7 +254,7 @@ class Membership:
     def peer(self, index: int) -> Peer:
         p = self.peers.get(index)
         if p is None:
-            self._peers_mtime = 0.0
+            self._peers_mtime = 0
             self.refresh_peers()
             p = self.peers.get(index)
             if p is None:
@@ -282,8 +287,8 @@ class Membership:
         return Peer(index, pid, holds, header, pidfd)
 
     def unreferenced(self, slots: list[int]) -> list[int]:
-        """Of our own ``slots``, those no live process holds a ref to (see module docstring)."""
-        self.refresh_peers()
+        """Of our own ``slots``, those no live process holds a ref to (see module docstring).
+        Call ``refresh_peers`` first."""
         tables = [self.holds.cells] + [p.holds.cells for p in list(self.peers.values())
                                        if p.holds is not None and p.alive()]
         base = self._owner_base
@@ -296,10 +301,6 @@ class Membership:
             if [t[i + 1] for t in tables] == before:
                 out.append(slot)
         return out
-
-    def live_peer_count(self) -> int:
-        self.refresh_peers()
-        return sum(1 for p in self.peers.values() if p.alive())
 
     def close(self) -> None:
         try:

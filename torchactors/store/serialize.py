@@ -49,6 +49,7 @@ class StoreLayout:
     def __init__(self) -> None:
         self.storages: list[torch.UntypedStorage] = []
         self.offsets: list[int] = []
+        self.keep: list[Any] = []          # what must live as long as the object (e.g. CUDA tensors)
         self._index: dict[tuple[int, int], int] = {}
         self.nbytes = 0
 
@@ -210,27 +211,56 @@ def dumps_for_store(obj: Any) -> tuple[bytes, StoreLayout]:
     return buf.getvalue(), layout
 
 
-class MessagePickler(cloudpickle.Pickler):
-    """Pickles a message between torchactors processes: each tensor is put into this
-    process's store and travels as a ref, so no tensor bytes ever enter the pipe."""
+class _MessageReducers:
+    """Shared by both message picklers: each tensor is put into this process's store and
+    travels as a ref, so no tensor bytes ever enter the pipe."""
+
+    put: Callable[[Any], Any]
+    _seen: dict
+
+    def _reduce_tensor(self, obj: torch.Tensor) -> Reduced:
+        ref = self._seen.get(id(obj))
+        if ref is None:
+            ref = self._seen[id(obj)] = (self.put(obj), obj)
+        return (rebuild_tensor_from_ref, (ref[0],))
+
+
+class MessagePickler(_MessageReducers, pickle.Pickler):
+    """The fast path: the C pickler, with a Python hook for tensors only."""
 
     def __init__(self, file: io.BytesIO, put: Callable[[Any], Any]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.put = put
-        self._seen: dict[int, Any] = {}
+        self._seen = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            ref = self._seen.get(id(obj))
-            if ref is None:
-                ref = self._seen[id(obj)] = (self.put(obj), obj)
-            return (rebuild_tensor_from_ref, (ref[0],))
+            return self._reduce_tensor(obj)
+        return NotImplemented
+
+
+class CloudMessagePickler(_MessageReducers, cloudpickle.Pickler):
+    """The fallback for what plain pickle refuses (lambdas, classes defined in __main__ or
+    inside functions): pickled by value."""
+
+    def __init__(self, file: io.BytesIO, put: Callable[[Any], Any]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.put = put
+        self._seen = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._reduce_tensor(obj)
         return super().reducer_override(obj)
 
 
 def dumps_message(obj: Any, put: Callable[[Any], Any]) -> bytes:
     buf = io.BytesIO()
-    MessagePickler(buf, put).dump(obj)
+    try:
+        MessagePickler(buf, put).dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        buf = io.BytesIO()
+        CloudMessagePickler(buf, put).dump(obj)
     return buf.getvalue()
 
 
