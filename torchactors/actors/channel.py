@@ -18,7 +18,7 @@ from typing import Any, Optional
 from torchactors.actors import protocol
 from torchactors.errors import ActorDiedError, GetTimeoutError
 from torchactors.runtime.job import Job
-from torchactors.runtime.transport import Connection, ConnectionClosed, connect
+from torchactors.runtime.transport import AuthenticationError, Connection, ConnectionClosed, connect
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef
 
@@ -96,6 +96,7 @@ class Channel:
         self.send_lock = threading.Lock()
         self.read_lock = threading.Lock()
         self.dead: Optional[ActorDiedError] = None
+        self.ack_due = False
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -108,19 +109,38 @@ class Channel:
             self.seq += 1
             pending = PendingCall(self, self.seq, held)
             self.pendings[self.seq] = pending
+            self.ack_due = False
             try:
-                self.conn.send(protocol.request(protocol.CALL, self.seq, self.read_upto, method, body))
+                self.conn.send(protocol.request(protocol.CALL, self.seq, self.read_upto, method, body),
+                               on_block=self._drain)
             except OSError:
                 pass        # the read side sees the EOF and fails the call with the death details
+            if self.ack_due:
+                self._send_ack()
         return ObjectRef.pending(pending)
+
+    def _drain(self) -> None:
+        """While our send waits for room: read the actor's replies, which are what fill it."""
+        if self.read_lock.acquire(blocking=False):
+            try:
+                self._read(0.0)
+            finally:
+                self.read_lock.release()
 
     def send_control(self, kind: int) -> None:
         with self.send_lock:
-            if self.conn is not None and not self.conn.closed:
-                try:
-                    self.conn.send(protocol.request(kind, 0, self.read_upto))
-                except OSError:
-                    pass
+            self._send_control(kind)
+
+    def _send_control(self, kind: int) -> None:
+        if self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.send(protocol.request(kind, 0, self.read_upto))
+            except OSError:
+                pass
+
+    def _send_ack(self) -> None:
+        self.ack_due = False
+        self._send_control(protocol.ACK)
 
     def _ensure_connected(self) -> None:
         if self.conn is not None and not self.conn.closed and self.dead is None:
@@ -134,9 +154,11 @@ class Channel:
         while True:
             if os.path.exists(path):
                 try:
-                    self.conn = connect(path, self.job.secret)
+                    # No timeout: the actor answers once its constructor has returned, and a
+                    # death during the handshake shows up as a reset, checked below.
+                    self.conn = connect(path, self.job.secret, timeout=None)
                     break
-                except (ConnectionRefusedError, FileNotFoundError):
+                except (OSError, AuthenticationError):
                     pass
             status = self.job.read_status(self.actor_id) or {}
             if status.get("state") in ("dead", "restarting") or status.get("incarnation", 0) != incarnation:
@@ -212,7 +234,15 @@ class Channel:
             kind, value = protocol.ERROR, e
         self.read_upto = max(self.read_upto, seq)
         if holds:
-            self.send_control(protocol.ACK)     # the actor may now drop its hold on the result
+            # The actor may now drop its hold on the result. If a send is under way (we are
+            # draining inside it), the sender acknowledges when its message is out.
+            self.ack_due = True
+            if self.send_lock.acquire(blocking=False):
+                try:
+                    if self.ack_due:
+                        self._send_ack()
+                finally:
+                    self.send_lock.release()
         if pending is not None:
             pending.settle(kind, value)
 

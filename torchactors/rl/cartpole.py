@@ -5,7 +5,9 @@ The dynamics, constants, thresholds and reset distribution are those of gym's Ca
 is needed and a whole batch steps in a handful of tensor ops.
 
 Auto-reset is same-step: when an episode ends at step t, ``done[t]`` is set and the
-observation returned by that step is already the first observation of the next episode.
+observation returned by that step is already the first observation of the next episode; the
+observation the episode ended in is ``final_obs`` (a learner needs it to bootstrap the value of
+an episode cut by the time limit, which did not really end).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Step(NamedTuple):
     reward: torch.Tensor  # [B] float32, 1 for every step taken (the last one included)
     terminated: torch.Tensor  # [B] bool, the pole fell or the cart left the track
     truncated: torch.Tensor  # [B] bool, the 500-step limit was hit (and not terminated)
+    final_obs: torch.Tensor  # [B, 4] float32, the observation before any reset
 
     @property
     def done(self) -> torch.Tensor:
@@ -118,7 +121,7 @@ class VecCartPole:
         self.episode_return.mul_(keep)
         self.episode_length.mul_(keep)
         reward = torch.ones(self.num_envs)
-        return Step(self.state.float(), reward, terminated, truncated)
+        return Step(self.state.float(), reward, terminated, truncated, new_state.float())
 
     def pop_episode_returns(self) -> torch.Tensor:
         """Returns (1-D float32) of the episodes completed since the last call, in step order."""

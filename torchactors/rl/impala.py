@@ -97,6 +97,7 @@ class RolloutActor:
         rewards = torch.empty(T, B)
         dones = torch.empty(T, B, dtype=torch.bool)
         truncated = torch.empty(T, B, dtype=torch.bool)
+        final_obs = torch.empty(T, B, 4)
         logits = torch.empty(T, B, 2)
         obs[0] = self.obs
         policy = self.model.policy
@@ -110,6 +111,7 @@ class RolloutActor:
             rewards[t] = step.reward
             dones[t] = step.terminated | step.truncated
             truncated[t] = step.truncated
+            final_obs[t] = step.final_obs
         self.obs = obs[T].clone()
         return {
             "obs": obs,
@@ -117,6 +119,7 @@ class RolloutActor:
             "rewards": rewards,
             "dones": dones,
             "truncated": truncated,
+            "final_obs": final_obs,
             "behaviour_logits": logits,
             "episode_returns": self.env.pop_episode_returns(),
             "version": self.version,
@@ -172,6 +175,15 @@ class Learner:
         target_logits, bootstrap, values = logits[:T], values[T], values[:T]
         discounts = (~batch["dones"]).float() * self.gamma
         rewards = batch["rewards"] * self.reward_scale
+        truncated = batch["truncated"]
+        if truncated.any():
+            # A time-limit cut is not an end: bootstrap from the state it was cut in. Treating it
+            # as terminal gives states that look alike value targets of 0 and ~100, and the
+            # resulting advantages of ~-100 at every cut make the policy collapse.
+            with torch.no_grad():
+                cut_values = self.model.value(batch["final_obs"][truncated]).squeeze(-1)
+            rewards = rewards.clone()
+            rewards[truncated] += self.gamma * cut_values
         vt = vtrace.from_logits(
             behaviour_logits=batch["behaviour_logits"],
             target_logits=target_logits.detach(),

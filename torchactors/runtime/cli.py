@@ -145,13 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _import_from_cwd() -> None:
-    """Let ``class: mymodule:Actor`` find ./mymodule.py, as ``python -m`` would, here and in actors."""
+    """Let ``class: mymodule:Actor`` find ./mymodule.py, as ``python -m`` would (actors get our sys.path)."""
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.insert(0, cwd)
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if cwd not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([cwd] + [p for p in paths if p])
 
 
 if __name__ == "__main__":

@@ -333,16 +333,16 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _restarts(handle: Any) -> Optional[int]:
-    for attr in ("restarts", "num_restarts", "restart_count"):
-        value = getattr(handle, attr, None)
-        if callable(value):
-            try:
-                value = value()
-            except Exception:
-                value = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    """How often the actor behind ``handle`` was restarted, or None where the backend cannot say."""
+    try:  # TODO: a public per-actor info call; until then the local backend's supervisor knows
+        from torchactors.actors import api
+
+        if not api.is_initialized():
+            return None
+        supervisor = api.runtime()._supervisor
+        return None if supervisor is None else int(supervisor.restarts(handle._actor_id))
+    except Exception:
+        return None
 
 
 def _actors_summary(roles: dict[str, list]) -> dict[str, dict]:

@@ -16,7 +16,7 @@ import select
 import socket
 import struct
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,28 @@ class Connection:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, payload: bytes) -> None:
-        if len(payload) < 65536:
-            self.sock.sendall(_LEN.pack(len(payload)) + payload)
-        else:
-            self.sock.sendall(_LEN.pack(len(payload)))
-            self.sock.sendall(payload)
+    def send(self, payload: bytes, on_block: Optional[Callable[[], None]] = None) -> None:
+        """Send one message. If the socket is full and ``on_block`` is given, call it (to
+        read the peer's replies) while waiting: two peers that only write would deadlock."""
+        data = _LEN.pack(len(payload)) + payload if len(payload) < 65536 else None
+        if on_block is None:
+            if data is not None:
+                self.sock.sendall(data)
+            else:
+                self.sock.sendall(_LEN.pack(len(payload)))
+                self.sock.sendall(payload)
+            return
+        view = memoryview(data if data is not None else _LEN.pack(len(payload)) + payload)
+        self.sock.setblocking(False)
+        try:
+            while view:
+                try:
+                    view = view[self.sock.send(view):]
+                except BlockingIOError:
+                    on_block()
+                    select.select([self.sock], [self.sock], [], 0.05)
+        finally:
+            self.sock.setblocking(True)
 
     def has_message(self) -> bool:
         """A whole message is already buffered (no syscall needed to read it)."""
@@ -132,8 +148,9 @@ def _mac(secret: bytes, nonce: bytes, role: bytes) -> bytes:
     return hmac.new(secret, role + nonce, "sha256").digest()
 
 
-def connect(path: str, secret: bytes, timeout: float = AUTH_TIMEOUT) -> Connection:
-    """Connect to a listener at ``path`` and authenticate both ways."""
+def connect(path: str, secret: bytes, timeout: Optional[float] = AUTH_TIMEOUT) -> Connection:
+    """Connect to a listener at ``path`` and authenticate both ways (``timeout=None``: wait
+    as long as the listener takes to accept)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)

@@ -1,0 +1,316 @@
+"""Actors across real processes: calls, ordering, errors, deaths, restarts, transport security."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import torchactors as ta
+from torchactors.runtime import job as job_module
+from torchactors.runtime.transport import AuthenticationError, connect
+
+
+@ta.actor(num_threads=1)
+class Counter:
+    def __init__(self, start: int = 0) -> None:
+        self.value = start
+        self.log: list[int] = []
+
+    def record(self, i: int) -> None:
+        self.log.append(i)
+
+    def history(self) -> list:
+        return self.log
+
+    def incr(self, by: int = 1) -> int:
+        self.value += by
+        return self.value
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def fail(self, message: str) -> None:
+        raise KeyError(message)
+
+    def sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "slept"
+
+    def fill(self, t: torch.Tensor, value: float) -> float:
+        t.fill_(value)
+        return float(t.sum())
+
+    def kinds(self, top, nested) -> tuple:
+        return type(top).__name__, type(nested["ref"]).__name__
+
+    def make(self, n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.float32)
+
+    def call_other(self, other: ta.ActorHandle, by: int) -> int:
+        return ta.get(other.incr.remote(by))
+
+    def spawn_child(self) -> int:
+        child = Counter.remote(100)
+        value = ta.get(child.incr.remote(5))
+        ta.kill(child)
+        return value
+
+
+@ta.actor(max_concurrency=4)
+class Pool:
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+@ta.actor
+class Async:
+    async def later(self, x: int) -> int:
+        await asyncio.sleep(0.05)
+        return x * 2
+
+
+@ta.actor(max_restarts=1)
+class Phoenix:
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.started = time.time()
+
+    def info(self) -> tuple:
+        return self.tag, os.getpid()
+
+
+@ta.actor
+class BadInit:
+    def __init__(self) -> None:
+        raise RuntimeError("no GPU here")
+
+    def ping(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def counter():
+    ta.init(num_threads=1)
+    h = Counter.remote(0)
+    yield h
+    ta.kill(h)
+
+
+def test_call_returns_ref_at_once_and_get_gives_value(counter):
+    ref = counter.incr.remote(2)
+    assert isinstance(ref, ta.ObjectRef)
+    assert ta.get(ref) >= 2
+
+
+def test_calls_from_one_caller_run_in_submission_order(counter):
+    refs = [counter.record.remote(i) for i in range(1000)]
+    ta.get(refs[-1])
+    log = ta.get(counter.history.remote())
+    assert log[-1000:] == list(range(1000))
+
+
+def test_exception_reaches_caller_with_type_message_traceback_and_actor_keeps_serving(counter):
+    with pytest.raises(ta.ActorError) as info:
+        ta.get(counter.fail.remote("missing-key-42"))
+    err = info.value
+    assert err.remote_type == "KeyError"
+    assert "missing-key-42" in str(err)
+    assert "Traceback" in err.remote_traceback and "in fail" in err.remote_traceback
+    assert ta.get(counter.incr.remote(0)) >= 0
+
+
+def test_get_timeout_raises_get_timeout_error(counter):
+    ref = counter.sleep.remote(1.0)
+    t0 = time.monotonic()
+    with pytest.raises(ta.GetTimeoutError):
+        ta.get(ref, timeout=0.1)
+    assert time.monotonic() - t0 < 0.9
+    assert ta.get(ref) == "slept"
+
+
+def test_wait_returns_ready_refs_in_input_order(counter):
+    slow = counter.sleep.remote(0.5)
+    fast = counter.incr.remote(0)
+    ready, rest = ta.wait([slow, fast], num_returns=2, timeout=5)
+    assert ready == [slow, fast] and rest == []
+    ready, rest = ta.wait([counter.sleep.remote(0.3)], num_returns=1, timeout=0.01)
+    assert ready == [] and len(rest) == 1
+
+
+def test_actor_gets_configured_thread_count(counter):
+    assert ta.get(counter.threads.remote()) == 1
+
+
+def test_tensor_argument_arrives_as_view_of_callers_memory(counter):
+    t = torch.zeros(1000)
+    assert ta.get(counter.fill.remote(t, 3.0)) == 3000.0
+    # The actor wrote into the object (the caller's shared copy), not into `t`: put is a snapshot.
+    assert float(t.sum()) == 0.0
+
+
+def test_top_level_refs_are_resolved_nested_refs_stay_refs(counter):
+    ref = ta.put(torch.ones(3))
+    assert ta.get(counter.kinds.remote(ref, {"ref": ref})) == ("Tensor", "ObjectRef")
+
+
+def test_tensor_result_is_mapped_not_copied(counter):
+    ref = counter.make.remote(1 << 16)
+    out = ta.get(ref)
+    assert torch.equal(out, torch.arange(1 << 16, dtype=torch.float32))
+    again = ta.get(ref)
+    assert out.data_ptr() == again.data_ptr() or out.untyped_storage().nbytes() == again.untyped_storage().nbytes()
+
+
+def test_unpicklable_argument_raises_at_call_site_naming_it(counter):
+    with pytest.raises(TypeError, match="argument 1"):
+        counter.kinds.remote(1, threading.Lock())
+
+
+def test_unknown_method_names_the_methods_it_has(counter):
+    with pytest.raises(AttributeError, match="incr"):
+        counter.nope
+
+
+def test_handles_pass_between_actors(counter):
+    other = Counter.remote(10)
+    try:
+        assert ta.get(counter.call_other.remote(other, 5)) == 15
+    finally:
+        ta.kill(other)
+
+
+def test_api_works_inside_actors(counter):
+    assert ta.get(counter.spawn_child.remote()) == 105
+
+
+def test_class_defined_in_a_test_function():
+    @ta.actor
+    class Local:
+        def __init__(self, k):
+            self.k = k
+
+        def times(self, x):
+            return self.k * x
+
+    h = Local.remote(3)
+    try:
+        assert ta.get(h.times.remote(7)) == 21
+    finally:
+        ta.kill(h)
+
+
+def test_max_concurrency_runs_calls_in_parallel():
+    h = Pool.remote()
+    try:
+        ta.get(h.sleep.remote(0.0))
+        t0 = time.monotonic()
+        assert ta.get([h.sleep.remote(0.5) for _ in range(4)]) == [0.5] * 4
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        ta.kill(h)
+
+
+def test_async_methods_run_on_event_loop():
+    h = Async.remote()
+    try:
+        assert ta.get([h.later.remote(i) for i in range(5)]) == [0, 2, 4, 6, 8]
+    finally:
+        ta.kill(h)
+
+
+def test_sigkill_mid_call_fails_pending_call_within_a_second(counter):
+    h = Counter.remote(0)
+    pid = ta.get(h.pid.remote())
+    ref = h.sleep.remote(30)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(ta.ActorDiedError) as info:
+        ta.get(ref, timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    assert info.value.signal_name == "SIGKILL"
+    with pytest.raises(ta.ActorDiedError):
+        ta.get(h.incr.remote(1), timeout=10)
+
+
+def test_restart_reruns_constructor_with_same_arguments():
+    h = Phoenix.remote("tag-7")
+    tag, pid = ta.get(h.info.remote())
+    assert tag == "tag-7"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            tag2, pid2 = ta.get(h.info.remote(), timeout=30)
+            break
+        except ta.ActorDiedError as e:
+            assert e.restarts_left >= 0
+            assert time.monotonic() < deadline, "actor was not restarted"
+            time.sleep(0.1)
+    assert tag2 == "tag-7" and pid2 != pid
+    ta.kill(h)
+
+
+def test_failing_constructor_reports_its_traceback():
+    h = BadInit.remote()
+    with pytest.raises(ta.ActorDiedError, match="no GPU here"):
+        ta.get(h.ping.remote(), timeout=60)
+
+
+def test_kill_fails_later_calls():
+    h = Counter.remote(0)
+    assert ta.get(h.incr.remote()) == 1
+    ta.kill(h)
+    with pytest.raises(ta.ActorDiedError, match="killed"):
+        ta.get(h.incr.remote(), timeout=10)
+
+
+def test_named_actor_lookup(counter):
+    h = Counter.options(name="the-counter").remote(40)
+    try:
+        same = ta.get_actor("the-counter")
+        assert ta.get(same.incr.remote(2)) == 42
+        with pytest.raises(ValueError, match="already exists"):
+            Counter.options(name="the-counter").remote(0)
+    finally:
+        ta.kill(h)
+    with pytest.raises(ValueError, match="no actor named"):
+        ta.get_actor("the-counter")
+
+
+def test_unauthenticated_connection_is_refused_and_actor_keeps_serving(counter):
+    ta.get(counter.incr.remote(0))
+    job = job_module.current()
+    path = job.socket_path(counter._actor_id, 0)
+    assert oct(os.stat(job.dir).st_mode & 0o777) == "0o700"
+    with pytest.raises((AuthenticationError, ConnectionError, OSError)):
+        connect(path, b"not-the-secret" * 2, timeout=5)
+    # A raw client that sends a pickle without authenticating is closed unread.
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.recv(32)
+    s.sendall(b"\x80\x04" + b"x" * 62)
+    s.settimeout(5)
+    assert s.recv(100) == b""
+    s.close()
+    assert ta.get(counter.incr.remote(0)) >= 0
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(TypeError, match="allowed"):
+        Counter.options(gpus=1)
+    with pytest.raises(ValueError, match="device"):
+        Counter.options(device="tpu")
+    with pytest.raises(TypeError, match=r"\.remote"):
+        Counter(1)
