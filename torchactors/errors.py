@@ -98,7 +98,7 @@ class ObjectFreedError(TorchActorsError):
                          + "; keep the ObjectRef alive and do not call free() while others still need it")
 
 
-class StoreFullError(TorchActorsError, MemoryError):
+class StoreFullError(TorchActorsError):
     """A put does not fit in the store even after reclaiming unreferenced objects."""
 
     _fields = ("requested", "used", "capacity")

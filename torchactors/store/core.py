@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from torchactors.errors import GetTimeoutError, ObjectFreedError, OwnerDiedError, StoreFullError
-from torchactors.store import registry, serialize
+from torchactors.store import cuda, registry, serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 from torchactors.store.segments import MappingCache, Segment, SegmentPool, size_class
 
@@ -74,14 +74,34 @@ class _Entry:
         self.external = external    # bytes in a storage torch already shares (not a pool block)
 
 
-def make_storage(seg: Segment, offset: int, nbytes: int, pin: Any) -> torch.UntypedStorage:
-    """An untyped storage over ``nbytes`` of ``seg`` at ``offset`` that keeps ``pin`` (the
-    ref) alive for as long as any tensor views it."""
-    if nbytes == 0:
-        return torch.UntypedStorage(0)
+def pinned_buffer(seg: Segment, offset: int, nbytes: int, pin: Any) -> ctypes.Array:
+    """A buffer over ``nbytes`` of ``seg`` at ``offset`` that keeps ``pin`` (the ref) alive:
+    torch keeps the buffer alive as long as any tensor views it, so the object lives too."""
     buf = (ctypes.c_char * nbytes).from_buffer(seg.mm, offset)
     buf.pin = pin
-    return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+    return buf
+
+
+def make_storage(seg: Segment, offset: int, nbytes: int, pin: Any) -> torch.UntypedStorage:
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(pinned_buffer(seg, offset, nbytes, pin), dtype=torch.uint8).untyped_storage()
+
+
+_strides_cache: dict[tuple, tuple] = {}
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides = _strides_cache.get(shape)
+    if strides is None:
+        acc, out = 1, []
+        for n in reversed(shape):
+            out.append(acc)
+            acc *= max(n, 1)
+        strides = tuple(reversed(out))
+        if len(_strides_cache) < 4096:
+            _strides_cache[shape] = strides
+    return strides
 
 
 class Store:
@@ -104,6 +124,7 @@ class Store:
         self.single_putters: dict[str, Callable[[torch.Tensor], tuple]] = {"cpu": self._put_cpu_tensor}
         self.getters: dict[str, Callable[[ObjectRef, Optional[Segment]], Any]] = {
             "t": self._get_cpu_tensor, "p": self._get_pickled, "v": self._get_inline}
+        cuda.install(self)      # the "cuda" putter, "c" getter and reducer; initializes no CUDA
 
     # -- put ------------------------------------------------------------------------------
 
@@ -121,23 +142,22 @@ class Store:
     def _put_cpu_tensor(self, t: torch.Tensor, timeout: Optional[float]) -> tuple:
         storage = t.untyped_storage()
         es = t.element_size()
+        shape, stride = tuple(t.shape), t.stride()
         flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
         if t.numel() == 0:
-            return None, 0, 0, None, ("t", t.dtype, tuple(t.shape), t.stride(), 0, 0) + flags, False
-        if t.is_shared():
+            return None, 0, 0, None, ("t", t.dtype, shape, stride, 0, 0) + flags, False
+        if storage.is_shared():
             shared = self._register_shared(storage)
             if shared is not None:
                 seg, keep = shared
-                meta = ("t", t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), storage.nbytes()) + flags
+                meta = ("t", t.dtype, shape, stride, t.storage_offset(), storage.nbytes()) + flags
                 return seg, 0, 0, keep, meta, True
-        # Copy only the span the view covers, not the whole storage it may be a slice of.
-        lo = t.storage_offset()
-        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        # Copy only the byte span the view covers, not the whole storage it may be a slice of.
+        extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
         nbytes = extent * es
         seg, off, cls = self._allocate(nbytes, timeout)
-        src = torch.empty(0, dtype=torch.uint8).set_(storage, lo * es, (nbytes,), (1,))
-        seg.u8[off:off + nbytes].copy_(src)
-        meta = ("t", t.dtype, tuple(t.shape), t.stride(), 0, nbytes) + flags
+        ctypes.memmove(seg.base + off, storage.data_ptr() + t.storage_offset() * es, nbytes)
+        meta = ("t", t.dtype, shape, stride, 0, nbytes) + flags
         return seg, off, cls, None, meta, False
 
     def _register_shared(self, storage: torch.UntypedStorage) -> Optional[tuple[Segment, Any]]:
@@ -189,7 +209,10 @@ class Store:
 
     def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
         with self.lock:
-            if self.candidates and not self.pool.has_free(size_class(nbytes)):
+            cls = size_class(nbytes)
+            # Reclaim before taking new memory: small blocks are carved from the open arena
+            # while it has room (reclaiming in batches), large ones reuse pooled segments.
+            if self.candidates and not self.pool.has_free(cls) and not self.pool.can_carve(cls):
                 self._reclaim()
             found = self.pool.allocate(nbytes)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -225,11 +248,25 @@ class Store:
         return copy_module.deepcopy(value) if copy else value
 
     def _segment_of(self, ref: ObjectRef) -> Segment:
+        live = self.check_live(ref)
+        if ref.owner == self.index:
+            return live.seg
+        fd, inode = ref.loc[0], ref.loc[1]
+        seg = self.maps.map(ref.owner_pid, fd, inode)
+        if seg is None:
+            if not live.alive():
+                raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
+            raise ObjectFreedError(ref.id, "its memory was returned to the system")
+        return seg
+
+    def check_live(self, ref: ObjectRef) -> Any:
+        """Raise ObjectFreedError / OwnerDiedError unless ``ref``'s object is live; returns its
+        ``_Entry`` in the owner, else the owner's ``Peer``."""
         if ref.owner == self.index:
             entry = self.entries.get(ref.slot)
             if entry is None or entry.gen != ref.gen:
                 raise ObjectFreedError(ref.id)
-            return entry.seg
+            return entry
         m = self.membership
         peer = m.peer(ref.owner)
         if peer.pid != ref.owner_pid or not peer.alive():
@@ -238,21 +275,18 @@ class Store:
         cells = peer.header.cells
         if cells[i] != ref.gen or cells[i + 1] != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
             raise ObjectFreedError(ref.id)
-        fd, inode = ref.loc[0], ref.loc[1]
-        seg = self.maps.map(ref.owner_pid, fd, inode)
-        if seg is None:
-            if not peer.alive():
-                raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
-            raise ObjectFreedError(ref.id, "its memory was returned to the system")
-        return seg
+        return peer
 
     def _get_cpu_tensor(self, ref: ObjectRef, seg: Optional[Segment]) -> torch.Tensor:
         _, dtype, shape, stride, offset, nbytes, requires_grad, is_param = ref.meta
         if seg is None:
             t = torch.empty_strided(shape, stride, dtype=dtype)
         else:
-            storage = make_storage(seg, ref.loc[2], nbytes, ref)
-            t = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+            flat = torch.frombuffer(pinned_buffer(seg, ref.loc[2], nbytes, ref), dtype=dtype)
+            if offset == 0 and stride == _contiguous_strides(shape):
+                t = flat if len(shape) == 1 else flat.view(shape)
+            else:
+                t = flat.as_strided(shape, stride, offset)
         return serialize.finish_tensor(t, requires_grad, is_param)
 
     def _get_pickled(self, ref: ObjectRef, seg: Segment) -> Any:
@@ -306,20 +340,23 @@ class Store:
                 for slot, entry in list(self.entries.items()):
                     if self.membership.freed_anywhere(self.index, slot, entry.gen):
                         self._release(slot, entry, registry.STATE_FREED)
-            if not self.candidates and not self.quarantine:
-                return
-            for slot in self.membership.unreferenced(sorted(self.candidates | self.quarantine)):
-                if slot in self.quarantine:
-                    self.quarantine.discard(slot)
-                    self.membership.set_header(slot, self.membership.header.cells[slot * registry.HEADER_CELL],
-                                               registry.STATE_EMPTY)
-                    self.free_slots.append(slot)
-                else:
-                    entry = self.entries.get(slot)
-                    if entry is not None:
-                        self._release(slot, entry, registry.STATE_EMPTY)
+            # Releasing an object drops the refs stored inside it, which may free more: repeat.
+            while self.candidates or self.quarantine:
+                dead = self.membership.unreferenced(sorted(self.candidates | self.quarantine))
+                if not dead:
+                    return
+                for slot in dead:
+                    if slot in self.quarantine:
+                        self.quarantine.discard(slot)
+                        self.membership.set_header(slot, self.membership.header.cells[slot * registry.HEADER_CELL],
+                                                   registry.STATE_EMPTY)
+                        self.free_slots.append(slot)
                     else:
-                        self.candidates.discard(slot)
+                        entry = self.entries.get(slot)
+                        if entry is not None:
+                            self._release(slot, entry, registry.STATE_EMPTY)
+                        else:
+                            self.candidates.discard(slot)
 
     def released(self, ref: ObjectRef) -> None:
         left = self.membership.unhold(ref.owner, ref.slot)

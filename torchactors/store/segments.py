@@ -82,6 +82,9 @@ class SegmentPool:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        # A small store gets smaller arenas, so that small objects fit at all.
+        self.arena_size = max(PAGE, min(ARENA_SIZE, capacity // 4 // PAGE * PAGE))
+        self.small_limit = min(SMALL_LIMIT, self.arena_size)
         self.lock = threading.RLock()
         self.segments: dict[int, Segment] = {}
         self._next_seg = 1
@@ -109,7 +112,7 @@ class SegmentPool:
         """Return (segment, offset, block size) or None if the capacity would be exceeded."""
         cls = size_class(nbytes)
         with self.lock:
-            if cls <= SMALL_LIMIT:
+            if cls <= self.small_limit:
                 found = self._alloc_small(cls)
             else:
                 found = self._alloc_large(cls)
@@ -124,9 +127,9 @@ class SegmentPool:
             seg, off = free.pop()
             return seg, off, cls
         if self._arena is None or self._arena_top + cls > self._arena.size:
-            if self.reserved + ARENA_SIZE > self.capacity and not self._shrink(ARENA_SIZE):
+            if self.reserved + self.arena_size > self.capacity and not self._shrink(self.arena_size):
                 return None
-            self._arena = self._new_segment(ARENA_SIZE)
+            self._arena = self._new_segment(self.arena_size)
             self._arena_top = 0
         off = self._arena_top
         self._arena_top += cls
@@ -140,14 +143,18 @@ class SegmentPool:
             return None
         return self._new_segment(cls), 0, cls
 
+    def can_carve(self, cls: int) -> bool:
+        """A small block of class ``cls`` fits in the open arena without new memory."""
+        return cls <= self.small_limit and self._arena is not None and self._arena_top + cls <= self._arena.size
+
     def has_free(self, cls: int) -> bool:
-        return bool(self._free_small.get(cls) if cls <= SMALL_LIMIT else self._free_large.get(cls))
+        return bool(self._free_small.get(cls) if cls <= self.small_limit else self._free_large.get(cls))
 
     def release(self, seg: Segment, offset: int, cls: int) -> None:
         with self.lock:
             seg.live_blocks -= 1
             self.used -= cls
-            if cls <= SMALL_LIMIT:
+            if cls <= self.small_limit:
                 self._free_small.setdefault(cls, []).append((seg, offset))
             else:
                 self._free_large.setdefault(cls, []).append(seg)
@@ -162,7 +169,7 @@ class SegmentPool:
         for seg in list(self.segments.values()):
             if self.reserved + need <= self.capacity:
                 break
-            if seg.size == ARENA_SIZE and seg.live_blocks == 0 and seg is not self._arena:
+            if seg.size == self.arena_size and seg.live_blocks == 0 and seg is not self._arena:
                 for cls, free in self._free_small.items():
                     self._free_small[cls] = [(s, o) for s, o in free if s is not seg]
                 self._drop_segment(seg)

@@ -1,0 +1,314 @@
+"""CUDA tensors in the store: exported in place through CUDA IPC, never copied.
+
+Box in the data flow (the CUDA branch of boxes 1 and 3 of docs/design.md)::
+
+    put(cuda t) -> "cuda" single putter, or REDUCERS["cuda"] inside a structure
+        -> export t's allocation block once per storage (torch's ``_share_cuda_``), record an
+           interprocess event on the current stream -> meta ("c", handle, event, layout ...);
+           the owner's entry keeps t (no copy, no pool block)
+    ObjectRef --(any message)--> get(ref) -> "c" getter / ``rebuild_cuda_tensor``
+        -> open the block once per process (weak cache, as torch's SharedCache)
+        -> the consumer's current stream waits on the producer's event
+        -> a view of the same GPU bytes (in the owner: a view of the kept tensor)
+    last ref dropped everywhere -> owner's reclaim drops t -> ``torch.cuda.ipc_collect()``
+
+``install(store)`` plugs this into a store's tables; it calls no ``torch.cuda`` function, so a
+CPU-only process never initializes CUDA.
+
+Lifetime. The store's hold tables decide, not torch's IPC reference counter. torch counts one
+consumer per export and its counter is unsigned: with one ``put`` read by N processes it
+would be decremented N times, and a block whose counter wrapped stays in torch's limbo for
+good. So each export's counter is given back at once, and a consumer's tensor keeps its
+``ObjectRef`` (and the opened block) alive through a pin on the storage it views, as the CPU
+path's mappings do: the owner keeps the tensor while any view exists in any process, then
+frees it straight to its caching allocator. Before a pin lets go it synchronizes the
+consumer's current stream, so the owner never reuses bytes a pending kernel still reads.
+
+- Consumer death. torch's docs (Multiprocessing best practices, "Sharing CUDA tensors") warn
+  that a consumer killed by a fatal signal leaks the shared tensor for as long as the producer
+  runs, because its reference count is never decremented. Here a dead process's holds are
+  ignored at the owner's next reclaim, so the object is released like any other; what the
+  dead consumer leaks is only its own process state, which the driver tears down with its
+  CUDA context.
+- Owner death. Later gets raise ``OwnerDiedError``. Tensors a consumer already rebuilt view
+  memory of a dead process: as torch says, the producer must outlive the consumers' use.
+- ``free(ref)`` releases now: views already rebuilt stay mapped but the owner may reuse the
+  bytes (as for CPU objects).
+- When. Released objects go back to the owner's GPU allocator at its reclaim points: its next
+  put (CUDA puts trigger one), ``stats()``, or a pool allocation. torch's ref-counter file
+  (``/dev/shm/torch_<pid>_*``, made by the first export) is unlinked by torch once every
+  exported storage is gone and ``ipc_collect`` runs, or at a clean interpreter exit: an
+  owner that leaves through a signal or ``os._exit`` leaves it behind.
+- Device indices must name the same GPUs in every process (same ``CUDA_VISIBLE_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+
+from torchactors.errors import ObjectFreedError
+from torchactors.store import serialize
+
+if TYPE_CHECKING:
+    from torchactors.store.core import Store
+    from torchactors.store.refs import ObjectRef
+
+logger = logging.getLogger(__name__)
+
+# The "c" meta of a CUDA object, in order. ``handle`` is None for an empty tensor (nothing to
+# open); ``event_handle`` is None when the producer synchronized its stream instead.
+CUDA_META_FIELDS = ("kind", "device", "handle", "storage_nbytes", "storage_offset_bytes", "event_handle",
+                    "dtype", "shape", "stride", "storage_offset", "requires_grad", "is_param")
+
+MAX_EVENTS = 1000       # live interprocess events per process; beyond, put synchronizes instead
+NO_COUNTER = b"/torchactors-no-ipc-counter"   # names no file: torch's consumer-side decrement is a no-op
+
+_PIN = "_torchactors_pin"       # on a consumer's storage: the _Pin keeping its object and block alive
+_EXPORT = "_torchactors_ipc"    # on an owner's storage: its export, made once
+
+_lock = threading.RLock()       # reentrant: finalizers below may run while it is held
+_local = threading.local()
+_owned: "weakref.WeakValueDictionary[tuple, torch.UntypedStorage]" = weakref.WeakValueDictionary()
+_opened: "weakref.WeakValueDictionary[tuple, torch.UntypedStorage]" = weakref.WeakValueDictionary()
+_events_live = 0
+_warned_clone = False
+_reclaim_target: Optional["weakref.ref[Store]"] = None
+
+
+def install(store: "Store") -> None:
+    """Register the "cuda" putter, the "c" getter and the "cuda" reducer; no CUDA call."""
+    global _reclaim_target
+    _reclaim_target = weakref.ref(store)
+    store.single_putters["cuda"] = lambda t, timeout: put_cuda_tensor(store, t)
+    store.getters["c"] = lambda ref, seg: rebuild(store, ref, ref.meta)
+    for kind in ("p", "v"):     # structures: tell rebuild_cuda_tensor which object it is reading
+        store.getters[kind] = _reading(store, store.getters[kind])
+    serialize.register_reducer("cuda", reduce_cuda_tensor)
+
+
+def describe_cuda_meta(meta: tuple) -> dict:
+    """The "c" meta as a dict keyed by ``CUDA_META_FIELDS``."""
+    if not isinstance(meta, tuple) or len(meta) != len(CUDA_META_FIELDS) or meta[0] != "c":
+        raise ValueError(f"not a CUDA object's meta: expected a {len(CUDA_META_FIELDS)}-tuple starting "
+                         f"with 'c' ({', '.join(CUDA_META_FIELDS)}), got {meta!r:.200}")
+    return dict(zip(CUDA_META_FIELDS, meta))
+
+
+# -- put ----------------------------------------------------------------------------------------
+
+class _Kept:
+    """What the owner's entry holds for one CUDA tensor: the tensor and its ready event.
+    Its release is a reclaim point: torch may then free blocks it held for IPC."""
+
+    __slots__ = ("tensor", "event")
+
+    def __init__(self, tensor: torch.Tensor, event: Any) -> None:
+        self.tensor = tensor
+        self.event = event
+
+    def __del__(self) -> None:
+        global _events_live
+        had_event = self.event is not None
+        self.tensor = None
+        self.event = None
+        try:
+            if had_event:
+                with _lock:
+                    _events_live -= 1
+            if torch.cuda.is_initialized():
+                torch.cuda.ipc_collect()
+        except Exception:       # interpreter shutdown
+            pass
+
+
+def put_cuda_tensor(store: Optional["Store"], t: torch.Tensor) -> tuple:
+    """``Store.single_putters["cuda"]``: (seg, offset, cls, keep, meta, external) like the CPU one."""
+    _reclaim(store)
+    meta, kept = share(t)
+    return None, 0, 0, kept, meta, True
+
+
+def reduce_cuda_tensor(t: torch.Tensor, layout: serialize.StoreLayout) -> serialize.Reduced:
+    """``REDUCERS["cuda"]``: the tensor stays where it is; the skeleton carries its meta."""
+    _reclaim(_reclaim_target() if _reclaim_target is not None else None)
+    meta, kept = share(t)
+    if kept is not None:
+        layout.keep.append(kept)
+    return (rebuild_cuda_tensor, (meta,))
+
+
+def share(t: torch.Tensor) -> tuple[tuple, Optional[_Kept]]:
+    """The "c" meta of ``t`` and what the owner must keep while the object lives."""
+    device = t.device.index
+    flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
+    if t.numel() == 0:
+        return ("c", device, None, 0, 0, None, t.dtype, tuple(t.shape), t.stride(), 0) + flags, None
+    t, (device, handle, nbytes, offset_bytes) = _exportable(t)
+    event, event_handle = _ready_event(t.device)
+    meta = ("c", device, handle, nbytes, offset_bytes, event_handle, t.dtype, tuple(t.shape), t.stride(),
+            t.storage_offset()) + flags
+    return meta, _Kept(t, event)
+
+
+def _exportable(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``t`` and its export, or a clone's if ``t``'s storage cannot be exported from here
+    (it was itself received over IPC, or torch's allocator does not own it)."""
+    global _warned_clone
+    storage = t.untyped_storage()
+    if getattr(storage, _PIN, None) is None:
+        try:
+            return t, _export(storage)
+        except RuntimeError as e:
+            reason = str(e).splitlines()[0]
+    else:
+        reason = "its storage was received from another process"
+    if not _warned_clone:
+        _warned_clone = True
+        logger.warning("put of a CUDA tensor that cannot be exported in place (%s): storing a clone. "
+                       "Put the original in the process that made it to avoid the copy "
+                       "(this warning is shown once)", reason)
+    c = t.detach().clone()
+    return c, _export(c.untyped_storage())
+
+
+def _export(storage: torch.UntypedStorage) -> tuple[int, bytes, int, int]:
+    """(device index, IPC handle of the allocation block, storage bytes, storage offset in the
+    block), made once per storage and remembered on it."""
+    with _lock:
+        done = getattr(storage, _EXPORT, None)
+        key = (storage.data_ptr(), storage.nbytes())
+        if done is not None and done[0] == key:
+            return done[1]
+        device, handle, nbytes, offset_bytes, counter, counter_offset, _event, _sync = storage._share_cuda_()
+        # Give torch's per-export count back: the hold tables count holders (module docstring).
+        torch.UntypedStorage._release_ipc_counter_cuda(counter, counter_offset)
+        info = (device, handle, nbytes, offset_bytes)
+        setattr(storage, _EXPORT, (key, info))
+        _owned[(handle, offset_bytes)] = storage
+        return info
+
+
+def _ready_event(device: torch.device) -> tuple[Any, Optional[bytes]]:
+    """An interprocess event recorded on the current stream after the data is ready, and its
+    handle; or (None, None) after synchronizing the stream when too many events are live."""
+    global _events_live
+    stream = torch.cuda.current_stream(device)
+    with _lock:
+        room = _events_live < MAX_EVENTS
+        if room:
+            _events_live += 1
+    if not room:
+        stream.synchronize()
+        return None, None
+    try:
+        with torch.cuda.device(device):
+            event = torch.cuda.Event(interprocess=True)
+            event.record(stream)
+            return event, bytes(event.ipc_handle())
+    except BaseException:
+        with _lock:
+            _events_live -= 1
+        raise
+
+
+def _reclaim(store: Optional["Store"]) -> None:
+    """A CUDA put is a reclaim point: CUDA objects use no pool block, so nothing else would
+    return the GPU memory of released ones."""
+    if store is not None and store.candidates and not store.closed:
+        store._reclaim()
+
+
+# -- get ----------------------------------------------------------------------------------------
+
+class _Pin:
+    """Hung on the storage a consumer's tensor views: keeps the object's ref and the opened
+    block alive while any view exists; on release, lets this process's work on it finish first."""
+
+    __slots__ = ("opened", "ref", "device")
+
+    def __init__(self, opened: Any, ref: Any, device: Optional[int]) -> None:
+        self.opened = opened
+        self.ref = ref
+        self.device = device
+
+    def __del__(self) -> None:
+        try:
+            if self.device is not None and torch.cuda.is_initialized():
+                torch.cuda.current_stream(self.device).synchronize()
+        except Exception:       # interpreter shutdown, or a CUDA error already reported
+            pass
+        self.opened = None      # closes the block if this was its last view here
+        self.ref = None         # then the owner may reuse the bytes
+
+
+def alias_storage(base: torch.UntypedStorage, nbytes: int, device: torch.device, pin: Any) -> torch.UntypedStorage:
+    """A storage over the first ``nbytes`` of ``base`` that keeps ``pin`` alive as long as any
+    tensor views it (torch keeps a storage's Python object, and so its attributes, alive with it)."""
+    s = torch._C._construct_storage_from_data_pointer(base.data_ptr(), device, nbytes)
+    setattr(s, _PIN, pin)
+    return s
+
+
+def rebuild_cuda_tensor(meta: tuple) -> torch.Tensor:
+    """The rebuild function in a structure's skeleton (the pair of ``reduce_cuda_tensor``)."""
+    reading = getattr(_local, "reading", None)
+    if reading is None:
+        raise RuntimeError("a stored CUDA tensor can only be rebuilt by torchactors' get()")
+    return rebuild(reading[0], reading[1], meta)
+
+
+def rebuild(store: "Store", ref: "ObjectRef", meta: tuple) -> torch.Tensor:
+    """The "c" getter: a view of the object's GPU bytes, ordered after the producer's writes."""
+    (_, device, handle, nbytes, offset_bytes, event_handle, dtype, shape, stride, offset,
+     requires_grad, is_param) = meta
+    store.check_live(ref)
+    dev = torch.device("cuda", device)
+    if handle is None:
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+        return serialize.finish_tensor(t, requires_grad, is_param)
+    if ref.owner_pid == os.getpid():
+        storage = _owned.get((handle, offset_bytes))
+        if storage is None:
+            raise ObjectFreedError(ref.id, "its CUDA storage is gone")
+    else:
+        try:
+            opened = _open(device, handle, nbytes, offset_bytes)
+            storage = alias_storage(opened, nbytes, dev, _Pin(opened, ref, device))
+            if event_handle is not None:
+                torch.cuda.Event.from_ipc_handle(device, event_handle).wait(torch.cuda.current_stream(device))
+        except RuntimeError:
+            store.check_live(ref)   # the owner died or freed it meanwhile: say so, not a CUDA error
+            raise
+    t = torch.empty(0, dtype=dtype, device=dev).set_(storage, offset, shape, stride)
+    return serialize.finish_tensor(t, requires_grad, is_param)
+
+
+def _open(device: int, handle: bytes, nbytes: int, offset_bytes: int) -> torch.UntypedStorage:
+    """The producer's storage, opened once per process while any view of it lives here."""
+    key = (handle, offset_bytes)
+    with _lock:
+        s = _opened.get(key)
+        if s is None:
+            torch.cuda.init()
+            s = torch.UntypedStorage._new_shared_cuda(device, handle, nbytes, offset_bytes, NO_COUNTER, 0,
+                                                      b"", False)
+            _opened[key] = s
+        return s
+
+
+def _reading(store: "Store", getter: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Wrap a structure getter so that rebuild functions know the object being read."""
+    def get(ref: Any, seg: Any) -> Any:
+        prev = getattr(_local, "reading", None)
+        _local.reading = (store, ref)
+        try:
+            return getter(ref, seg)
+        finally:
+            _local.reading = prev
+    return get
