@@ -20,7 +20,10 @@ class TorchActorsError(Exception):
 
 
 def _rebuild_error(cls: type, args: tuple, fields: dict) -> TorchActorsError:
-    err = cls.__new__(cls)
+    try:
+        err = cls.__new__(cls)
+    except TypeError:               # MemoryError's __new__ refuses subclasses that mix in others
+        err = Exception.__new__(cls)
     Exception.__init__(err, *args)
     for name, value in fields.items():
         setattr(err, name, value)
@@ -98,7 +101,7 @@ class ObjectFreedError(TorchActorsError):
                          + "; keep the ObjectRef alive and do not call free() while others still need it")
 
 
-class StoreFullError(TorchActorsError):
+class StoreFullError(TorchActorsError, MemoryError):
     """A put does not fit in the store even after reclaiming unreferenced objects."""
 
     _fields = ("requested", "used", "capacity")
