@@ -134,6 +134,9 @@ class ActorServer:
             except BaseException as e:
                 self._reply_error(peer, seq, method, e)
                 return
+            # Drop our holds on the arguments before replying, so the caller's next put can
+            # reuse their memory as soon as it has the reply.
+            del args, kwargs
             self._reply(peer, seq, method, result)
 
     def _finish(self, peer: _Peer, seq: int, method: str, fut: Any) -> None:

@@ -214,14 +214,26 @@ class MappingCache:
             finally:
                 os.close(local)     # mmap keeps its own handle
             seg.fd = -1
+            self._prune(pid)
             self._maps[key] = seg
             return seg
 
-    def forget(self, pid: int, keep: Optional[set] = None) -> None:
-        """Drop cached mappings of ``pid`` (it died, or closed the segments not in ``keep``).
-        Tensors still viewing them keep the memory; nothing new is read through them."""
+    def _prune(self, pid: int) -> None:
+        """Forget mappings of segments ``pid`` has closed since: a cached mapping would keep
+        memory the owner gave back to the kernel alive."""
+        for key in [k for k in self._maps if k[0] == pid]:
+            try:
+                alive = os.stat(f"/proc/{pid}/fd/{key[1]}").st_ino == key[2]
+            except OSError:
+                alive = False
+            if not alive:
+                del self._maps[key]
+
+    def forget(self, pid: int) -> None:
+        """Drop cached mappings of ``pid`` (it died). Tensors still viewing them keep the
+        memory; nothing new is read through them."""
         with self.lock:
-            for key in [k for k in self._maps if k[0] == pid and (keep is None or (k[1], k[2]) not in keep)]:
+            for key in [k for k in self._maps if k[0] == pid]:
                 del self._maps[key]
 
     def count(self) -> int:

@@ -1,0 +1,120 @@
+"""Peer: Ray, as a user would write it (ray.put / ray.get / @ray.remote actors).
+
+bench.py runs this module twice, each in a fresh process: as shipped (torch tensors are
+pickled into the object store and copied back out by ray.get) and with
+RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 in the environment (tensors stored as buffers that
+ray.get maps without a copy). `ray.init(num_cpus=2)`, one intra-op thread everywhere.
+
+Run as `python -m peers_ray --config JSON --out FILE`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+
+import ray
+import torch
+
+from common import Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, touch
+
+
+@ray.remote
+class Worker:
+    """The actor of xproc_get, get_only and actor_rtt."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")  # zero-copy tensors are read-only: torch warns once
+
+    def noop(self) -> None:
+        return None
+
+    def total(self, box: list) -> float:
+        # Passed inside a list so that the actor, not Ray's argument resolution, calls get.
+        x = ray.get(box[0])
+        return float(x.sum())
+
+    def get_seconds(self, box: list) -> float:
+        t0 = time.perf_counter()
+        x = ray.get(box[0])
+        dt = time.perf_counter() - t0
+        del x
+        return dt
+
+
+@ray.remote
+class Producer:
+    """Holds a preallocated rollout buffer; each call returns a snapshot of it.
+
+    Returning the tensor makes Ray serialize it into the object store: that copy is the
+    snapshot, so there is no extra clone here.
+    """
+
+    def __init__(self, shape: tuple[int, ...], seed: int) -> None:
+        torch.set_num_threads(1)
+        self.buf = make_rollout_buffer(shape, seed)
+
+    def rollout(self) -> torch.Tensor:
+        return self.buf
+
+
+def learner_step(pending: dict) -> None:
+    """Take whichever rollout is ready first, ask its producer for the next, read this one."""
+    ready, _ = ray.wait(list(pending), num_returns=1)
+    ref = ready[0]
+    producer = pending.pop(ref)
+    pending[producer.rollout.remote()] = producer  # one rollout in flight per producer
+    x = ray.get(ref)
+    touch(x)
+
+
+def run(cfg: Config, rec: Recorder) -> None:
+    warnings.filterwarnings("ignore")
+    zero_copy = os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "") not in ("", "0")
+    rec.data["extra"]["zero_copy"] = zero_copy
+    tensors = {n: make_tensor(n) for n in cfg.sizes}
+    memcpy(rec, tensors)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
+    try:
+        for nbytes, t in tensors.items():
+            def put_get(t: torch.Tensor = t) -> None:
+                ref = ray.put(t)
+                x = ray.get(ref)
+                del x, ref
+            rec.time_op(key("put_get", nbytes), put_get, nbytes)
+
+        with rec.guard("worker"):
+            w = Worker.remote()
+            ray.get(w.noop.remote())
+            for nbytes, t in tensors.items():
+                def xproc_get(t: torch.Tensor = t) -> float:
+                    ref = ray.put(t)
+                    return ray.get(w.total.remote([ref]))
+                rec.time_op(key("xproc_get", nbytes), xproc_get, nbytes)
+            for nbytes, t in tensors.items():
+                def get_only(t: torch.Tensor = t) -> float:
+                    ref = ray.put(t)
+                    return ray.get(w.get_seconds.remote([ref]))
+                rec.time_op(key("get_only", nbytes), get_only, nbytes, self_timed=True)
+            rec.time_op("actor_rtt", lambda: ray.get(w.noop.remote()))
+            ray.kill(w)
+
+        with rec.guard("actor_learner"):
+            producers = [Producer.remote(cfg.rollout_shape, i) for i in range(2)]
+            pending = {p.rollout.remote(): p for p in producers}
+            rec.time_rate("actor_learner", lambda: learner_step(pending))
+            ray.get(list(pending))
+            for p in producers:
+                ray.kill(p)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    from common import system_main
+
+    system_main("ray", run)

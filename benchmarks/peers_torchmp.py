@@ -1,0 +1,119 @@
+"""Peer: plain torch.multiprocessing, written the way its docs suggest.
+
+Each message carries a fresh shared tensor (allocated in shared memory and filled with one
+copy: `torch.empty_like(t).share_memory_().copy_(t)`, cheaper than letting the queue move a
+clone) through an `mp.Queue`; answers come back through a second queue. Processes use the
+spawn context, like torchactors. There is no object store, so put_get does not apply.
+
+Run as `python -m peers_torchmp --config JSON --out FILE`.
+"""
+from __future__ import annotations
+
+import queue as queue_mod
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from common import Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, touch
+
+
+def fresh_shared(t: torch.Tensor) -> torch.Tensor:
+    """A new shared-memory tensor holding a copy of t."""
+    return torch.empty_like(t).share_memory_().copy_(t)
+
+
+def _worker(requests: Any, answers: Any) -> None:
+    """The 'actor': ('sum', tensor) -> float(x.sum()); ('noop', None) -> None."""
+    torch.set_num_threads(1)
+    while True:
+        op, x = requests.get()
+        if op == "sum":
+            answers.put(float(x.sum()))
+        elif op == "noop":
+            answers.put(None)
+        else:
+            break
+        del x
+
+
+def _producer(idx: int, shape: tuple[int, ...], credits: Any, rollouts: Any) -> None:
+    """Sends a fresh shared snapshot of its buffer each time the learner hands it a credit."""
+    torch.set_num_threads(1)
+    buf = make_rollout_buffer(shape, seed=idx)
+    while credits.get() is not None:
+        rollouts.put((idx, fresh_shared(buf)))
+
+
+class _Learner:
+    """Driver side of actor_learner: one rollout in flight per producer."""
+
+    def __init__(self, ctx: Any, n: int, shape: tuple[int, ...]) -> None:
+        self.rollouts = ctx.Queue()
+        self.credits = [ctx.Queue() for _ in range(n)]
+        self.procs = [ctx.Process(target=_producer, args=(i, shape, self.credits[i], self.rollouts),
+                                  daemon=True) for i in range(n)]
+        for p in self.procs:
+            p.start()
+        for c in self.credits:
+            c.put(1)
+        self.outstanding = n
+
+    def step(self) -> None:
+        idx, x = self.rollouts.get()
+        self.credits[idx].put(1)  # the producer may snapshot the next while we read this one
+        touch(x)
+
+    def close(self) -> None:
+        for _ in range(self.outstanding):
+            try:
+                self.rollouts.get(timeout=10)
+            except queue_mod.Empty:
+                break
+        for c in self.credits:
+            c.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+
+def run(cfg: Config, rec: Recorder) -> None:
+    ctx = mp.get_context("spawn")
+    tensors = {n: make_tensor(n) for n in cfg.sizes}
+    memcpy(rec, tensors)
+
+    requests, answers = ctx.Queue(), ctx.Queue()
+    worker = ctx.Process(target=_worker, args=(requests, answers), daemon=True)
+    worker.start()
+    try:
+        def xproc_get(t: torch.Tensor) -> float:
+            requests.put(("sum", fresh_shared(t)))
+            return answers.get()
+
+        def rtt() -> None:
+            requests.put(("noop", None))
+            answers.get()
+
+        rtt()  # wait for the worker to be up
+        for nbytes, t in tensors.items():
+            rec.time_op(key("xproc_get", nbytes), lambda t=t: xproc_get(t), nbytes)
+        rec.time_op("actor_rtt", rtt)
+    finally:
+        requests.put(("exit", None))
+        worker.join(timeout=10)
+        if worker.is_alive():
+            worker.terminate()
+
+    with rec.guard("actor_learner"):
+        learner = _Learner(ctx, 2, cfg.rollout_shape)
+        try:
+            rec.time_rate("actor_learner", learner.step)
+        finally:
+            learner.close()
+
+
+if __name__ == "__main__":
+    from common import system_main
+
+    system_main("torchmp", run)

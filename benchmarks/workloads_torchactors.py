@@ -1,0 +1,179 @@
+"""torchactors side of the benchmark, written only against the public API (ARCHITECTURE.md).
+
+Same workloads, tensors and timing loops as the peers; run in a fresh process by bench.py as
+`python -m workloads_torchactors --config JSON --out FILE`.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+import torchactors as ta
+
+from common import (Config, Recorder, key, make_tensor, memcpy, scale, time_op, time_rate,
+                    touch)
+from ta_actors import Producer, Worker
+
+log = logging.getLogger(__name__)
+
+SCALING_ACTORS = (1, 2, 3, 4)
+
+
+def _index(refs: list, ref: Any) -> int:
+    """Position of ref in refs: wait returns the given ref objects, so identity should hit."""
+    for i, r in enumerate(refs):
+        if r is ref:
+            return i
+    return refs.index(ref)
+
+
+class Learner:
+    """actor_learner in the driver: n producers, one rollout in flight per producer."""
+
+    def __init__(self, n: int, shape: tuple[int, ...]) -> None:
+        self.producers = [Producer.remote(shape, i) for i in range(n)]
+        self.pending = [p.rollout.remote() for p in self.producers]
+
+    def step(self) -> None:
+        ready, _ = ta.wait(self.pending, num_returns=1)
+        i = _index(self.pending, ready[0])
+        ref = self.pending[i]
+        self.pending[i] = self.producers[i].rollout.remote()  # ask for the next before reading
+        x = ta.get(ref)
+        touch(x)
+
+    def close(self) -> None:
+        try:
+            ta.get(self.pending, timeout=30)
+        finally:
+            self.pending = []
+            for p in self.producers:
+                ta.kill(p)
+
+
+def leak_counts() -> dict[str, int]:
+    """Open fds, mapped shared segments and /dev/shm entries of this process (BENCH.md target)."""
+    segments = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and ("/dev/shm/" in parts[5] or "memfd:" in parts[5]):
+                segments.add((parts[4], parts[5].strip()))
+    shm = len(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else 0
+    return {"fds": len(os.listdir("/proc/self/fd")), "segments": len(segments), "dev_shm": shm}
+
+
+def leak_check(cycles: int) -> dict[str, Any]:
+    """put/get/free cycles of a 4 KB tensor; counts before and after (after a warm-up)."""
+    t = make_tensor(4096)
+
+    def cycle() -> None:
+        ref = ta.put(t)
+        x = ta.get(ref)
+        ta.free(ref)
+        del x, ref
+
+    for _ in range(200):
+        cycle()
+    gc.collect()
+    before = leak_counts()
+    t0 = time.perf_counter()
+    for _ in range(cycles):
+        cycle()
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    after = leak_counts()
+    return {"cycles": cycles, "seconds": seconds, "before": before, "after": after,
+            "growth": {k: after[k] - before[k] for k in before}}
+
+
+def _core(cfg: Config, rec: Recorder, tensors: dict[int, torch.Tensor]) -> None:
+    """put_get, xproc_get, get_only, actor_rtt, actor_learner, leak check."""
+    for nbytes, t in tensors.items():
+        def put_get(t: torch.Tensor = t) -> None:
+            ref = ta.put(t)
+            x = ta.get(ref)
+            del x, ref
+        rec.time_op(key("put_get", nbytes), put_get, nbytes)
+
+    with rec.guard("worker"):
+        w = Worker.remote()
+        ta.get(w.noop.remote())
+        try:
+            for nbytes, t in tensors.items():
+                def xproc_get(t: torch.Tensor = t) -> float:
+                    ref = ta.put(t)
+                    return ta.get(w.total.remote([ref]))
+                rec.time_op(key("xproc_get", nbytes), xproc_get, nbytes)
+            for nbytes, t in tensors.items():
+                def get_only(t: torch.Tensor = t) -> float:
+                    ref = ta.put(t)
+                    dt = ta.get(w.get_seconds.remote([ref]))
+                    if dt is None:
+                        raise RuntimeError("the runtime resolved the ref before the method ran")
+                    return dt
+                rec.time_op(key("get_only", nbytes), get_only, nbytes, self_timed=True)
+            rec.time_op("actor_rtt", lambda: ta.get(w.noop.remote()))
+        finally:
+            ta.kill(w)
+
+    with rec.guard("actor_learner"):
+        learner = Learner(2, cfg.rollout_shape)
+        try:
+            rec.time_rate("actor_learner", learner.step)
+        finally:
+            learner.close()
+
+    with rec.guard("leak"):
+        rec.add("leak", leak_check(1000 if cfg.tiny else 10_000), section="extra")
+
+
+def _scaling(cfg: Config, rec: Recorder) -> None:
+    """actor_rtt (seconds per call, one call to each of n actors per round) and actor_learner
+    (n producers) for 1..4 actors."""
+    series: dict[str, dict[str, Any]] = {"actor_rtt": {}, "actor_learner": {}}
+    rec.data["scaling"] = series
+    for n in SCALING_ACTORS:
+        with rec.guard(f"scaling actor_rtt x{n}"):
+            workers = [Worker.remote() for _ in range(n)]
+            try:
+                ta.get([w.noop.remote() for w in workers])
+                res = time_op(lambda: ta.get([w.noop.remote() for w in workers]), cfg)
+                series["actor_rtt"][str(n)] = scale(res, 1.0 / n)
+                log.info("scaling actor_rtt x%d: %.3g s per call", n, res["median"] / n)
+            finally:
+                for w in workers:
+                    ta.kill(w)
+            rec.flush()
+    for n in SCALING_ACTORS:
+        with rec.guard(f"scaling actor_learner x{n}"):
+            learner = Learner(n, cfg.rollout_shape)
+            try:
+                res = time_rate(learner.step, cfg)
+                series["actor_learner"][str(n)] = res
+                log.info("scaling actor_learner x%d: %.1f rollouts/s", n, res["rate"])
+            finally:
+                learner.close()
+            rec.flush()
+
+
+def run(cfg: Config, rec: Recorder) -> None:
+    tensors = {n: make_tensor(n) for n in cfg.sizes}
+    memcpy(rec, tensors)
+    ta.init(num_threads=1)
+    try:
+        _core(cfg, rec, tensors)
+        if cfg.scaling:
+            _scaling(cfg, rec)
+    finally:
+        ta.shutdown()
+
+
+if __name__ == "__main__":
+    from common import system_main
+
+    system_main("torchactors", run)
