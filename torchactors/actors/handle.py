@@ -12,6 +12,7 @@ import pickle
 from typing import Any, Callable, Optional
 
 from torchactors.actors import protocol
+from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
 from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
@@ -122,7 +123,6 @@ class ActorMethod:
         raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote(...)")
 
 
-_EMPTY = pickle.dumps(((), {}), pickle.HIGHEST_PROTOCOL)
 
 
 def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef]) -> tuple[bytes, list]:
@@ -130,7 +130,7 @@ def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef]) -> t
     refs. Returns the body and the refs it carries (the caller holds them until the actor
     has read the call). An argument that cannot be pickled is named in the error."""
     if not args and not kwargs:
-        return _EMPTY, []
+        return _EMPTY_ARGS, []
     if all(type(a) in protocol.INLINE_TYPES for a in args) and all(
             type(v) in protocol.INLINE_TYPES for v in kwargs.values()):
         return pickle.dumps((args, kwargs), pickle.HIGHEST_PROTOCOL), []

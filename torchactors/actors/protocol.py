@@ -9,6 +9,7 @@ sent in a reply until then, so an object is never reclaimed while its ref is in 
 
 from __future__ import annotations
 
+import pickle
 import struct
 
 REQ = struct.Struct("<BQQH")
@@ -39,3 +40,5 @@ def reply(kind: int, seq: int, holds: bool, body: bytes) -> bytes:
 def parse_reply(msg: bytes) -> tuple[int, int, bool, memoryview]:
     kind, seq, holds = REP.unpack_from(msg)
     return kind, seq, bool(holds), memoryview(msg)[REP.size:]
+
+EMPTY_ARGS = pickle.dumps(((), {}), pickle.HIGHEST_PROTOCOL)     # the body of a call with no arguments

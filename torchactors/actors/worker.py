@@ -34,8 +34,15 @@ from torchactors.store.refs import ObjectRef, SerializationContext
 logger = logging.getLogger(__name__)
 
 
+_EMPTY_ARGS = protocol.EMPTY_ARGS
+_NONE = pickle.dumps(None, pickle.HIGHEST_PROTOCOL)
+
+
 def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Ray's rule: refs passed as top-level arguments arrive as their values; nested refs stay refs."""
+    if not any(isinstance(a, ObjectRef) for a in args) and not any(
+            isinstance(v, ObjectRef) for v in kwargs.values()):
+        return args, kwargs
     st = store_core.current()
     args = tuple(st.get(a) if isinstance(a, ObjectRef) else a for a in args)
     kwargs = {k: st.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
@@ -68,6 +75,7 @@ class ActorServer:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         if self.max_concurrency > 1:
             self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor-call")
+        self._methods: dict[str, tuple[Any, bool]] = {}
         self.instance = self._construct(spec)
 
     def _construct(self, spec: dict) -> Any:
@@ -117,13 +125,15 @@ class ActorServer:
             logger.info("%s killed on request", self.name)
             os._exit(0)
         try:
-            args, kwargs = pickle.loads(body)
-            args, kwargs = resolve_top_level(args, kwargs)
-            fn = getattr(self.instance, method)
+            if body == _EMPTY_ARGS:
+                args, kwargs = (), {}
+            else:
+                args, kwargs = resolve_top_level(*pickle.loads(body))
+            fn, is_async = self._method(method)
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
             return
-        if inspect.iscoroutinefunction(fn):
+        if is_async:
             fut = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop())
             fut.add_done_callback(lambda f: self._finish(peer, seq, method, f))
         elif self.pool is not None:
@@ -139,6 +149,14 @@ class ActorServer:
             del args, kwargs
             self._reply(peer, seq, method, result)
 
+    def _method(self, name: str) -> tuple[Any, bool]:
+        """The bound method and whether it is ``async``, looked up once per name."""
+        found = self._methods.get(name)
+        if found is None:
+            fn = getattr(self.instance, name)
+            found = self._methods[name] = (fn, inspect.iscoroutinefunction(fn))
+        return found
+
     def _finish(self, peer: _Peer, seq: int, method: str, fut: Any) -> None:
         exc = fut.exception()
         if exc is not None:
@@ -148,7 +166,10 @@ class ActorServer:
 
     def _reply(self, peer: _Peer, seq: int, method: str, result: Any) -> None:
         try:
-            if type(result) in protocol.INLINE_TYPES:
+            if result is None:
+                msg = protocol.reply(protocol.OK_VALUE, seq, False, _NONE)
+                held = None
+            elif type(result) in protocol.INLINE_TYPES:
                 msg = protocol.reply(protocol.OK_VALUE, seq, False, pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
                 held = None
             else:

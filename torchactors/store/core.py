@@ -143,7 +143,7 @@ class Store:
         storage = t.untyped_storage()
         es = t.element_size()
         shape, stride = tuple(t.shape), t.stride()
-        flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
+        flags = (t.requires_grad, type(t) is torch.nn.Parameter)
         if t.numel() == 0:
             return None, 0, 0, None, ("t", t.dtype, shape, stride, 0, 0) + flags, False
         if storage.is_shared():
@@ -153,8 +153,13 @@ class Store:
                 meta = ("t", t.dtype, shape, stride, t.storage_offset(), storage.nbytes()) + flags
                 return seg, 0, 0, keep, meta, True
         # Copy only the byte span the view covers, not the whole storage it may be a slice of.
-        extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
-        nbytes = extent * es
+        if t.is_contiguous():
+            nbytes = t.numel() * es
+        else:
+            extent = 1
+            for n, st in zip(shape, stride):
+                extent += (n - 1) * st
+            nbytes = extent * es
         seg, off, cls = self._allocate(nbytes, timeout)
         ctypes.memmove(seg.base + off, storage.data_ptr() + t.storage_offset() * es, nbytes)
         meta = ("t", t.dtype, shape, stride, 0, nbytes) + flags
@@ -270,6 +275,7 @@ class Store:
         m = self.membership
         peer = m.peer(ref.owner)
         if peer.pid != ref.owner_pid or not peer.alive():
+            self.maps.forget(ref.owner_pid)
             raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
         i = ref.slot * registry.HEADER_CELL
         cells = peer.header.cells
