@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import yaml
 
 from torchactors.errors import ConfigError
+from torchactors.store import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +97,16 @@ def _name(v: Any) -> str:
     return v
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-
-
-def parse_size(v: Union[str, int]) -> int:
-    """Bytes in ``v``: an int, or a string such as ``"4GiB"``, ``"512MiB"``, ``"1.5GB"``."""
-    if _is_int(v):
-        if v <= 0:
-            raise ValueError(f"size must be positive, got {v}")
-        return v
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v) if isinstance(v, str) else None
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {v!r}")
-    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {v!r}")
-    return n
-
-
 def _size(v: Any) -> Union[str, int]:
+    """A store capacity as ``ta.init`` reads it (the store's own parser), and positive."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise _Invalid()
     try:
-        parse_size(v)
+        n = parse_size(v)
     except ValueError:
         raise _Invalid() from None
+    if n <= 0:
+        raise _Invalid()
     return v  # kept as written: ta.init takes "4GiB" as well as bytes
 
 

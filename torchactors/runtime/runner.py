@@ -277,28 +277,27 @@ def default_out_dir(config: JobConfig, root: Union[str, Path] = "runs") -> Path:
     return path
 
 
-def _actor_class(ta: Any, role: RoleConfig) -> Any:
-    """The role's class as an actor class with the role's options (the YAML wins over a decorator)."""
+def _actor_class(ta: Any, role: RoleConfig) -> tuple[Any, bool]:
+    """The role's class as an actor class with the role's options (they win over a decorator's), and
+    whether its constructor takes ``replica_index``."""
     obj = import_string(role.class_path)
     cls = plain_class(obj)
     if cls is None:
         log.warning("%s is an actor class whose plain class cannot be found; the options of role %s "
                     "(num_threads, device, max_restarts, max_concurrency) are not applied",
                     role.class_path, role.name)
-        return obj
+        return obj, False
     options = {"device": role.device, "max_restarts": role.max_restarts, "max_concurrency": role.max_concurrency}
     if role.num_threads is not None:
         options["num_threads"] = role.num_threads
-    return ta.actor(**options)(cls)
+    return ta.actor(**options)(cls), accepts_replica_index(cls)
 
 
 def start_roles(ta: Any, config: JobConfig) -> dict[str, list]:
     """Start every replica of every role; handles by role name, in replica order."""
     handles: dict[str, list] = {}
     for role in config.roles.values():
-        actor_cls = _actor_class(ta, role)
-        cls = plain_class(import_string(role.class_path))
-        with_index = cls is not None and accepts_replica_index(cls)
+        actor_cls, with_index = _actor_class(ta, role)
         handles[role.name] = []
         for i in range(role.replicas):
             opts: dict[str, Any] = {"name": f"{role.name}-{i}"}

@@ -163,7 +163,10 @@ class Supervisor:
                 "cwd": os.getcwd()}
         try:
             popen = subprocess.Popen([sys.executable, "-c", "from torchactors.runtime.child import main; main()"],
-                                     stdin=subprocess.PIPE, env=env, close_fds=True)
+                                     stdin=subprocess.PIPE, env=env, close_fds=True,
+                                     # Own session: a terminal's Ctrl-C goes to the driver, which
+                                     # stops the actors itself (PDEATHSIG still ties them to it).
+                                     start_new_session=True)
             popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
             popen.stdin.close()
         except (OSError, BrokenPipeError) as e:

@@ -1,0 +1,484 @@
+"""Job files: every key has its default, and every mistake names file, line (or override), key and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from torchactors.errors import ConfigError
+from torchactors.runtime.config import JOB_KEYS, ROLE_KEYS, RUNTIME_KEYS, STOP_KEYS, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+JOBMOD = textwrap.dedent('''
+    import torchactors as ta
+
+    @ta.actor(max_restarts=2)
+    class Decorated:
+        def __init__(self, size):
+            self.size = size
+
+    class Rollout:
+        def __init__(self, num_envs=8, replica_index=None):
+            self.num_envs = num_envs
+
+    class Learner:
+        def __init__(self, lr, hidden=64):
+            self.lr = lr
+
+    class Anything:
+        def __init__(self, **kwargs):
+            pass
+
+    def helper():
+        pass
+
+    def main(job):
+        pass
+
+    def no_args():
+        pass
+
+    NOT_CALLABLE = 3
+''')
+
+GOOD = textwrap.dedent('''\
+    job:
+      name: demo
+      seed: 3
+    runtime:
+      num_threads: 2
+      store_capacity: 512MiB
+    roles:
+      rollout:
+        class: cfgjobmod:Rollout
+        replicas: 2
+        args:
+          num_envs: 4
+      learner:
+        class: cfgjobmod:Learner
+        args: {lr: 0.01}
+        env: {OMP_WAIT_POLICY: PASSIVE}
+    program: cfgjobmod:main
+    stop:
+      max_frames: 1000
+''')
+# Line numbers in GOOD, for the assertions below.
+L_ROLLOUT, L_REPLICAS, L_ARGS_ROLLOUT, L_LEARNER, L_PROGRAM, L_STOP = 8, 10, 11, 13, 17, 18
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jobmod(tmp_path_factory: pytest.TempPathFactory):
+    """A module the job files name (cfgjobmod), importable for this file's tests."""
+    d = tmp_path_factory.mktemp("cfgjobmod")
+    (d / "cfgjobmod.py").write_text(JOBMOD)
+    sys.path.insert(0, str(d))
+    yield
+    sys.path.remove(str(d))
+    sys.modules.pop("cfgjobmod", None)
+
+
+@pytest.fixture
+def job_file(tmp_path: Path):
+    """Write YAML text to tmp/job.yaml and return its path (as a string, as a user types it)."""
+    def write(text: str, name: str = "job.yaml") -> str:
+        p = tmp_path / name
+        p.write_text(textwrap.dedent(text))
+        return str(p)
+    return write
+
+
+def expect_error(path: str, overrides=(), *, line, key=None, contains=(), allowed=None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    err = info.value
+    msg = str(err)
+    assert msg.startswith(path), msg
+    assert err.file == path
+    if line is None:
+        assert err.line is None
+        assert "override '" in msg, msg
+    else:
+        assert msg.startswith(f"{path}:{line}: "), msg
+        assert err.line == line
+    if key is not None:
+        assert err.key == key, (err.key, msg)
+    for part in contains:
+        assert part in msg, msg
+    assert "; allowed: " in msg, msg
+    if allowed is not None:
+        assert msg.endswith(f"; allowed: {allowed}"), msg
+    return err
+
+
+# --------------------------------------------------------------------------- good files
+
+
+def test_minimal_job_gets_every_default(job_file):
+    cfg = load_config(job_file("""\
+        job: {name: tiny}
+        roles:
+          w: {class: cfgjobmod:Anything}
+        program: cfgjobmod:main
+    """))
+    assert cfg.to_dict() == {
+        "job": {"name": "tiny", "seed": 0},
+        "runtime": {"backend": "local", "address": None, "num_threads": None, "store_capacity": None,
+                    "start_method": "spawn"},
+        "roles": {"w": {"class": "cfgjobmod:Anything", "replicas": 1, "args": {}, "num_threads": None,
+                        "device": "cpu", "max_restarts": 0, "max_concurrency": 1, "env": {}}},
+        "program": "cfgjobmod:main",
+        "stop": {"max_frames": None, "max_seconds": None, "target_return": None},
+    }
+    assert cfg.num_processes == 1
+
+
+def test_full_job_loads_as_written(job_file):
+    cfg = load_config(job_file(GOOD))
+    assert cfg.job.name == "demo" and cfg.job.seed == 3
+    assert cfg.runtime.num_threads == 2 and cfg.runtime.store_capacity == "512MiB"
+    assert list(cfg.roles) == ["rollout", "learner"]
+    assert cfg.roles["rollout"].replicas == 2 and cfg.roles["rollout"].args == {"num_envs": 4}
+    assert cfg.roles["learner"].class_path == "cfgjobmod:Learner"
+    assert cfg.roles["learner"].env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert cfg.stop.max_frames == 1000
+    assert cfg.num_processes == 3
+
+
+def test_config_dict_is_plain_and_a_copy(job_file):
+    cfg = load_config(job_file(GOOD))
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    d["roles"]["rollout"]["args"]["num_envs"] = 99
+    assert cfg.roles["rollout"].args == {"num_envs": 4}
+
+
+def test_anchors_and_merge_keys_share_role_settings(job_file):
+    cfg = load_config(job_file("""\
+        job: {name: anchors}
+        roles:
+          a: &base
+            class: cfgjobmod:Rollout
+            args: {num_envs: 2}
+          b:
+            <<: *base
+            replicas: 3
+        program: cfgjobmod:main
+    """))
+    assert cfg.roles["b"].class_path == "cfgjobmod:Rollout"
+    assert cfg.roles["b"].replicas == 3 and cfg.roles["b"].args == {"num_envs": 2}
+    assert cfg.num_processes == 4
+
+
+def test_empty_optional_sections_mean_defaults(job_file):
+    cfg = load_config(job_file("""\
+        job: {name: x}
+        runtime:
+        roles: {w: {class: cfgjobmod:Anything}}
+        program: cfgjobmod:main
+        stop:
+    """))
+    assert cfg.runtime.backend == "local" and cfg.stop.max_seconds is None
+
+
+def test_numbers_are_normalised(job_file):
+    cfg = load_config(job_file(GOOD), ["stop.max_seconds=30", "stop.target_return=195"])
+    assert cfg.stop.max_seconds == 30.0 and isinstance(cfg.stop.max_seconds, float)
+    assert cfg.stop.target_return == 195.0 and isinstance(cfg.stop.target_return, float)
+
+
+def test_ray_backend_takes_an_address(job_file):
+    cfg = load_config(job_file(GOOD), ["backend=ray", "address=ray://head:10001"])
+    assert cfg.runtime.backend == "ray" and cfg.runtime.address == "ray://head:10001"
+
+
+@pytest.mark.parametrize("size", [4096, "4GiB", "512MiB", "1.5GB", "64 KiB"])
+def test_store_capacity_takes_what_init_takes(job_file, size):
+    assert load_config(job_file(GOOD), [f"runtime.store_capacity={size}"]).runtime.store_capacity == size
+
+
+@pytest.mark.parametrize("size", ["GiB", "4 lightyears", "-1", 0, -5, "0MiB", "true", "[1]"])
+def test_store_capacity_must_be_a_positive_size(job_file, size):
+    expect_error(job_file(GOOD), [f"runtime.store_capacity={size}"], line=None, key="runtime.store_capacity",
+                 contains=["4GiB"])
+
+
+# --------------------------------------------------------------------------- mistakes in the file
+
+ROLE_ALLOWED = "args, class, device, env, max_concurrency, max_restarts, num_threads, replicas"
+
+
+def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):
+    path = job_file(GOOD.replace("replicas: 2", "replica: 2"))
+    expect_error(path, line=L_REPLICAS, key="roles.rollout.replica",
+                 contains=["unknown key 'replica' in roles.rollout"], allowed=ROLE_ALLOWED)
+
+
+@pytest.mark.parametrize("old,new,line,key,contains", [
+    ("job:\n", "jobs: {}\njob:\n", 1, "jobs", ["unknown key 'jobs' at the top level", "job, program, roles, runtime, stop"]),
+    ("  seed: 3", "  seed: 3\n  sead: 4", 4, "job.sead", ["unknown key 'sead' in job", "name, seed"]),
+    ("  num_threads: 2\n  store", "  num_thread: 2\n  store", 5, "runtime.num_thread",
+     ["address, backend, num_threads, start_method, store_capacity"]),
+    ("  max_frames: 1000", "  max_frame: 1000", 19, "stop.max_frame", ["max_frames, max_seconds, target_return"]),
+])
+def test_unknown_keys_in_every_section(job_file, old, new, line, key, contains):
+    assert old in GOOD
+    expect_error(job_file(GOOD.replace(old, new, 1)), line=line, key=key, contains=contains)
+
+
+@pytest.mark.parametrize("old,new,line,key,contains", [
+    ("  name: demo\n", "", 1, "job", ["missing required key 'name' in job"]),
+    ("program: cfgjobmod:main\n", "", 1, None, ["missing required key 'program' at the top level"]),
+    ("    class: cfgjobmod:Rollout\n", "", L_ROLLOUT, "roles.rollout", ["missing required key 'class' in roles.rollout",
+                                                                          "'module:Class'"]),
+])
+def test_missing_required_keys(job_file, old, new, line, key, contains):
+    assert old in GOOD
+    expect_error(job_file(GOOD.replace(old, new)), line=line, key=key, contains=contains)
+
+
+def test_missing_roles_and_job(job_file):
+    expect_error(job_file("program: cfgjobmod:main\nroles: {w: {class: cfgjobmod:Anything}}\n"), line=1,
+                 contains=["missing required key 'job'"])
+    expect_error(job_file("job: {name: x}\nprogram: cfgjobmod:main\n"), line=1,
+                 contains=["missing required key 'roles'"])
+
+
+# (key as written in GOOD or added, bad value, expected dotted key, words in the allowed part)
+BAD_VALUES = [
+    ("replicas: 2", "replicas: abc", "roles.rollout.replicas", "int >= 1"),
+    ("replicas: 2", "replicas: 0", "roles.rollout.replicas", "int >= 1"),
+    ("replicas: 2", "replicas: true", "roles.rollout.replicas", "int >= 1"),
+    ("replicas: 2", "replicas: 2.5", "roles.rollout.replicas", "int >= 1"),
+    ("replicas: 2", "num_threads: 0", "roles.rollout.num_threads", "int >= 1"),
+    ("replicas: 2", "device: gpu", "roles.rollout.device", "cpu, cuda, cuda:N"),
+    ("replicas: 2", "device: 'cuda:x'", "roles.rollout.device", "cpu, cuda, cuda:N"),
+    ("replicas: 2", "max_restarts: -1", "roles.rollout.max_restarts", "int >= 0"),
+    ("replicas: 2", "max_concurrency: 0", "roles.rollout.max_concurrency", "int >= 1"),
+    ("replicas: 2", "env: [A, B]", "roles.rollout.env", "environment variable"),
+    ("replicas: 2", "env: {A: 1}", "roles.rollout.env", "environment variable"),
+    ("replicas: 2", "env: {'A B': x}", "roles.rollout.env", "environment variable"),
+    ("args:\n      num_envs: 4", "args: [1, 2]", "roles.rollout.args", "keyword arguments"),
+    ("seed: 3", "seed: 1.5", "job.seed", "int"),
+    ("name: demo", "name: 'my job'", "job.name", "letters, digits"),
+    ("name: demo", "name: 7", "job.name", "letters, digits"),
+    ("num_threads: 2", "backend: slurm", "runtime.backend", "local, ray"),
+    ("num_threads: 2", "num_threads: -2", "runtime.num_threads", "int >= 1"),
+    ("store_capacity: 512MiB", "store_capacity: 4 lightyears", "runtime.store_capacity", "4GiB"),
+    ("store_capacity: 512MiB", "store_capacity: -1", "runtime.store_capacity", "4GiB"),
+    ("store_capacity: 512MiB", "start_method: threads", "runtime.start_method", "spawn"),
+    ("max_frames: 1000", "max_frames: 1.5", "stop.max_frames", "int >= 1"),
+    ("max_frames: 1000", "max_seconds: 0", "stop.max_seconds", "number > 0"),
+    ("max_frames: 1000", "max_seconds: soon", "stop.max_seconds", "number > 0"),
+    ("max_frames: 1000", "max_seconds: .nan", "stop.max_seconds", "number > 0"),
+    ("max_frames: 1000", "target_return: high", "stop.target_return", "number"),
+]
+
+
+@pytest.mark.parametrize("old,new,key,allowed", BAD_VALUES)
+def test_bad_values_name_line_key_and_allowed(job_file, old, new, key, allowed):
+    text = GOOD.replace(old, new, 1)
+    assert text != GOOD
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.strip() == new)
+    err = expect_error(job_file(text), line=line, key=key, contains=[key, allowed])
+    assert allowed in str(err.allowed)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_fork_start_methods_are_refused_with_the_reason(job_file, method):
+    text = GOOD.replace("  num_threads: 2", f"  start_method: {method}")
+    err = expect_error(job_file(text), line=5, key="runtime.start_method", allowed="spawn")
+    assert "CUDA" in str(err) and "thread" in str(err)
+
+
+def test_address_needs_the_ray_backend(job_file):
+    text = GOOD.replace("  num_threads: 2", "  address: auto")
+    expect_error(job_file(text), line=5, key="runtime.address", contains=["backend: ray"])
+
+
+@pytest.mark.parametrize("roles,line,contains", [
+    ("roles: {}\n", 7, "non-empty mapping"),
+    ("roles: [a, b]\n", 7, "non-empty mapping"),
+    ("roles:\n", 7, "non-empty mapping"),
+    ("roles:\n  w: cfgjobmod:Anything\n", 8, "roles.w must be a mapping"),
+    ("roles:\n  'my role': {class: cfgjobmod:Anything}\n", 8, "role name 'my role'"),
+])
+def test_bad_roles(job_file, roles, line, contains):
+    text = GOOD.split("roles:")[0] + roles + "program: cfgjobmod:main\n"
+    expect_error(job_file(text), line=line, contains=[contains])
+
+
+@pytest.mark.parametrize("ref,contains", [
+    ("cfgjobmod.Rollout", "got 'cfgjobmod.Rollout'"),
+    ("no_such_module_xyz:Rollout", "cannot import module 'no_such_module_xyz'"),
+    ("cfgjobmod:Rolout", "has no attribute 'Rolout'"),
+    ("cfgjobmod:helper", "not a class"),
+    ("[1, 2]", "got [1, 2]"),
+])
+def test_bad_class(job_file, ref, contains):
+    text = GOOD.replace("class: cfgjobmod:Rollout", f"class: {ref}")
+    expect_error(job_file(text), line=9, key="roles.rollout.class", contains=[contains],
+                 allowed="'module:Class', importable")
+
+
+def test_class_whose_module_fails_to_import(job_file, tmp_path, monkeypatch):
+    (tmp_path / "cfg_broken_mod.py").write_text("raise RuntimeError('half-written module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = GOOD.replace("class: cfgjobmod:Rollout", "class: cfg_broken_mod:Rollout")
+    expect_error(job_file(text), line=9, key="roles.rollout.class", contains=["RuntimeError: half-written module"])
+
+
+@pytest.mark.parametrize("ref,contains", [
+    ("cfgjobmod:nope", "has no attribute 'nope'"),
+    ("cfgjobmod:NOT_CALLABLE", "not callable"),
+    ("cfgjobmod:no_args", "must take one argument"),
+    ("missing_mod_xyz:main", "cannot import module"),
+    ("main", "got 'main'"),
+])
+def test_bad_program(job_file, ref, contains):
+    text = GOOD.replace("program: cfgjobmod:main", f"program: {ref}")
+    expect_error(job_file(text), line=L_PROGRAM, key="program", contains=[contains])
+
+
+def test_args_are_checked_against_the_class(job_file):
+    err = expect_error(job_file(GOOD.replace("num_envs: 4", "num_env: 4")), line=12, key="roles.rollout.args.num_env",
+                       contains=["takes no argument 'num_env'"])
+    assert "num_envs=8" in str(err.allowed)
+    expect_error(job_file(GOOD.replace("args: {lr: 0.01}", "args: {hidden: 3}")), line=15, key="roles.learner.args",
+                 contains=["needs argument(s) lr"])
+    expect_error(job_file(GOOD.replace("num_envs: 4", "replica_index: 4")), line=12,
+                 key="roles.rollout.args.replica_index", contains=["set by the runner"])
+
+
+def test_class_taking_kwargs_accepts_any_args(job_file):
+    text = GOOD.replace("class: cfgjobmod:Rollout", "class: cfgjobmod:Anything").replace("num_envs: 4", "whatever: 4")
+    assert load_config(job_file(text)).roles["rollout"].args == {"whatever": 4}
+
+
+def test_a_decorated_class_is_accepted_and_its_args_checked(job_file):
+    text = GOOD.replace("class: cfgjobmod:Rollout", "class: cfgjobmod:Decorated").replace("num_envs: 4", "size: 4")
+    assert load_config(job_file(text)).roles["rollout"].class_path == "cfgjobmod:Decorated"
+    expect_error(job_file(text.replace("size: 4", "sise: 4")), line=12, key="roles.rollout.args.sise",
+                 contains=["takes no argument 'sise'"])
+
+
+def test_duplicate_key_names_both_lines(job_file):
+    text = GOOD.replace("    replicas: 2\n", "    replicas: 2\n    replicas: 3\n")
+    expect_error(job_file(text), line=L_REPLICAS + 1, key="roles.rollout.replicas",
+                 contains=["duplicate key 'replicas' in roles.rollout (first at line 10)"])
+
+
+def test_yaml_syntax_error_names_the_line(job_file):
+    text = GOOD.replace("    replicas: 2", "    replicas: [2")
+    err = expect_error(job_file(text), line=err_line(text), contains=["not valid YAML"])
+    assert err.key is None
+
+
+def err_line(text: str) -> int:
+    import yaml
+    try:
+        yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        return (e.problem_mark or e.context_mark).line + 1
+    raise AssertionError("text is valid YAML")
+
+
+def test_empty_and_non_mapping_files(job_file):
+    expect_error(job_file(""), line=1, contains=["empty"])
+    expect_error(job_file("- job\n- roles\n"), line=1, contains=["must be a mapping"])
+
+
+def test_non_string_keys(job_file):
+    expect_error(job_file(GOOD.replace("  rollout:", "  1:")), line=L_ROLLOUT, contains=["keys must be strings"])
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=re.escape(path) + ": cannot read the job file"):
+        load_config(path)
+
+
+def test_config_error_survives_pickling(job_file):
+    with pytest.raises(ConfigError) as info:
+        load_config(job_file(GOOD.replace("replicas: 2", "replica: 2")))
+    err = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(err, ConfigError) and isinstance(err, ValueError)
+    assert (err.file, err.line, err.key, err.allowed) == (info.value.file, L_REPLICAS, "roles.rollout.replica",
+                                                          tuple(ROLE_ALLOWED.split(", ")))
+    assert str(err) == str(info.value)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_are_parsed_as_yaml(job_file):
+    cfg = load_config(job_file(GOOD), ["roles.rollout.replicas=3", "stop.max_seconds=30", "stop.max_frames=null",
+                                       "roles.learner.args.hidden=128", "job.seed=7", "roles.rollout.device=cuda:1",
+                                       "runtime.store_capacity=4GiB"])
+    assert cfg.roles["rollout"].replicas == 3
+    assert cfg.stop.max_seconds == 30.0 and cfg.stop.max_frames is None
+    assert cfg.roles["learner"].args == {"lr": 0.01, "hidden": 128}
+    assert cfg.job.seed == 7 and cfg.roles["rollout"].device == "cuda:1"
+    assert cfg.runtime.store_capacity == "4GiB"
+    assert cfg.overrides[0] == "roles.rollout.replicas=3"
+
+
+def test_overrides_create_sections_and_roles(job_file):
+    text = GOOD.split("stop:")[0]
+    cfg = load_config(job_file(text), ["stop.max_seconds=5", "roles.extra={class: cfgjobmod:Anything, replicas: 2}",
+                                       "roles.rollout.env.MY_FLAG=fast"])
+    assert cfg.stop.max_seconds == 5.0
+    assert cfg.roles["extra"].replicas == 2 and cfg.num_processes == 5
+    assert cfg.roles["rollout"].env == {"MY_FLAG": "fast"}
+
+
+def test_the_last_override_of_a_key_wins(job_file):
+    cfg = load_config(job_file(GOOD), ["roles.rollout.replicas=3", "roles.rollout.replicas=4"])
+    assert cfg.roles["rollout"].replicas == 4
+
+
+@pytest.mark.parametrize("override,key,contains", [
+    ("roles.rollout.replicas=abc", "roles.rollout.replicas", ["got 'abc' (str)", "allowed: int >= 1"]),
+    ("roles.rollout.replica=3", "roles.rollout.replica", ["unknown key 'replica' in roles.rollout", ROLE_ALLOWED]),
+    ("roles.rolout.replicas=3", "roles.rolout.replicas", ["unknown role 'rolout'", "allowed: learner, rollout"]),
+    ("roles.rolout=3", "roles.rolout", ["unknown role 'rolout'"]),
+    ("stop.max_secs=30", "stop.max_secs", ["unknown key 'max_secs' in stop"]),
+    ("nothing.here=1", "nothing", ["unknown key 'nothing' at the top level"]),
+    ("program.fn=x", "program.fn", ["program is a str, not a mapping"]),
+    ("roles.rollout.replicas", None, ["not of the form dotted.key=value"]),
+    ("=3", None, ["not of the form dotted.key=value"]),
+    ("roles..replicas=3", None, ["not of the form dotted.key=value"]),
+    ("roles.rollout.replicas=[3", "roles.rollout.replicas", ["is not valid YAML"]),
+    ("runtime.start_method=fork", "runtime.start_method", ["CUDA"]),
+    ("roles.rollout.args.num_env=2", "roles.rollout.args.num_env", ["takes no argument 'num_env'"]),
+    ("roles.rollout.env.A=1", "roles.rollout.env", ["quote the value"]),
+    ("address=auto", "runtime.address", ["backend: ray"]),
+    ("roles.learner.class=cfgjobmod:Nope", "roles.learner.class", ["has no attribute 'Nope'"]),
+])
+def test_bad_overrides_name_the_override(job_file, override, key, contains):
+    err = expect_error(job_file(GOOD), [override], line=None, key=key, contains=contains)
+    assert f"override '{override}'" in str(err)
+
+
+def test_mistake_in_the_file_is_still_reported_at_its_line_with_overrides(job_file):
+    path = job_file(GOOD.replace("device: cpu", "").replace("replicas: 2", "replicas: two"))
+    expect_error(path, ["stop.max_seconds=3"], line=L_REPLICAS, key="roles.rollout.replicas")
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def test_docs_describe_every_key():
+    """docs/yaml.md is pasted into the README: every key of the schema must be in it."""
+    doc = (REPO / "docs" / "yaml.md").read_text()
+    for section, keys in (("job", JOB_KEYS), ("runtime", RUNTIME_KEYS), ("roles.<name>", ROLE_KEYS),
+                          ("stop", STOP_KEYS)):
+        for key in keys:
+            assert f"`{key}`" in doc, f"{section}.{key} is not documented in docs/yaml.md"
+    assert "`program`" in doc
