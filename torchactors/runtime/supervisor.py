@@ -186,6 +186,7 @@ class Supervisor:
         code = p.popen.wait()
         os.close(p.pidfd)
         p.pidfd = -1
+        _sweep_torch_shm(p.popen.pid)
         exit_code, sig = (None, signal.Signals(-code).name) if code < 0 else (code, None)
         killed = self._stopping or self.job.was_killed(p.spec.key)
         restart = not killed and p.restarts_left > 0
@@ -237,3 +238,17 @@ class Supervisor:
         except OSError:
             pass
         self._reap(p)
+
+
+def _sweep_torch_shm(pid: int) -> None:
+    """Remove the CUDA IPC ref-counter files torch leaves in /dev/shm when a process that
+    exported CUDA tensors dies without cleanup (safe only once that process is gone)."""
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(f"torch_{pid}_")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass

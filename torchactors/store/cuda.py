@@ -1,6 +1,6 @@
 """CUDA tensors in the store: exported in place through CUDA IPC, never copied.
 
-Box in the data flow (the CUDA branch of boxes 1 and 3 of docs/design.md)::
+Box in the data flow (the CUDA branch of put, get and reclaim; the design's "How data flows" 1-4)::
 
     put(cuda t) -> "cuda" single putter, or REDUCERS["cuda"] inside a structure
         -> export t's allocation block once per storage (torch's ``_share_cuda_``), record an
@@ -78,13 +78,10 @@ _owned: "weakref.WeakValueDictionary[tuple, torch.UntypedStorage]" = weakref.Wea
 _opened: "weakref.WeakValueDictionary[tuple, torch.UntypedStorage]" = weakref.WeakValueDictionary()
 _events_live = 0
 _warned_clone = False
-_reclaim_target: Optional["weakref.ref[Store]"] = None
 
 
 def install(store: "Store") -> None:
     """Register the "cuda" putter, the "c" getter and the "cuda" reducer; no CUDA call."""
-    global _reclaim_target
-    _reclaim_target = weakref.ref(store)
     store.single_putters["cuda"] = lambda t, timeout: put_cuda_tensor(store, t)
     store.getters["c"] = lambda ref, seg: rebuild(store, ref, ref.meta)
     for kind in ("p", "v"):     # structures: tell rebuild_cuda_tensor which object it is reading
@@ -136,7 +133,8 @@ def put_cuda_tensor(store: Optional["Store"], t: torch.Tensor) -> tuple:
 
 def reduce_cuda_tensor(t: torch.Tensor, layout: serialize.StoreLayout) -> serialize.Reduced:
     """``REDUCERS["cuda"]``: the tensor stays where it is; the skeleton carries its meta."""
-    _reclaim(_reclaim_target() if _reclaim_target is not None else None)
+    from torchactors.store import core     # imported late: core imports this module
+    _reclaim(core.active())
     meta, kept = share(t)
     if kept is not None:
         layout.keep.append(kept)
