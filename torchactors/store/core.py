@@ -271,6 +271,11 @@ class Store:
             entry = self.entries.get(ref.slot)
             if entry is None or entry.gen != ref.gen:
                 raise ObjectFreedError(ref.id)
+            if self.membership.freed_by_peer(self.index, ref.slot, ref.gen):
+                with self.lock:
+                    if self.entries.get(ref.slot) is entry:
+                        self._release(ref.slot, entry, registry.STATE_FREED)
+                raise ObjectFreedError(ref.id)
             return entry
         m = self.membership
         peer = m.peer(ref.owner)
@@ -340,29 +345,31 @@ class Store:
         processes freed) to the pool."""
         with self.lock:
             self.membership.refresh_peers()
+            self.membership.drop_dead_peers()
             epochs = self.membership.free_epochs()
             if epochs != self._free_epochs:
                 self._free_epochs = epochs
-                for slot, entry in list(self.entries.items()):
-                    if self.membership.freed_anywhere(self.index, slot, entry.gen):
-                        self._release(slot, entry, registry.STATE_FREED)
+                for slot in [s for s, e in self.entries.items() if self.membership.freed_anywhere(self.index, s, e.gen)]:
+                    self._release(slot, self.entries[slot], registry.STATE_FREED)
             # Releasing an object drops the refs stored inside it, which may free more: repeat.
+            # (No local may keep a released entry alive, or its refs would drop a pass late.)
             while self.candidates or self.quarantine:
                 dead = self.membership.unreferenced(sorted(self.candidates | self.quarantine))
                 if not dead:
                     return
                 for slot in dead:
-                    if slot in self.quarantine:
-                        self.quarantine.discard(slot)
-                        self.membership.set_header(slot, self.membership.header.cells[slot * registry.HEADER_CELL],
-                                                   registry.STATE_EMPTY)
-                        self.free_slots.append(slot)
-                    else:
-                        entry = self.entries.get(slot)
-                        if entry is not None:
-                            self._release(slot, entry, registry.STATE_EMPTY)
-                        else:
-                            self.candidates.discard(slot)
+                    self._reclaim_slot(slot)
+
+    def _reclaim_slot(self, slot: int) -> None:
+        if slot in self.quarantine:
+            self.quarantine.discard(slot)
+            self.membership.set_header(slot, self.membership.header.cells[slot * registry.HEADER_CELL],
+                                       registry.STATE_EMPTY)
+            self.free_slots.append(slot)
+        elif slot in self.entries:
+            self._release(slot, self.entries[slot], registry.STATE_EMPTY)
+        else:
+            self.candidates.discard(slot)
 
     def released(self, ref: ObjectRef) -> None:
         left = self.membership.unhold(ref.owner, ref.slot)

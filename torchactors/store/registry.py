@@ -94,6 +94,13 @@ class _Table:
             os.close(fd)
             self.fd = -1
 
+    def close(self) -> None:
+        self.cells.release()
+        self.mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 
 class Peer:
     """Another process of the job as this process sees it: its tables and its liveness."""
@@ -209,12 +216,28 @@ class Membership:
     def freed_anywhere(self, owner: int, slot: int, generation: int) -> bool:
         """Has any live process of the job called free() on this object?"""
         i = (owner * MAX_SLOTS + slot) * HOLD_CELL + 2
-        if self.holds.cells[i] == generation:
-            return True
+        return self.holds.cells[i] == generation or self.freed_by_peer(owner, slot, generation)
+
+    def freed_by_peer(self, owner: int, slot: int, generation: int) -> bool:
+        i = (owner * MAX_SLOTS + slot) * HOLD_CELL + 2
         for p in list(self.peers.values()):
-            if p.holds is not None and p.holds.cells[i] == generation and p.alive():
-                return True
+            holds = p.holds
+            if holds is not None and not p.dead:
+                try:
+                    if holds.cells[i] == generation and p.alive():
+                        return True
+                except ValueError:      # its tables were just closed: it died
+                    pass
         return False
+
+    def drop_dead_peers(self) -> None:
+        """Unmap the tables of peers that died: their holds no longer count."""
+        with self.lock:
+            for p in self.peers.values():
+                if p.holds is not None and not p.alive():
+                    tables, p.holds, p.header = (p.holds, p.header), None, None
+                    for t in tables:
+                        t.close()
 
     def free_epochs(self) -> tuple:
         """A fingerprint of every peer's free() count: changes when someone frees something.
@@ -307,7 +330,17 @@ class Membership:
             os.unlink(os.path.join(self.job_dir, "procs", str(self.index)))
         except OSError:
             pass
-        for p in self.peers.values():
-            if p.pidfd >= 0:
-                os.close(p.pidfd)
-                p.pidfd = -1
+        with self.lock:
+            for p in self.peers.values():
+                if p.pidfd >= 0:
+                    os.close(p.pidfd)
+                    p.pidfd = -1
+                for t in (p.holds, p.header):
+                    if t is not None:
+                        t.close()
+                p.holds = p.header = None
+                p.dead = True
+        with self.count_lock:
+            self._busy = True       # late ObjectRef.__del__ calls are queued, never applied
+            self.holds.close()
+            self.header.close()

@@ -169,9 +169,11 @@ class SegmentPool:
         for seg in list(self.segments.values()):
             if self.reserved + need <= self.capacity:
                 break
-            if seg.size == self.arena_size and seg.live_blocks == 0 and seg is not self._arena:
+            if seg.size == self.arena_size and seg.live_blocks == 0:
                 for cls, free in self._free_small.items():
                     self._free_small[cls] = [(s, o) for s, o in free if s is not seg]
+                if seg is self._arena:
+                    self._arena = None
                 self._drop_segment(seg)
         return self.reserved + need <= self.capacity
 
