@@ -8,10 +8,13 @@ the episode ended at that step), so one unroll may span several episodes.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 class VTraceReturns(NamedTuple):

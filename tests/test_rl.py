@@ -1,0 +1,169 @@
+"""Tests of the learning code: torch CartPole vs a scalar gym-style reference, V-trace vs a
+direct loop, and a short single-process learning smoke."""
+
+import math
+
+import pytest
+import torch
+
+from torchactors.rl import vtrace
+from torchactors.rl.cartpole import MAX_EPISODE_STEPS, VecCartPole, cartpole_dynamics
+from torchactors.rl.impala import Learner, RolloutActor
+
+torch.set_num_threads(1)
+
+
+def scalar_cartpole_step(state, action):
+    """gym CartPole-v1's step, transcribed with Python floats (the reference)."""
+    gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+    total_mass = masspole + masscart
+    polemass_length = masspole * length
+    x, x_dot, theta, theta_dot = state
+    force = force_mag if action == 1 else -force_mag
+    costheta, sintheta = math.cos(theta), math.sin(theta)
+    temp = (force + polemass_length * theta_dot**2 * sintheta) / total_mass
+    thetaacc = (gravity * sintheta - costheta * temp) / (length * (4.0 / 3.0 - masspole * costheta**2 / total_mass))
+    xacc = temp - polemass_length * thetaacc * costheta / total_mass
+    x = x + tau * x_dot
+    x_dot = x_dot + tau * xacc
+    theta = theta + tau * theta_dot
+    theta_dot = theta_dot + tau * thetaacc
+    terminated = x < -2.4 or x > 2.4 or theta < -12 * 2 * math.pi / 360 or theta > 12 * 2 * math.pi / 360
+    return (x, x_dot, theta, theta_dot), terminated
+
+
+def test_dynamics_match_scalar_reference():
+    g = torch.Generator().manual_seed(0)
+    state = (torch.rand(16, 4, dtype=torch.float64, generator=g) - 0.5) * 0.4
+    ref = [tuple(s.tolist()) for s in state]
+    for _ in range(10):
+        action = torch.randint(0, 2, (16,), generator=g)
+        state, term = cartpole_dynamics(state, action)
+        for b in range(16):
+            ref[b], ref_term = scalar_cartpole_step(ref[b], int(action[b]))
+            assert bool(term[b]) == ref_term
+        torch.testing.assert_close(state, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_env_matches_reference_until_done_and_resets():
+    env = VecCartPole(4, seed=1)
+    ref = [tuple(s.tolist()) for s in env.state]
+    assert env.state.abs().max() <= 0.05
+    for t in range(30):
+        action = torch.ones(4, dtype=torch.int64)  # always push right: falls within ~10 steps
+        step = env.step(action)
+        assert step.obs.dtype == torch.float32 and step.reward.tolist() == [1.0] * 4
+        for b in range(4):
+            ref[b], term = scalar_cartpole_step(ref[b], 1)
+            assert bool(step.terminated[b]) == term
+            if term:
+                ref[b] = tuple(env.state[b].tolist())  # the reset state
+                assert max(abs(v) for v in ref[b]) <= 0.05
+        torch.testing.assert_close(step.obs, torch.tensor(ref, dtype=torch.float32))
+    returns = env.pop_episode_returns()
+    assert len(returns) >= 4 and all(5 <= r < 30 for r in returns.tolist())
+    assert env.pop_episode_returns().numel() == 0
+
+
+def test_truncation_at_500_and_episode_returns():
+    env = VecCartPole(3, seed=2, max_episode_steps=MAX_EPISODE_STEPS)
+    truncations = 0
+    for t in range(MAX_EPISODE_STEPS):
+        env.state.zero_()  # an upright, still pole never falls: only the time limit ends it
+        before = env.state.clone()
+        step = env.step(torch.tensor([0, 1, 0]) if t % 2 else torch.tensor([1, 0, 1]))
+        expected, _ = cartpole_dynamics(before, torch.tensor([0, 1, 0]) if t % 2 else torch.tensor([1, 0, 1]))
+        torch.testing.assert_close(step.final_obs, expected.float())  # before any reset
+        assert not step.terminated.any()
+        truncations += int(step.truncated.sum())
+        if t < MAX_EPISODE_STEPS - 1:
+            assert not step.truncated.any()
+    assert truncations == 3 and step.truncated.all()
+    assert not torch.equal(step.obs, step.final_obs)  # obs is already the next episode's start
+    assert env.pop_episode_returns().tolist() == [500.0] * 3
+    assert env.episode_length.tolist() == [0, 0, 0]
+
+
+def loop_vtrace(log_rhos, discounts, rewards, values, bootstrap, rho_bar=1.0, c_bar=1.0):
+    """V-trace by its definition: v_s = V(x_s) + sum_t gamma^(t-s) (prod c_i) rho_t delta_t."""
+    T, B = values.shape
+    rhos = log_rhos.exp()
+    vs = torch.zeros(T, B, dtype=values.dtype)
+    pg = torch.zeros(T, B, dtype=values.dtype)
+    next_values = torch.cat([values[1:], bootstrap[None]])
+    for b in range(B):
+        for s in range(T):
+            total = values[s, b].item()
+            scale = 1.0  # prod_{i=s}^{t-1} gamma_i c_i
+            for t in range(s, T):
+                delta = min(rho_bar, rhos[t, b].item()) * (
+                    rewards[t, b].item() + discounts[t, b].item() * next_values[t, b].item() - values[t, b].item()
+                )
+                total += scale * delta
+                scale *= discounts[t, b].item() * min(c_bar, rhos[t, b].item())
+            vs[s, b] = total
+    next_vs = torch.cat([vs[1:], bootstrap[None]])
+    for b in range(B):
+        for s in range(T):
+            pg[s, b] = min(rho_bar, rhos[s, b].item()) * (
+                rewards[s, b] + discounts[s, b] * next_vs[s, b] - values[s, b]
+            )
+    return vs, pg
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vtrace_matches_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    T, B = 7, 5
+    log_rhos = torch.randn(T, B, dtype=torch.float64, generator=g)  # rhos both above and below 1
+    discounts = 0.9 * (torch.rand(T, B, dtype=torch.float64, generator=g) > 0.2).double()  # some episode ends
+    rewards = torch.randn(T, B, dtype=torch.float64, generator=g)
+    values = torch.randn(T, B, dtype=torch.float64, generator=g)
+    bootstrap = torch.randn(B, dtype=torch.float64, generator=g)
+    out = vtrace.from_importance_weights(log_rhos, discounts, rewards, values, bootstrap)
+    vs, pg = loop_vtrace(log_rhos, discounts, rewards, values, bootstrap)
+    torch.testing.assert_close(out.vs, vs)
+    torch.testing.assert_close(out.pg_advantages, pg)
+
+
+def test_vtrace_on_policy_is_n_step_return():
+    """With pi == mu and no clipping active, v_s is the discounted return bootstrapped at T."""
+    T, B = 5, 3
+    rewards = torch.rand(T, B, dtype=torch.float64)
+    discounts = torch.full((T, B), 0.99, dtype=torch.float64)
+    discounts[2, 1] = 0.0
+    logits = torch.randn(T, B, 2, dtype=torch.float64)
+    actions = torch.randint(0, 2, (T, B))
+    values = torch.randn(T, B, dtype=torch.float64)
+    bootstrap = torch.randn(B, dtype=torch.float64)
+    out = vtrace.from_logits(logits, logits, actions, discounts, rewards, values, bootstrap)
+    ret = bootstrap.clone()
+    for t in reversed(range(T)):
+        ret = rewards[t] + discounts[t] * ret
+        torch.testing.assert_close(out.vs[t], ret)
+
+
+def test_learning_smoke():
+    actors = [RolloutActor(num_envs=16, unroll_length=10, actor_index=i) for i in range(2)]
+    learner = Learner(lr=3e-3)
+    for a in actors:
+        a.set_weights(learner.weights(), 0)
+    last_obs = None
+    for _ in range(5):
+        unrolls = [a.rollout() for a in actors]
+        u = unrolls[0]
+        if last_obs is not None:  # unrolls continue the same episodes
+            torch.testing.assert_close(u["obs"][0], last_obs)
+        last_obs = u["obs"][-1].clone()
+        assert u["obs"].shape == (11, 16, 4) and u["actions"].shape == (10, 16)
+        assert u["behaviour_logits"].shape == (10, 16, 2) and u["dones"].dtype == torch.bool
+        assert u["episode_returns"].dim() == 1 and isinstance(u["version"], int)
+        stats = learner.update(*unrolls)
+        assert math.isfinite(stats["loss"])
+        for a in actors:
+            a.set_weights(learner.weights(), stats["version"])
+    assert stats["updates"] == 5 and learner.version == 5
+    # The snapshot does not alias the live parameters.
+    w = learner.weights()
+    learner.update(actors[0].rollout())
+    assert not torch.equal(w["policy.0.weight"], learner.model.state_dict()["policy.0.weight"])
