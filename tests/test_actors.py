@@ -314,3 +314,31 @@ def test_bad_options_are_refused():
         Counter.options(device="tpu")
     with pytest.raises(TypeError, match=r"\.remote"):
         Counter(1)
+
+
+def test_first_call_to_a_starting_actor_returns_at_once():
+    t0 = time.monotonic()
+    h = Counter.remote(5)
+    ref = h.incr.remote(1)          # the process is still importing torch
+    assert time.monotonic() - t0 < 0.5
+    assert ta.get(ref, timeout=60) == 6
+    ta.kill(h)
+
+
+def test_wait_with_zero_timeout_sees_results_that_arrived(counter):
+    ta.get(counter.incr.remote(0), timeout=60)     # the actor is up
+    ref = counter.incr.remote(0)
+    time.sleep(0.3)
+    ready, rest = ta.wait([ref], num_returns=1, timeout=0)
+    assert ready == [ref] and rest == []
+
+
+def test_calls_while_restarting_say_so():
+    h = Phoenix.remote("x")
+    _, pid = ta.get(h.info.remote(), timeout=60)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ta.ActorDiedError) as info:
+        ta.get(h.info.remote(), timeout=10)
+    if info.value.restarting:       # (it may already be back up on a fast machine)
+        assert "being restarted" in str(info.value)
+    ta.kill(h)

@@ -49,22 +49,25 @@ class ActorError(TorchActorsError):
 class ActorDiedError(TorchActorsError):
     """The actor's process is gone: pending and later calls fail with this until a restart."""
 
-    _fields = ("actor", "exit_code", "signal_name", "restarts_left")
+    _fields = ("actor", "exit_code", "signal_name", "restarts_left", "restarting")
 
     def __init__(self, actor: str, exit_code: Optional[int] = None, signal_name: Optional[str] = None,
-                 restarts_left: int = 0, detail: str = "") -> None:
+                 restarts_left: int = 0, detail: str = "", restarting: bool = False) -> None:
         self.actor = actor
         self.exit_code = exit_code
         self.signal_name = signal_name
         self.restarts_left = restarts_left
+        self.restarting = restarting
         if signal_name:
             how = f"killed by {signal_name}"
         elif exit_code is not None:
             how = f"exited with code {exit_code}"
         else:
             how = "died"
-        then = (f"; it is being restarted ({restarts_left} restart(s) left), call again"
-                if restarts_left > 0 else "; no restarts left (set max_restarts to restart it)")
+        if restarting:
+            then = f"; it is being restarted ({restarts_left} restart(s) left after this one): call again"
+        else:
+            then = "; it will not be restarted (no restarts left; see max_restarts)"
         super().__init__(f"actor {actor} {how}{then}" + (f". {detail}" if detail else ""))
 
 

@@ -21,6 +21,7 @@ import torch
 from torchactors.actors import protocol
 from torchactors.actors.channel import Channel
 from torchactors.actors.handle import ActorHandle, encode_args, public_methods
+from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
 from torchactors.runtime.supervisor import ProcessSpec, Supervisor
@@ -95,13 +96,10 @@ class Runtime:
                 self.job.drop_name(owned.name)
         else:
             self.job.mark_killed(handle._actor_id)
-            ch = self.channel(handle)
             try:
-                with ch.send_lock:
-                    ch._ensure_connected()
-            except Exception:
-                return
-            ch.send_control(protocol.KILL)
+                self.channel(handle).call("", b"", [], kind=protocol.KILL)
+            except ActorDiedError:
+                pass        # already gone
 
     def shutdown(self) -> None:
         for ch in list(self.channels.values()):
@@ -176,3 +174,10 @@ def get_actor(name: str) -> ActorHandle:
     if record is None:
         raise ValueError(f"no actor named {name!r} in this job")
     return ActorHandle(record["actor_id"], name, record["methods"])
+
+
+def wait_ready(handles: list[ActorHandle], timeout: Optional[float] = None) -> None:
+    """Block until every actor in ``handles`` has finished its constructor and answers calls
+    (raises ActorDiedError for one that died, GetTimeoutError after ``timeout``)."""
+    rt = runtime()
+    rt.store.get([rt.channel(h).call("", b"", [], kind=protocol.PING) for h in handles], timeout)

@@ -74,6 +74,12 @@ class PendingCall:
                 return
         readable = [ch for ch in channels if ch.conn is not None and not ch.conn.closed]
         if not readable:
+            starting = [ch for ch in channels if ch.connecting]
+            if starting:
+                starting[0].wait_connected(0.05 if timeout is None else min(timeout, 0.05))
+            else:
+                for ch in channels:
+                    ch.pump_nowait(force_read=True)     # settles calls of channels that died
             return
         try:
             ready, _, _ = select.select(readable, [], [], timeout)
@@ -97,27 +103,40 @@ class Channel:
         self.read_lock = threading.Lock()
         self.dead: Optional[ActorDiedError] = None
         self.ack_due = False
+        self.connecting = False
+        self.connected = threading.Event()
+        self.backlog: list[bytes] = []          # calls made while the actor's process starts
 
     def fileno(self) -> int:
         return self.conn.fileno()
 
     # -- sending --------------------------------------------------------------------------
 
-    def call(self, method: str, body: bytes, held: list) -> ObjectRef:
+    def call(self, method: str, body: bytes, held: list, kind: int = protocol.CALL) -> ObjectRef:
+        """Send a call and return its pending ref at once. While the actor's process is still
+        starting, the call waits in a backlog that the connecting thread flushes."""
         with self.send_lock:
-            self._ensure_connected()
+            if self.dead is not None or (self.conn is None and not self.connecting) or (
+                    self.conn is not None and self.conn.closed):
+                self._start_connect()
             self.seq += 1
             pending = PendingCall(self, self.seq, held)
             self.pendings[self.seq] = pending
-            self.ack_due = False
-            try:
-                self.conn.send(protocol.request(protocol.CALL, self.seq, self.read_upto, method, body),
-                               on_block=self._drain)
-            except OSError:
-                pass        # the read side sees the EOF and fails the call with the death details
-            if self.ack_due:
-                self._send_ack()
+            msg = protocol.request(kind, self.seq, self.read_upto, method, body)
+            if self.conn is None:
+                self.backlog.append(msg)
+            else:
+                self._send(msg)
         return ObjectRef.pending(pending)
+
+    def _send(self, msg: bytes) -> None:
+        self.ack_due = False
+        try:
+            self.conn.send(msg, on_block=self._drain)
+        except OSError:
+            pass        # the read side sees the EOF and fails the call with the death details
+        if self.ack_due:
+            self._send_ack()
 
     def _drain(self) -> None:
         """While our send waits for room: read the actor's replies, which are what fill it."""
@@ -142,13 +161,50 @@ class Channel:
         self.ack_due = False
         self._send_control(protocol.ACK)
 
-    def _ensure_connected(self) -> None:
-        if self.conn is not None and not self.conn.closed and self.dead is None:
-            return
+    # -- connecting -----------------------------------------------------------------------
+
+    def _start_connect(self) -> None:
+        """Under send_lock: begin connecting to the actor's current process, or raise
+        ActorDiedError if it is down (dead, or waiting to be restarted)."""
         status = self.job.read_status(self.actor_id) or {}
         incarnation = status.get("incarnation", 0)
-        if self.dead is not None and (incarnation <= self.incarnation or status.get("state") != "alive"):
+        state = status.get("state")
+        if state in ("dead", "restarting") or (self.dead is not None and incarnation <= self.incarnation):
+            self.incarnation = max(self.incarnation, incarnation)
             raise self._death(status)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        self.dead = None
+        self.connecting = True
+        self.connected = threading.Event()
+        threading.Thread(target=self._connect, args=(incarnation, self.connected), daemon=True,
+                         name=f"torchactors-connect-{self.name}").start()
+
+    def _connect(self, incarnation: int, done: threading.Event) -> None:
+        try:
+            conn = self._open(incarnation)
+        except ActorDiedError as death:
+            with self.send_lock:
+                self.connecting = False
+                self.dead = death
+                self.incarnation = max(self.incarnation, incarnation)
+                self.backlog.clear()
+            with self.read_lock:
+                self._fail_all()
+            done.set()
+            return
+        with self.send_lock:
+            self.conn = conn
+            self.incarnation = incarnation
+            backlog, self.backlog = self.backlog, []
+            for msg in backlog:
+                self._send(msg)
+            self.connecting = False
+        done.set()
+        logger.debug("connected to %s incarnation %d", self.name, incarnation)
+
+    def _open(self, incarnation: int) -> Connection:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         path = self.job.socket_path(self.actor_id, incarnation)
         while True:
@@ -156,21 +212,19 @@ class Channel:
                 try:
                     # No timeout: the actor answers once its constructor has returned, and a
                     # death during the handshake shows up as a reset, checked below.
-                    self.conn = connect(path, self.job.secret, timeout=None)
-                    break
+                    return connect(path, self.job.secret, timeout=None)
                 except (OSError, AuthenticationError):
                     pass
             status = self.job.read_status(self.actor_id) or {}
             if status.get("state") in ("dead", "restarting") or status.get("incarnation", 0) != incarnation:
-                self.incarnation = incarnation
                 raise self._death(status)
             if time.monotonic() > deadline:
                 raise ActorDiedError(self.name, detail=f"it did not start listening within {CONNECT_TIMEOUT:.0f}s")
             time.sleep(0.005)
-        self.incarnation = incarnation
-        self.dead = None
-        self.read_upto = 0
-        logger.debug("connected to %s incarnation %d", self.name, incarnation)
+
+    def wait_connected(self, timeout: Optional[float]) -> None:
+        if self.connecting:
+            self.connected.wait(timeout)
 
     def _death(self, status: dict) -> ActorDiedError:
         error = self.job.read_error(self.actor_id)
@@ -178,7 +232,8 @@ class Channel:
         if status.get("killed"):
             detail = "it was killed with ta.kill()" + (f"; {detail}" if detail else "")
         return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
-                              status.get("restarts_left", 0) if not status.get("killed") else 0, detail)
+                              status.get("restarts_left", 0) if not status.get("killed") else 0, detail,
+                              restarting=status.get("state") == "restarting")
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -189,6 +244,9 @@ class Channel:
             if left is not None and left <= 0:
                 raise GetTimeoutError(f"get timed out after {timeout}s waiting for {self.name} "
                                       f"(call {pending.id}); the call is still running", timeout)
+            if self.connecting:
+                self.wait_connected(left)
+                continue
             if self.read_lock.acquire(timeout=-1 if left is None else left):
                 try:
                     if pending.done():
@@ -208,9 +266,12 @@ class Channel:
 
     def _read(self, timeout: Optional[float], only_buffered: bool = False) -> int:
         conn = self.conn
+        if conn is None and self.connecting:
+            return 0
         if conn is None or conn.closed:
+            n = len(self.pendings)
             self._fail_all()
-            return len(self.pendings)
+            return n
         messages = conn.buffered()
         if not messages and not only_buffered:
             try:

@@ -15,7 +15,7 @@ import struct
 REQ = struct.Struct("<BQQH")
 REP = struct.Struct("<BQB")
 
-CALL, ACK, KILL = 1, 2, 3                       # request kinds
+CALL, ACK, KILL, PING = 1, 2, 3, 4             # request kinds
 OK_VALUE, OK_REF, ERROR = 1, 2, 3               # reply kinds
 
 # Results of these types travel inside the reply; anything else is put into the actor's store.

@@ -124,6 +124,9 @@ class ActorServer:
         if kind == protocol.KILL:
             logger.info("%s killed on request", self.name)
             os._exit(0)
+        if kind == protocol.PING:
+            self._send(peer, seq, protocol.reply(protocol.OK_VALUE, seq, False, _NONE), None)
+            return
         try:
             if body == _EMPTY_ARGS:
                 args, kwargs = (), {}

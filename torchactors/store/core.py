@@ -384,15 +384,17 @@ class Store:
         if num_returns > len(refs) or num_returns < 0:
             raise ValueError(f"num_returns={num_returns} must be between 0 and len(refs)={len(refs)}")
         deadline = None if timeout is None else time.monotonic() + timeout
+        polled = False
         while True:
             done = [r._pending is None or r._pending.done() for r in refs]
             if sum(done) >= num_returns:
                 break
             pendings = [r._pending for r, d in zip(refs, done) if not d]
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0 and polled:
                 break
-            type(pendings[0]).wait_any(pendings, left)
+            type(pendings[0]).wait_any(pendings, left)      # timeout=0 still reads what arrived
+            polled = True
         ready: list[ObjectRef] = []
         rest: list[ObjectRef] = []
         for r, d in zip(refs, done):
