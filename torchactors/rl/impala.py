@@ -42,10 +42,8 @@ logger = logging.getLogger(__name__)
 UNROLL_LENGTH = 20
 HIDDEN = 64
 
-# A non-blocking poll. Not 0: the local backend's wait(timeout=0) only looks at results already
-# read off the socket and never reads it, so a finished update would not be seen until a
-# blocking call happened to read it.
-POLL_S = 1e-4
+# A non-blocking poll of finished calls.
+POLL_S = 0.0
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     # Updates submitted to the learner and not yet finished before the driver waits for one.

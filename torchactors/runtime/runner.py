@@ -475,6 +475,11 @@ def run_job(config: JobConfig, out_dir: Union[str, Path, None] = None, *, grace_
             init_kwargs["address"] = config.runtime.address
         ta.init(**init_kwargs)
         ctx.roles = start_roles(ta, config)
+        # The clock (max_seconds, fps) starts once every actor has run its constructor: process
+        # start-up is not the program's time.
+        from torchactors.actors.api import wait_ready
+
+        wait_ready([h for handles in ctx.roles.values() for h in handles])
         ctx._begin()
         ticker.start()
         interrupts.phase = "program"
