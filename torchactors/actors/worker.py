@@ -1,7 +1,7 @@
 """The actor process's call loop.
 
 Box in the data flow: socket -> actor loop -> method -> result ref -> socket. One thread
-reads every connection (selectors); a call from one caller runs in the order it was sent.
+reads every connection (epoll); a call from one caller runs in the order it was sent.
 With ``max_concurrency == 1`` a plain method runs on the loop thread itself (no thread hop per
 call); with ``max_concurrency > 1`` on a thread pool; ``async def`` methods on an event loop.
 """
@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import pickle
-import selectors
+import select
 import signal
 import threading
 import traceback
@@ -69,8 +69,7 @@ class ActorServer:
         self.name = spec["name"]
         self.max_concurrency = spec["max_concurrency"]
         self.listener = Listener(self.job.socket_path(ctx.key, ctx.incarnation), self.job.secret)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.poller = select.epoll()
         self.pool: Optional[ThreadPoolExecutor] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         if self.max_concurrency > 1:
@@ -97,18 +96,24 @@ class ActorServer:
         return self.loop
 
     def serve_forever(self) -> None:
+        # epoll directly, not the selectors module: one less layer of Python per call.
+        listen_fd = self.listener.fileno()
+        self.poller.register(listen_fd, select.EPOLLIN)
+        peers: dict[int, _Peer] = {}
         while True:
-            for key, _ in self.selector.select():
-                if key.fileobj is self.listener:
+            for fd, _ in self.poller.poll():
+                if fd == listen_fd:
                     conn = self.listener.accept()
                     if conn is not None:
-                        self.selector.register(conn, selectors.EVENT_READ, _Peer(conn))
+                        peers[conn.fileno()] = _Peer(conn)
+                        self.poller.register(conn.fileno(), select.EPOLLIN)
                     continue
-                peer: _Peer = key.data
+                peer = peers[fd]
                 try:
                     messages = peer.conn.read_available()
                 except ConnectionClosed:
-                    self.selector.unregister(peer.conn)
+                    self.poller.unregister(fd)
+                    del peers[fd]
                     peer.conn.close()
                     peer.held.clear()       # the caller is gone: nobody will read those replies
                     continue

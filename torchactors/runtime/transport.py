@@ -24,6 +24,7 @@ _LEN = struct.Struct("<I")
 _NONCE = 32
 _DIGEST = 32
 AUTH_TIMEOUT = 10.0
+_CHUNK = 256 << 10
 
 
 class ConnectionClosed(EOFError):
@@ -41,6 +42,10 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
+        # One reusable receive buffer: recv(n) would allocate (and for large n, mmap) n bytes
+        # on every call, which cost more than the round trip itself.
+        self._chunk = bytearray(_CHUNK)
+        self._view = memoryview(self._chunk)
         self.closed = False
 
     def fileno(self) -> int:
@@ -58,16 +63,12 @@ class Connection:
                 self.sock.sendall(payload)
             return
         view = memoryview(data if data is not None else _LEN.pack(len(payload)) + payload)
-        self.sock.setblocking(False)
-        try:
-            while view:
-                try:
-                    view = view[self.sock.send(view):]
-                except BlockingIOError:
-                    on_block()
-                    select.select([self.sock], [self.sock], [], 0.05)
-        finally:
-            self.sock.setblocking(True)
+        while view:
+            try:
+                view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                on_block()
+                select.select([self.sock], [self.sock], [], 0.05)
 
     def has_message(self) -> bool:
         """A whole message is already buffered (no syscall needed to read it)."""
@@ -79,15 +80,14 @@ class Connection:
         """One ``recv`` of what the socket has, then every whole message buffered so far.
         Call when the socket is readable. Raises ConnectionClosed on EOF."""
         try:
-            chunk = self.sock.recv(1 << 20)
+            n = self.sock.recv_into(self._chunk)
         except BlockingIOError:
-            chunk = None
+            return self.buffered()
         except OSError as e:
             raise ConnectionClosed(str(e)) from None
-        if chunk == b"":
+        if n == 0:
             raise ConnectionClosed("peer closed the connection")
-        if chunk:
-            self._buf += chunk
+        self._buf += self._view[:n]
         return self.buffered()
 
     def buffered(self) -> list[bytes]:
@@ -114,12 +114,12 @@ class Connection:
                 if left <= 0 or not select.select([self.sock], [], [], left)[0]:
                     return None
             try:
-                chunk = self.sock.recv(1 << 20)
+                n = self.sock.recv_into(self._chunk)
             except OSError as e:
                 raise ConnectionClosed(str(e)) from None
-            if not chunk:
+            if n == 0:
                 raise ConnectionClosed("peer closed the connection")
-            self._buf += chunk
+            self._buf += self._view[:n]
         n = _LEN.unpack_from(self._buf)[0]
         msg = bytes(self._buf[4:4 + n])
         del self._buf[:4 + n]
