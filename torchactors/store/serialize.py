@@ -102,7 +102,8 @@ def reduce_sparse_coo(t: torch.Tensor, layout: StoreLayout) -> Reduced:
 
 def rebuild_sparse_coo(indices: torch.Tensor, values: torch.Tensor, shape: tuple, coalesced: bool,
                        requires_grad: bool) -> torch.Tensor:
-    t = torch.sparse_coo_tensor(indices, values, shape, is_coalesced=coalesced)
+    # Checked: rebuilt indices that are out of range raise instead of crashing later.
+    t = torch.sparse_coo_tensor(indices, values, shape, is_coalesced=coalesced, check_invariants=True)
     return t.requires_grad_(requires_grad) if requires_grad else t
 
 
