@@ -28,7 +28,6 @@ from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
 from torchactors.runtime.transport import Connection, ConnectionClosed, Listener
 from torchactors.store import core as store_core
-from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ import secrets
 import select
 import socket
 import struct
-import time
 from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
@@ -70,12 +69,6 @@ class Connection:
                 on_block()
                 select.select([self.sock], [self.sock], [], 0.05)
 
-    def has_message(self) -> bool:
-        """A whole message is already buffered (no syscall needed to read it)."""
-        if len(self._buf) < 4:
-            return False
-        return len(self._buf) >= 4 + _LEN.unpack_from(self._buf)[0]
-
     def read_available(self) -> list[bytes]:
         """One ``recv`` of what the socket has, then every whole message buffered so far.
         Call when the socket is readable. Raises ConnectionClosed on EOF."""
@@ -104,26 +97,6 @@ class Connection:
         if pos:
             del buf[:pos]
         return out
-
-    def recv(self, timeout: Optional[float] = None) -> Optional[bytes]:
-        """One message, or None if ``timeout`` passed first. Raises ConnectionClosed on EOF."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.has_message():
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                    return None
-            try:
-                n = self.sock.recv_into(self._chunk)
-            except OSError as e:
-                raise ConnectionClosed(str(e)) from None
-            if n == 0:
-                raise ConnectionClosed("peer closed the connection")
-            self._buf += self._view[:n]
-        n = _LEN.unpack_from(self._buf)[0]
-        msg = bytes(self._buf[4:4 + n])
-        del self._buf[:4 + n]
-        return msg
 
     def close(self) -> None:
         if not self.closed:

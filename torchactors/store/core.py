@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from torchactors.errors import GetTimeoutError, ObjectFreedError, OwnerDiedError, StoreFullError
+from torchactors.errors import ObjectFreedError, OwnerDiedError, StoreFullError
 from torchactors.store import cuda, registry, serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 from torchactors.store.segments import MappingCache, Segment, SegmentPool, size_class
