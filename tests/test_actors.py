@@ -342,3 +342,25 @@ def test_calls_while_restarting_say_so():
     if info.value.restarting:       # (it may already be back up on a fast machine)
         assert "being restarted" in str(info.value)
     ta.kill(h)
+
+
+def test_threads_of_one_caller_share_an_actor_without_mixing_results(counter):
+    errors: list = []
+
+    def worker(k: int) -> None:
+        try:
+            refs = [counter.fill.remote(torch.zeros(10), float(k)) for _ in range(100)]
+            assert ta.get(refs, timeout=60) == [10.0 * k] * 100
+            for _ in range(50):
+                ready, _ = ta.wait([counter.incr.remote(0)], num_returns=1, timeout=60)
+                assert len(ready) == 1
+        except Exception as e:     # reported below, with the thread's number
+            errors.append((k, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a caller thread hung"
+    assert errors == []
