@@ -358,9 +358,12 @@ def test_threads_of_one_caller_share_an_actor_without_mixing_results(counter):
             errors.append((k, repr(e)))
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a caller thread hung"
     assert errors == []
+    # ~2 s normally; a wait() that missed a reply another thread read would sit out its timeout.
+    assert time.monotonic() - t0 < 30

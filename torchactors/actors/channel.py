@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 120.0     # a new actor's process imports torch before it listens
 DEATH_DETAIL_WAIT = 0.5     # how long to wait for the supervisor's word on how it died
+SPIN_S = 50e-6              # a get polls this long before it sleeps (see Connection.read_spinning)
+RECHECK_S = 0.002           # how often wait() re-checks calls whose socket another thread reads
 
 
 class PendingCall:
@@ -67,26 +69,42 @@ class PendingCall:
 
     @staticmethod
     def wait_any(pendings: list["PendingCall"], timeout: Optional[float]) -> None:
-        """Block until at least one of ``pendings`` settles, or ``timeout``."""
+        """Block until at least one of ``pendings`` settles, or ``timeout``.
+
+        Reads only sockets whose read lock it holds: a socket another thread is reading may
+        have had our reply taken off it already, and a select on it would never wake. Those
+        channels are re-checked every few milliseconds instead."""
         channels = {p.channel for p in pendings}
         for ch in channels:
             if ch.pump_nowait():
                 return
-        readable = [ch for ch in channels if ch.conn is not None and not ch.conn.closed]
-        if not readable:
-            starting = [ch for ch in channels if ch.connecting]
-            if starting:
-                starting[0].wait_connected(0.05 if timeout is None else min(timeout, 0.05))
-            else:
-                for ch in channels:
-                    ch.pump_nowait(force_read=True)     # settles calls of channels that died
+        starting = [ch for ch in channels if ch.connecting]
+        live = [ch for ch in channels if ch.conn is not None and not ch.conn.closed]
+        if not live and not starting:
+            for ch in channels:
+                ch.pump_nowait(force_read=True)     # settles calls of channels that died
             return
+        owned = [ch for ch in live if ch.read_lock.acquire(blocking=False)]
         try:
-            ready, _, _ = select.select(readable, [], [], timeout)
-        except (OSError, ValueError):
-            ready = readable
-        for ch in ready:
-            ch.pump_nowait(force_read=True)
+            if any(p.done() for p in pendings):
+                return
+            if len(owned) < len(live) or starting:
+                timeout = RECHECK_S if timeout is None else min(timeout, RECHECK_S)
+            if not owned:
+                if starting:
+                    starting[0].wait_connected(timeout)
+                else:
+                    time.sleep(timeout)
+                return
+            try:
+                ready, _, _ = select.select(owned, [], [], timeout)
+            except (OSError, ValueError):
+                ready = owned
+            for ch in ready:
+                ch._read(0.0)
+        finally:
+            for ch in owned:
+                ch.read_lock.release()
 
 
 class Channel:
@@ -146,20 +164,16 @@ class Channel:
             finally:
                 self.read_lock.release()
 
-    def send_control(self, kind: int) -> None:
-        with self.send_lock:
-            self._send_control(kind)
-
-    def _send_control(self, kind: int) -> None:
+    def _send_ack(self) -> None:
+        """Acknowledge the replies read so far, without ever blocking: the reader may hold the
+        read lock, and an actor blocked writing replies to us would never read a blocked ACK.
+        If the socket is full, the ACK rides on the next request instead."""
         if self.conn is not None and not self.conn.closed:
             try:
-                self.conn.send(protocol.request(kind, 0, self.read_upto))
+                if self.conn.try_send(protocol.request(protocol.ACK, 0, self.read_upto)):
+                    self.ack_due = False
             except OSError:
                 pass
-
-    def _send_ack(self) -> None:
-        self.ack_due = False
-        self._send_control(protocol.ACK)
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -275,9 +289,12 @@ class Channel:
         messages = conn.buffered()
         if not messages and not only_buffered:
             try:
-                if timeout is not None and not select.select([conn], [], [], timeout)[0]:
-                    return 0
-                messages = conn.read_available()
+                if timeout is None or timeout > 0:
+                    messages = conn.read_spinning(SPIN_S)
+                if not messages:
+                    if timeout is not None and not select.select([conn], [], [], timeout)[0]:
+                        return 0
+                    messages = conn.read_available()
             except ConnectionClosed:
                 n = len(self.pendings)
                 self._fail_all()

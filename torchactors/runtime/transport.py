@@ -15,6 +15,7 @@ import secrets
 import select
 import socket
 import struct
+import time
 from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,36 @@ class Connection:
             raise ConnectionClosed("peer closed the connection")
         self._buf += self._view[:n]
         return self.buffered()
+
+    def try_send(self, payload: bytes) -> bool:
+        """Send a small message only if the socket has room now (all or nothing: a message
+        this small is one chunk for a Unix stream socket). Never blocks."""
+        try:
+            self.sock.send(_LEN.pack(len(payload)) + payload, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        return True
+
+    def read_spinning(self, seconds: float) -> list[bytes]:
+        """Poll the socket without blocking for up to ``seconds``; the whole messages read.
+        A reply that arrives while we spin costs no sleep and wake-up of this process, which
+        on a virtual machine costs more than the round trip itself."""
+        deadline = time.perf_counter() + seconds
+        while True:
+            try:
+                n = self.sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.perf_counter() < deadline:
+                    continue
+                return []
+            except OSError as e:
+                raise ConnectionClosed(str(e)) from None
+            if n == 0:
+                raise ConnectionClosed("peer closed the connection")
+            self._buf += self._view[:n]
+            messages = self.buffered()
+            if messages:
+                return messages
 
     def buffered(self) -> list[bytes]:
         """Every whole message already buffered, without a syscall."""
