@@ -97,7 +97,9 @@ class PendingCall:
                     time.sleep(timeout)
                 return
             try:
-                ready, _, _ = select.select(owned, [], [], timeout)
+                ready = _spin_select(owned, SPIN_S)
+                if not ready:
+                    ready, _, _ = select.select(owned, [], [], timeout)
             except (OSError, ValueError):
                 ready = owned
             for ch in ready:
@@ -105,6 +107,17 @@ class PendingCall:
         finally:
             for ch in owned:
                 ch.read_lock.release()
+
+
+def _spin_select(conns: list, seconds: float) -> list:
+    """The connections readable now, polling up to ``seconds`` without sleeping (see
+    Connection.read_spinning for why)."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        ready = select.select(conns, [], [], 0)[0]
+        if ready or time.perf_counter() >= deadline:
+            return ready
+        os.sched_yield()
 
 
 class Channel:

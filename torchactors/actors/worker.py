@@ -108,6 +108,7 @@ class ActorServer:
             events = poll(0)
             deadline = time.perf_counter() + SPIN_S
             while not events and time.perf_counter() < deadline:
+                os.sched_yield()        # spin only while nobody else wants this core
                 events = poll(0)
             for fd, _ in events or poll():
                 if fd == listen_fd:

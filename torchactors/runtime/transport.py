@@ -103,6 +103,7 @@ class Connection:
                 n = self.sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if time.perf_counter() < deadline:
+                    os.sched_yield()    # spin only while nobody else wants this core
                     continue
                 return []
             except OSError as e:
