@@ -216,10 +216,14 @@ class _MessageReducers:
     """Shared by both message picklers: each tensor is put into this process's store and
     travels as a ref, so no tensor bytes ever enter the pipe."""
 
-    put: Callable[[Any], Any]
-    _seen: dict
+    def __init__(self, file: io.BytesIO, put: Callable[[Any], Any]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.put = put
+        self._seen: dict[int, tuple] = {}
 
-    def _reduce_tensor(self, obj: torch.Tensor) -> Reduced:
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.Tensor):
+            return self._other(obj)
         ref = self._seen.get(id(obj))
         if ref is None:
             ref = self._seen[id(obj)] = (self.put(obj), obj)
@@ -229,14 +233,7 @@ class _MessageReducers:
 class MessagePickler(_MessageReducers, pickle.Pickler):
     """The fast path: the C pickler, with a Python hook for tensors only."""
 
-    def __init__(self, file: io.BytesIO, put: Callable[[Any], Any]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.put = put
-        self._seen = {}
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self._reduce_tensor(obj)
+    def _other(self, obj: Any) -> Any:
         return NotImplemented
 
 
@@ -244,15 +241,8 @@ class CloudMessagePickler(_MessageReducers, cloudpickle.Pickler):
     """The fallback for what plain pickle refuses (lambdas, classes defined in __main__ or
     inside functions): pickled by value."""
 
-    def __init__(self, file: io.BytesIO, put: Callable[[Any], Any]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.put = put
-        self._seen = {}
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self._reduce_tensor(obj)
-        return super().reducer_override(obj)
+    def _other(self, obj: Any) -> Any:
+        return cloudpickle.Pickler.reducer_override(self, obj)
 
 
 def dumps_message(obj: Any, put: Callable[[Any], Any]) -> bytes:
