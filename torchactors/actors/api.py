@@ -161,6 +161,10 @@ def shutdown() -> None:
     if rt is not None:
         rt.shutdown()
         job_module.set_current(None)
+    else:
+        standalone = store_core.active()    # put/get used without init: a store of its own
+        if standalone is not None and standalone.own_job_dir:
+            standalone.close()
 
 
 def kill(handle: ActorHandle) -> None:

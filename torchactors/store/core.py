@@ -13,6 +13,7 @@ refs it holds in the job's hold tables (``registry.Membership``).
 
 from __future__ import annotations
 
+import atexit
 import copy as copy_module
 import ctypes
 import logging
@@ -443,6 +444,7 @@ def current() -> Store:
             s = _store
             if s is None or s.closed:
                 s = _set(Store())
+                atexit.register(s.close)    # removes its job directory (memfds go by themselves)
     return s
 
 
