@@ -33,7 +33,7 @@ RECHECK_S = 0.002           # how often wait() re-checks calls whose socket anot
 class PendingCall:
     """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it."""
 
-    __slots__ = ("channel", "seq", "held", "kind", "value", "_event", "id")
+    __slots__ = ("channel", "seq", "held", "kind", "value", "id")
 
     def __init__(self, channel: "Channel", seq: int, held: list) -> None:
         self.channel = channel
@@ -41,7 +41,6 @@ class PendingCall:
         self.held = held            # refs in the request, kept until the actor has read it
         self.kind = 0
         self.value: Any = None
-        self._event: Optional[threading.Event] = None
         self.id = f"{channel.actor_id}.call{seq}"
 
     def done(self) -> bool:
@@ -49,8 +48,6 @@ class PendingCall:
 
     def settle(self, kind: int, value: Any) -> None:
         self.kind, self.value, self.held = kind, value, None
-        if self._event is not None:
-            self._event.set()
 
     def result(self, timeout: Optional[float] = None) -> Any:
         if not self.kind:

@@ -142,11 +142,11 @@ class Supervisor:
             elif req[0] == "kill":
                 p = self.procs.get(req[1])
                 if p is not None:
-                    self._terminate(p)
+                    self._terminate([p])
                 req[2].set()
             elif req[0] == "shutdown":
                 self._stopping = True
-                self._terminate_all()
+                self._terminate(list(self.procs.values()))
                 req[1].set()
                 return False
 
@@ -205,11 +205,19 @@ class Supervisor:
                            f"killed by {sig}" if sig else f"exited with code {exit_code}",
                            f"restarting in {p.restart_at - time.monotonic():.1f}s" if restart else "not restarting")
 
-    def _terminate_all(self, grace: float = 1.0) -> None:
-        """SIGTERM everyone at once, then SIGKILL whoever is still there after ``grace``."""
-        live = [p for p in self.procs.values() if p.popen is not None and p.pidfd >= 0]
+    def _terminate(self, procs: list[_Proc], grace: float = 1.0) -> None:
+        """Stop ``procs`` for good: SIGTERM them all at once, then SIGKILL whoever is still
+        there after ``grace``. One waiting for its restart is marked dead instead."""
+        live = []
+        for p in procs:
+            waiting_restart, p.restart_at = p.restart_at is not None, None
+            if p.popen is not None and p.pidfd >= 0:
+                live.append(p)
+            elif p.popen is None or waiting_restart:
+                self.job.write_status(p.spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
+                                                   "exit_code": None, "signal": None, "restarts_left": 0,
+                                                   "killed": True})
         for p in live:
-            p.restart_at = None
             try:
                 p.popen.send_signal(signal.SIGTERM)
             except OSError:
@@ -221,24 +229,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
             self._reap(p)
-
-    def _terminate(self, p: _Proc, grace: float = 1.0) -> None:
-        p.restart_at = None
-        if p.popen is None or p.pidfd < 0:
-            self.job.write_status(p.spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
-                                               "exit_code": None, "signal": None, "restarts_left": 0,
-                                               "killed": True})
-            return
-        try:
-            p.popen.send_signal(signal.SIGTERM)
-            try:
-                p.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-        except OSError:
-            pass
-        self._reap(p)
-
 
 def _sweep_torch_shm(pid: int) -> None:
     """Remove the CUDA IPC ref-counter files torch leaves in /dev/shm when a process that

@@ -105,6 +105,10 @@ def _contiguous_strides(shape: tuple) -> tuple:
     return strides
 
 
+def _owner_died(ref: ObjectRef) -> OwnerDiedError:
+    return OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
+
+
 class Store:
     def __init__(self, job_dir: Optional[str] = None, index: Optional[int] = None,
                  capacity: Optional[int] = None) -> None:
@@ -172,10 +176,7 @@ class Store:
             fd, size = storage._share_fd_cpu_()[:2]
         except (RuntimeError, AttributeError, TypeError):
             return None
-        seg = Segment(0, os.fstat(fd).st_size, fd=fd, populate=False)
-        seg.owned = False
-        seg.fd = fd
-        return seg, storage
+        return Segment(0, os.fstat(fd).st_size, fd=fd, populate=False), storage
 
     def _put_structure(self, obj: Any, timeout: Optional[float]) -> tuple:
         with SerializationContext() as ctx:
@@ -185,11 +186,9 @@ class Store:
             return None, 0, 0, keep, ("v", skeleton), False
         total = layout.nbytes + len(skeleton)
         seg, off, cls = self._allocate(total, timeout)
-        u8 = seg.u8
         for storage, rel in zip(layout.storages, layout.offsets):
-            n = storage.nbytes()
-            if n:
-                u8[off + rel:off + rel + n].copy_(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n,), (1,)))
+            if storage.nbytes():        # an empty storage may have no data pointer at all
+                ctypes.memmove(seg.base + off + rel, storage.data_ptr(), storage.nbytes())
         seg.mm[off + layout.nbytes:off + total] = skeleton
         return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton)), False
 
@@ -228,7 +227,7 @@ class Store:
                 if found is not None:
                     break
                 if deadline is None or time.monotonic() >= deadline:
-                    raise StoreFullError(size_class(nbytes), self.pool.used, self.pool.capacity)
+                    raise StoreFullError(cls, self.pool.used, self.pool.capacity)
                 self.lock.release()
                 try:
                     time.sleep(0.002)
@@ -261,7 +260,7 @@ class Store:
         seg = self.maps.map(ref.owner_pid, fd, inode)
         if seg is None:
             if not live.alive():
-                raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
+                raise _owner_died(ref)
             raise ObjectFreedError(ref.id, "its memory was returned to the system")
         return seg
 
@@ -282,7 +281,7 @@ class Store:
         peer = m.peer(ref.owner)
         if peer.pid != ref.owner_pid or not peer.alive():
             self.maps.forget(ref.owner_pid)
-            raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
+            raise _owner_died(ref)
         i = ref.slot * registry.HEADER_CELL
         cells = peer.header.cells
         if cells[i] != ref.gen or cells[i + 1] != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
