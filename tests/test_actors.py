@@ -14,7 +14,7 @@ import torch
 
 import torchactors as ta
 from torchactors.runtime import job as job_module
-from torchactors.runtime.transport import AuthenticationError, connect
+from torchactors.runtime.transport import AUTH_TIMEOUT, AuthenticationError, connect
 
 
 @ta.actor(num_threads=1)
@@ -305,6 +305,39 @@ def test_unauthenticated_connection_is_refused_and_actor_keeps_serving(counter):
     assert s.recv(100) == b""
     s.close()
     assert ta.get(counter.incr.remote(0)) >= 0
+
+
+def _silent_client(path: str) -> socket.socket:
+    """A client that connects, reads the actor's nonce, and never answers."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    assert len(s.recv(32)) == 32
+    return s
+
+
+def test_a_client_silent_mid_handshake_stalls_no_other_caller(counter):
+    before = ta.get(counter.incr.remote(0))
+    job = job_module.current()
+    path = job.socket_path(counter._actor_id, 0)
+    silent = _silent_client(path)
+    try:
+        t0 = time.monotonic()
+        assert ta.get(counter.incr.remote(1), timeout=5) == before + 1     # an existing caller
+        connect(path, job.secret, timeout=5).close()                          # a new caller
+        assert time.monotonic() - t0 < 3
+    finally:
+        silent.close()
+
+
+@pytest.mark.slow
+def test_a_client_silent_mid_handshake_is_dropped_after_the_auth_timeout(counter):
+    ta.get(counter.incr.remote(0))
+    silent = _silent_client(job_module.current().socket_path(counter._actor_id, 0))
+    silent.settimeout(AUTH_TIMEOUT + 5)
+    t0 = time.monotonic()
+    assert silent.recv(100) == b""
+    assert AUTH_TIMEOUT - 0.5 < time.monotonic() - t0 < AUTH_TIMEOUT + 3
+    silent.close()
 
 
 def test_bad_options_are_refused():

@@ -27,7 +27,8 @@ from torchactors.actors import protocol
 from torchactors.errors import ActorError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
-from torchactors.runtime.transport import Connection, ConnectionClosed, Listener
+from torchactors.runtime.transport import (AUTH_TIMEOUT, AuthenticationError, Connection, ConnectionClosed,
+                                          Handshake, Listener)
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef, SerializationContext
 
@@ -48,6 +49,11 @@ def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     args = tuple(st.get(a) if isinstance(a, ObjectRef) else a for a in args)
     kwargs = {k: st.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
     return args, kwargs
+
+
+def _until_first_deadline(joining: dict[int, Handshake]) -> float:
+    """Seconds epoll may sleep before the first pending handshake times out."""
+    return max(0.0, min(hs.deadline for hs in joining.values()) - time.monotonic())
 
 
 class _Peer:
@@ -101,6 +107,7 @@ class ActorServer:
         listen_fd = self.listener.fileno()
         self.poller.register(listen_fd, select.EPOLLIN)
         peers: dict[int, _Peer] = {}
+        joining: dict[int, Handshake] = {}     # accepted, not yet authenticated
         poll = self.poller.poll
         while True:
             # Poll without sleeping for a moment first: a caller's next call usually follows
@@ -110,14 +117,13 @@ class ActorServer:
             while not events and time.perf_counter() < deadline:
                 os.sched_yield()        # spin only while nobody else wants this core
                 events = poll(0)
-            for fd, _ in events or poll():
-                if fd == listen_fd:
-                    conn = self.listener.accept()
-                    if conn is not None:
-                        peers[conn.fileno()] = _Peer(conn)
-                        self.poller.register(conn.fileno(), select.EPOLLIN)
+            if not events:
+                events = poll(_until_first_deadline(joining) if joining else -1)
+            for fd, _ in events:
+                peer = peers.get(fd)
+                if peer is None:
+                    self._join(fd, listen_fd, joining, peers)
                     continue
-                peer = peers[fd]
                 try:
                     messages = peer.conn.read_available()
                 except ConnectionClosed:
@@ -128,6 +134,37 @@ class ActorServer:
                     continue
                 for msg in messages:
                     self._handle(peer, msg)
+            if joining:
+                self._expire(joining)
+
+    def _join(self, fd: int, listen_fd: int, joining: dict[int, Handshake], peers: dict[int, _Peer]) -> None:
+        """A new caller knocks (the listener) or answers (its handshake); an authenticated
+        one becomes a peer on the same socket."""
+        if fd == listen_fd:
+            hs = self.listener.accept()
+            if hs is not None:
+                joining[hs.fileno()] = hs
+                self.poller.register(hs.fileno(), select.EPOLLIN)
+            return
+        hs = joining[fd]
+        try:
+            conn = hs.advance()
+        except AuthenticationError as e:
+            del joining[fd]
+            self.poller.unregister(fd)
+            hs.refuse(str(e))
+            return
+        if conn is not None:
+            del joining[fd]
+            peers[fd] = _Peer(conn)
+
+    def _expire(self, joining: dict[int, Handshake]) -> None:
+        now = time.monotonic()
+        for fd, hs in list(joining.items()):
+            if hs.deadline <= now:
+                del joining[fd]
+                self.poller.unregister(fd)
+                hs.refuse(f"no answer to the handshake within {AUTH_TIMEOUT:.0f} s")
 
     def _handle(self, peer: _Peer, msg: bytes) -> None:
         kind, seq, ack, method, body = protocol.parse_request(msg)

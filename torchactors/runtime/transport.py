@@ -172,8 +172,51 @@ def connect(path: str, secret: bytes, timeout: Optional[float] = AUTH_TIMEOUT) -
     return Connection(sock)
 
 
+class Handshake:
+    """An accepted peer proving it holds the job secret, advanced by the listener's event loop
+    without blocking it: a peer that goes silent mid-handshake stalls nobody else."""
+
+    def __init__(self, sock: socket.socket, secret: bytes, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        self.deadline = time.monotonic() + AUTH_TIMEOUT
+        self._secret = secret
+        self._nonce = secrets.token_bytes(_NONCE)
+        self._answer = bytearray()
+        sock.setblocking(False)
+        sock.send(self._nonce)      # 32 bytes into a fresh socket's empty buffer: never blocks
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def advance(self) -> Optional[Connection]:
+        """Read what the peer has sent. The authenticated Connection once its answer is whole,
+        None while more is due; AuthenticationError if it fails (then ``refuse`` it)."""
+        try:
+            chunk = self.sock.recv(_DIGEST + _NONCE - len(self._answer))
+            if not chunk:
+                raise AuthenticationError("peer closed the connection during authentication")
+            self._answer += chunk
+            if len(self._answer) < _DIGEST + _NONCE:
+                return None
+            if not hmac.compare_digest(bytes(self._answer[:_DIGEST]), _mac(self._secret, self._nonce, b"client")):
+                raise AuthenticationError("bad authentication")
+            self.sock.send(_mac(self._secret, bytes(self._answer[_DIGEST:]), b"server"))  # 32 bytes: fits
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            raise AuthenticationError(str(e)) from None
+        self.sock.setblocking(True)
+        return Connection(self.sock)
+
+    def refuse(self, why: str) -> None:
+        logger.warning("refused a connection on %s: %s", self.path, why)
+        self.sock.close()
+
+
 class Listener:
-    """A Unix socket (mode 0600 inside the job directory) accepting authenticated peers."""
+    """A Unix socket (mode 0600 inside the job directory) accepting authenticated peers.
+    ``accept`` never blocks: the owner's event loop polls the listener and each handshake."""
 
     def __init__(self, path: str, secret: bytes) -> None:
         self.path = path
@@ -185,29 +228,23 @@ class Listener:
         finally:
             os.umask(old)
         self.sock.listen(128)
+        self.sock.setblocking(False)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self) -> Optional[Connection]:
-        """Accept one peer; returns None (and closes it, unread) if it fails to authenticate."""
-        sock, _ = self.sock.accept()
+    def accept(self) -> Optional[Handshake]:
+        """The next peer's handshake, started; None if no peer is waiting after all."""
         try:
-            sock.settimeout(AUTH_TIMEOUT)
-            nonce = secrets.token_bytes(_NONCE)
-            sock.sendall(nonce)
-            answer = _recv_exact(sock, _DIGEST + _NONCE)
-            if not hmac.compare_digest(answer[:_DIGEST], _mac(self.secret, nonce, b"client")):
-                logger.warning("refused a connection on %s: bad authentication", self.path)
-                sock.close()
-                return None
-            sock.sendall(_mac(self.secret, answer[_DIGEST:], b"server"))
-            sock.settimeout(None)
-        except (OSError, AuthenticationError) as e:
+            sock, _ = self.sock.accept()
+        except BlockingIOError:
+            return None
+        try:
+            return Handshake(sock, self.secret, self.path)
+        except OSError as e:        # the peer left already
             logger.warning("refused a connection on %s: %s", self.path, e)
             sock.close()
             return None
-        return Connection(sock)
 
     def close(self) -> None:
         self.sock.close()
