@@ -37,9 +37,10 @@ JOBMOD = textwrap.dedent('''
 
 
     class Counter:
-        def __init__(self, step=1, replica_index=None):
+        def __init__(self, step=1, replica_index=None, seed=None):
             self.step = step
             self.index = replica_index
+            self.seed = seed
             self.total = 0
 
         def add(self, n):
@@ -47,7 +48,7 @@ JOBMOD = textwrap.dedent('''
             return self.total
 
         def whoami(self):
-            return {"index": self.index, "pid": os.getpid(), "flag": os.environ.get("CLI_TEST_FLAG")}
+            return {"index": self.index, "seed": self.seed, "pid": os.getpid(), "flag": os.environ.get("CLI_TEST_FLAG")}
 
 
     def _started(job):
@@ -103,6 +104,7 @@ JOBMOD = textwrap.dedent('''
 JOB = textwrap.dedent('''\
     job:
       name: clitest
+      seed: 7
     roles:
       counter:
         class: clijobmod:Counter
@@ -111,6 +113,7 @@ JOB = textwrap.dedent('''\
         env: {CLI_TEST_FLAG: "yes"}
       single:
         class: clijobmod:Counter
+        args: {seed: 3}
     program: clijobmod:count
     stop:
       max_frames: 2000
@@ -173,7 +176,7 @@ def test_validate_bad_job_exits_2_with_file_line_and_allowed_keys(jobdir):
     r = torchactors(jobdir, "validate", "bad.yaml")
     assert r.returncode == 2
     assert r.stdout == ""
-    assert "bad.yaml:6: unknown key 'replica' in roles.counter; allowed: args, class, device, env," in r.stderr
+    assert "bad.yaml:7: unknown key 'replica' in roles.counter; allowed: args, class, device, env," in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -380,7 +383,7 @@ def _assert_all_gone(pids: list[int], shm_before: set) -> None:
 
 @pytest.mark.timeout(90)
 def test_run_writes_summary_metrics_and_model(jobdir, tmp_path):
-    """Needs the runtime: a whole run to max_frames, with replicas, args, env and replica_index."""
+    """Needs the runtime: a whole run to max_frames, with replicas, args, env, replica_index and seed."""
     out = tmp_path / "out"
     r = torchactors(jobdir, "run", "job.yaml", "--out", str(out), timeout=80)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -393,6 +396,7 @@ def test_run_writes_summary_metrics_and_model(jobdir, tmp_path):
     assert s["fps"] > 0 and s["wall_s"] >= s["program_s"] > 0
     who = json.loads((out / "started.json").read_text())
     assert [w["index"] for w in who] == [0, 1, 0]
+    assert [w["seed"] for w in who] == [7, 7, 3]     # job.seed, unless the role's args set one
     assert [w["flag"] for w in who] == ["yes", "yes", None]
     assert len({w["pid"] for w in who} | {os.getpid()}) == 4  # three actor processes
     with (out / "metrics.csv").open() as f:

@@ -14,9 +14,10 @@ Roles (see ``configs/impala_cartpole.yaml``):
 Both classes are plain: the job runner makes actors of them (``ta.actor(RolloutActor)``), and
 ``examples/single_process_impala.py`` calls their methods directly as a reference.
 
-Per-replica seeds: the runner passes ``replica_index=<i>`` to a constructor only when the
-constructor accepts that keyword. ``RolloutActor`` does, so that replicas explore different
-episodes; when it is absent (direct construction) ``actor_index`` is used instead.
+Seeds: the runner passes ``seed=<job.seed>`` and ``replica_index=<i>`` to constructors that
+take those keywords. ``RolloutActor`` mixes both, so that replicas explore different episodes
+and another job seed gives other episodes; when ``replica_index`` is absent (direct
+construction) ``actor_index`` is used instead.
 
 The driver's own knobs are the module constants in ``TRAIN_DEFAULTS`` (the job config's schema
 has no section for the program's options); the learning hyperparameters are the ``args`` of
@@ -136,7 +137,7 @@ def _concat_unrolls(unrolls: tuple[Mapping[str, Any], ...]) -> dict[str, Any]:
     if len(unrolls) == 1:
         return dict(unrolls[0])
     out: dict[str, Any] = {}
-    for key, first in unrolls[0].items():
+    for key in unrolls[0]:
         if key == "version":
             out[key] = min(int(u[key]) for u in unrolls)
         elif key == "episode_returns":

@@ -307,12 +307,17 @@ def plain_class(obj: Any) -> Optional[type]:
     return None
 
 
-def accepts_replica_index(cls: type) -> bool:
-    """Whether ``cls(...)`` names a ``replica_index`` parameter (only then the runner passes one)."""
+RUNNER_ARGS = ("replica_index", "seed")
+
+
+def runner_args(cls: type) -> frozenset[str]:
+    """The constructor parameters the runner fills in, of ``RUNNER_ARGS``: ``replica_index``
+    (each replica's index; never in ``args``) and ``seed`` (``job.seed`` unless ``args`` sets it)."""
     try:
-        return "replica_index" in inspect.signature(cls).parameters
+        params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+    return frozenset(name for name in RUNNER_ARGS if name in params)
 
 
 # --------------------------------------------------------------------------- YAML with lines
@@ -498,7 +503,7 @@ def _check_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
                             allowed=allowed)
         if k not in by_name and not takes_any:
             raise doc.error(path + (k,), f"{cls_ref} takes no argument '{k}' (roles.{role}.args)", allowed=allowed)
-    given = set(args) | ({"replica_index"} & by_name)
+    given = set(args) | (set(RUNNER_ARGS) & by_name)
     missing = [n for n, p in params.items() if p.default is p.empty and n not in given
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if missing:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, TextIO, Union
 
 import yaml
 
-from torchactors.runtime.config import JobConfig, RoleConfig, accepts_replica_index, import_string, plain_class
+from torchactors.runtime.config import JobConfig, RoleConfig, import_string, plain_class, runner_args
 
 log = logging.getLogger(__name__)
 
@@ -277,33 +277,37 @@ def default_out_dir(config: JobConfig, root: Union[str, Path] = "runs") -> Path:
     return path
 
 
-def _actor_class(ta: Any, role: RoleConfig) -> tuple[Any, bool]:
+def _actor_class(ta: Any, role: RoleConfig) -> tuple[Any, frozenset[str]]:
     """The role's class as an actor class with the role's options (they win over a decorator's), and
-    whether its constructor takes ``replica_index``."""
+    the constructor parameters the runner fills in (``config.runner_args``)."""
     obj = import_string(role.class_path)
     cls = plain_class(obj)
     if cls is None:
         log.warning("%s is an actor class whose plain class cannot be found; the options of role %s "
                     "(num_threads, device, max_restarts, max_concurrency) are not applied",
                     role.class_path, role.name)
-        return obj, False
+        return obj, frozenset()
     options = {"device": role.device, "max_restarts": role.max_restarts, "max_concurrency": role.max_concurrency}
     if role.num_threads is not None:
         options["num_threads"] = role.num_threads
-    return ta.actor(**options)(cls), accepts_replica_index(cls)
+    return ta.actor(**options)(cls), runner_args(cls)
 
 
 def start_roles(ta: Any, config: JobConfig) -> dict[str, list]:
     """Start every replica of every role; handles by role name, in replica order."""
     handles: dict[str, list] = {}
     for role in config.roles.values():
-        actor_cls, with_index = _actor_class(ta, role)
+        actor_cls, filled = _actor_class(ta, role)
         handles[role.name] = []
         for i in range(role.replicas):
             opts: dict[str, Any] = {"name": f"{role.name}-{i}"}
             if role.env:
                 opts["env"] = dict(role.env)
-            kwargs = dict(role.args, replica_index=i) if with_index else dict(role.args)
+            kwargs = dict(role.args)
+            if "replica_index" in filled:
+                kwargs["replica_index"] = i
+            if "seed" in filled:
+                kwargs.setdefault("seed", config.job.seed)
             handles[role.name].append(actor_cls.options(**opts).remote(**kwargs))
         log.info("started role %s: %d x %s", role.name, role.replicas, role.class_path)
     return handles
