@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import torchactors as ta
+from torchactors.runtime import child
 from torchactors.store import core as store_core
 from torchactors.store import cuda, serialize
 from torchactors.store.refs import ObjectRef
@@ -275,6 +276,18 @@ def test_alias_storage_keeps_its_pin_until_the_last_view_dies():
     del view
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("device, calls", [("cpu", []), ("cuda", []), ("cuda:0", [0]), ("cuda:3", [3])])
+def test_an_actor_selects_its_device_by_index_before_its_constructor(monkeypatch, device, calls):
+    # torch.cuda.set_device takes an index: given torch.device("cuda") it raises, which would
+    # kill every device="cuda" actor at boot. "cuda" is the current device already.
+    seen: list = []
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    child.select_device(device)
+    assert seen == calls and all(type(i) is int for i in seen)
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda._utils._get_device_index(torch.device("cuda"))     # what the old call hit
 
 
 def test_installing_the_cuda_box_initializes_no_cuda():

@@ -37,6 +37,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def select_device(device: str) -> None:
+    """Make ``cuda:N`` this process's current device before the actor's constructor runs.
+    ``cuda`` names the current device, already device 0 in a fresh process (and
+    ``torch.cuda.set_device`` refuses a device without an index); ``cpu`` needs nothing."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d.index)
+
+
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     _die_with_parent(boot["parent_pid"])
@@ -50,8 +61,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(boot["num_threads"])
-    if boot["device"].startswith("cuda"):
-        torch.cuda.set_device(torch.device(boot["device"]))
+    select_device(boot["device"])
 
     from torchactors.runtime import job as job_module
 
