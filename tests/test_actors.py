@@ -343,8 +343,9 @@ def test_a_client_silent_mid_handshake_is_dropped_after_the_auth_timeout(counter
 def test_bad_options_are_refused():
     with pytest.raises(TypeError, match="allowed"):
         Counter.options(gpus=1)
-    with pytest.raises(ValueError, match="device"):
-        Counter.options(device="tpu")
+    for device in ("tpu", "cuda:", "cuda:x", "cuda0"):
+        with pytest.raises(ValueError, match="device must be"):
+            Counter.options(device=device)
     with pytest.raises(TypeError, match=r"\.remote"):
         Counter(1)
 

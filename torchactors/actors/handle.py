@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from torchactors.actors import protocol
 from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
+from torchactors.runtime.child import DEVICE
 from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
@@ -33,7 +34,7 @@ def check_options(options: dict) -> dict:
     if not isinstance(o.get("max_concurrency", 1), int) or o.get("max_concurrency", 1) < 1:
         raise ValueError(f"max_concurrency must be an int >= 1, not {o['max_concurrency']!r}")
     device = o.get("device", "cpu")
-    if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
     return o
 

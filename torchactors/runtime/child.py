@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import pickle
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")   # an actor's device, as options and job files spell it
 
 
 @dataclass

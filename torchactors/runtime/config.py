@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import yaml
 
 from torchactors.errors import ConfigError
+from torchactors.runtime.child import DEVICE
 from torchactors.store import parse_size
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _start_method(v: Any) -> str:
 
 
 def _device(v: Any) -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+    if not isinstance(v, str) or not DEVICE.fullmatch(v):
         raise _Invalid()
     return v
 
