@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -88,6 +89,25 @@ class Phoenix:
 
     def info(self) -> tuple:
         return self.tag, os.getpid()
+
+
+@ta.actor(max_restarts=2, max_task_retries=1)
+class Flaky:
+    """Dies in the middle of a call while the marker file is absent (and creates it)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def work(self, x: int, die: bool = True) -> tuple:
+        if die and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(3)
+        return x * 2, os.getpid()
+
+    def crash(self, log: str) -> None:
+        with open(log, "a") as f:
+            f.write("ran\n")
+        os._exit(4)
 
 
 @ta.actor
@@ -262,6 +282,54 @@ def test_restart_reruns_constructor_with_same_arguments():
     ta.kill(h)
 
 
+def test_a_call_pending_when_its_actor_dies_is_retried_on_the_restarted_actor(tmp_path):
+    h = Flaky.remote(str(tmp_path / "died-once"))
+    try:
+        _, first_pid = ta.get(h.work.remote(0, die=False), timeout=60)
+        doomed = h.work.remote(21)              # kills incarnation 0 mid-call
+        later = h.work.remote(5, die=False)     # sent before the death: retried after it, in order
+        assert ta.get(doomed, timeout=60)[0] == 42
+        value, pid = ta.get(later, timeout=60)
+        assert value == 10 and pid != first_pid
+        assert ta.get(h.work.remote(1, die=False), timeout=60)[0] == 2     # calls go on as usual
+    finally:
+        ta.kill(h)
+
+
+def test_retries_are_bounded_and_then_the_death_is_reported(tmp_path):
+    h = Flaky.remote(str(tmp_path / "m"))
+    log = tmp_path / "crash.log"
+    try:
+        with pytest.raises(ta.ActorDiedError, match="exited with code 4"):
+            ta.get(h.crash.remote(str(log)), timeout=60)   # the first try and one retry, each fatal
+        assert log.read_text() == "ran\n" * 2
+        assert ta.get(h.work.remote(3, die=False), timeout=60)[0] == 6    # restarted (its last restart)
+    finally:
+        ta.kill(h)
+
+
+def test_calls_made_while_a_retrying_actor_restarts_wait_for_it(tmp_path):
+    h = Flaky.remote(str(tmp_path / "m"))
+    try:
+        _, pid = ta.get(h.work.remote(0, die=False), timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)                         # the supervisor has seen it: "restarting"
+        assert ta.get(h.work.remote(4, die=False), timeout=60)[0] == 8
+    finally:
+        ta.kill(h)
+
+
+def test_a_handle_carries_max_task_retries_to_other_processes():
+    h = Flaky.options(max_task_retries=3).remote("/tmp/unused")
+    try:
+        assert pickle.loads(pickle.dumps(h))._max_task_retries == 3
+        named = Flaky.options(name="flaky-named").remote("/tmp/unused")
+        assert ta.get_actor("flaky-named")._max_task_retries == 1
+        ta.kill(named)
+    finally:
+        ta.kill(h)
+
+
 def test_failing_constructor_reports_its_traceback():
     h = BadInit.remote()
     with pytest.raises(ta.ActorDiedError, match="no GPU here"):
@@ -343,6 +411,8 @@ def test_a_client_silent_mid_handshake_is_dropped_after_the_auth_timeout(counter
 def test_bad_options_are_refused():
     with pytest.raises(TypeError, match="allowed"):
         Counter.options(gpus=1)
+    with pytest.raises(ValueError, match="max_task_retries"):
+        Counter.options(max_task_retries=-1)
     for device in ("tpu", "cuda:", "cuda:x", "cuda0"):
         with pytest.raises(ValueError, match="device must be"):
             Counter.options(device=device)

@@ -53,7 +53,10 @@ JOBMOD = textwrap.dedent('''
 
     def _started(job):
         import torchactors as ta
-        who = ta.get([h.whoami.remote() for hs in job.roles.values() for h in hs])
+        handles = [h for hs in job.roles.values() for h in hs]
+        who = ta.get([h.whoami.remote() for h in handles])
+        for w, h in zip(who, handles):
+            w["retries"] = h._max_task_retries
         (job.out_dir / "started.json").write_text(json.dumps(who))
 
 
@@ -111,6 +114,7 @@ JOB = textwrap.dedent('''\
         replicas: 2
         args: {step: 2}
         env: {CLI_TEST_FLAG: "yes"}
+        max_task_retries: 2
       single:
         class: clijobmod:Counter
         args: {seed: 3}
@@ -397,6 +401,7 @@ def test_run_writes_summary_metrics_and_model(jobdir, tmp_path):
     who = json.loads((out / "started.json").read_text())
     assert [w["index"] for w in who] == [0, 1, 0]
     assert [w["seed"] for w in who] == [7, 7, 3]     # job.seed, unless the role's args set one
+    assert [w["retries"] for w in who] == [2, 2, 0]
     assert [w["flag"] for w in who] == ["yes", "yes", None]
     assert len({w["pid"] for w in who} | {os.getpid()}) == 4  # three actor processes
     with (out / "metrics.csv").open() as f:

@@ -132,7 +132,8 @@ def test_minimal_job_gets_every_default(job_file):
         "runtime": {"backend": "local", "address": None, "num_threads": None, "store_capacity": None,
                     "start_method": "spawn"},
         "roles": {"w": {"class": "cfgjobmod:Anything", "replicas": 1, "args": {}, "num_threads": None,
-                        "device": "cpu", "max_restarts": 0, "max_concurrency": 1, "env": {}}},
+                        "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
+                        "env": {}}},
         "program": "cfgjobmod:main",
         "stop": {"max_frames": None, "max_seconds": None, "target_return": None},
     }
@@ -211,7 +212,8 @@ def test_store_capacity_must_be_a_positive_size(job_file, size):
 
 # --------------------------------------------------------------------------- mistakes in the file
 
-ROLE_ALLOWED = "args, class, device, env, max_concurrency, max_restarts, num_threads, replicas"
+ROLE_ALLOWED = ("args, class, device, env, max_concurrency, max_restarts, max_task_retries, num_threads, "
+                "replicas")
 
 
 def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):
@@ -260,6 +262,7 @@ BAD_VALUES = [
     ("replicas: 2", "device: gpu", "roles.rollout.device", "cpu, cuda, cuda:N"),
     ("replicas: 2", "device: 'cuda:x'", "roles.rollout.device", "cpu, cuda, cuda:N"),
     ("replicas: 2", "max_restarts: -1", "roles.rollout.max_restarts", "int >= 0"),
+    ("replicas: 2", "max_task_retries: -2", "roles.rollout.max_task_retries", "int >= 0"),
     ("replicas: 2", "max_concurrency: 0", "roles.rollout.max_concurrency", "int >= 1"),
     ("replicas: 2", "env: [A, B]", "roles.rollout.env", "environment variable"),
     ("replicas: 2", "env: {A: 1}", "roles.rollout.env", "environment variable"),

@@ -64,14 +64,15 @@ class Runtime:
         actor_id = f"{cls.__name__}-{os.getpid()}-{next(_ids)}"
         name = options.get("name")
         label = name or actor_id
-        handle = ActorHandle(actor_id, label, public_methods(cls))
+        handle = ActorHandle(actor_id, label, public_methods(cls), options["max_task_retries"])
         body, held = encode_args(args, kwargs, self.store.put)
         try:
             cls_bytes = cloudpickle.dumps(cls)
         except Exception as e:
             raise TypeError(f"actor class {cls.__qualname__} cannot be pickled for its process: {e}") from e
         if name is not None:
-            self.job.register_name(name, {"actor_id": actor_id, "methods": handle._methods})
+            self.job.register_name(name, {"actor_id": actor_id, "methods": handle._methods,
+                                          "max_task_retries": handle._max_task_retries})
         spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
         threads = options["num_threads"] or max(1, (os.cpu_count() or 1) // (len(self.owned) + 2))
         self.owned[actor_id] = _Owned(handle, name, held)
@@ -85,7 +86,8 @@ class Runtime:
         ch = self.channels.get(handle._actor_id)
         if ch is None:
             with self.lock:
-                ch = self.channels.setdefault(handle._actor_id, Channel(self.job, handle._actor_id, handle._name))
+                ch = self.channels.setdefault(handle._actor_id, Channel(self.job, handle._actor_id, handle._name,
+                                                                        handle._max_task_retries))
         return ch
 
     def kill(self, handle: ActorHandle) -> None:
@@ -177,7 +179,7 @@ def get_actor(name: str) -> ActorHandle:
     record = runtime().job.lookup_name(name)
     if record is None:
         raise ValueError(f"no actor named {name!r} in this job")
-    return ActorHandle(record["actor_id"], name, record["methods"])
+    return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"])
 
 
 def wait_ready(handles: list[ActorHandle], timeout: Optional[float] = None) -> None:

@@ -33,21 +33,24 @@ RECHECK_S = 0.002           # how often wait() re-checks calls whose socket anot
 class PendingCall:
     """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it."""
 
-    __slots__ = ("channel", "seq", "held", "kind", "value", "id")
+    __slots__ = ("channel", "seq", "held", "kind", "value", "id", "msg", "retries")
 
-    def __init__(self, channel: "Channel", seq: int, held: list) -> None:
+    def __init__(self, channel: "Channel", seq: int, held: list, msg: Optional[bytes] = None,
+                 retries: int = 0) -> None:
         self.channel = channel
         self.seq = seq
         self.held = held            # refs in the request, kept until the actor has read it
         self.kind = 0
         self.value: Any = None
         self.id = f"{channel.actor_id}.call{seq}"
+        self.msg = msg              # the request, kept while it may be sent again (retries > 0)
+        self.retries = retries
 
     def done(self) -> bool:
         return self.kind != 0
 
     def settle(self, kind: int, value: Any) -> None:
-        self.kind, self.value, self.held = kind, value, None
+        self.kind, self.value, self.held, self.msg = kind, value, None, None
 
     def result(self, timeout: Optional[float] = None) -> Any:
         if not self.kind:
@@ -118,10 +121,13 @@ def _spin_select(conns: list, seconds: float) -> list:
 
 
 class Channel:
-    def __init__(self, job: Job, actor_id: str, name: str) -> None:
+    def __init__(self, job: Job, actor_id: str, name: str, max_task_retries: int = 0) -> None:
         self.job = job
         self.actor_id = actor_id
         self.name = name
+        # > 0: a call pending when the actor dies is sent again to its next incarnation (at
+        # most this many times), and calls made while it restarts wait for it (Ray's rule).
+        self.max_task_retries = max_task_retries
         self.conn: Optional[Connection] = None
         self.incarnation = -1
         self.seq = 0
@@ -148,9 +154,10 @@ class Channel:
                     self.conn is not None and self.conn.closed):
                 self._start_connect()
             self.seq += 1
-            pending = PendingCall(self, self.seq, held)
-            self.pendings[self.seq] = pending
             msg = protocol.request(kind, self.seq, self.read_upto, method, body)
+            retries = self.max_task_retries if kind == protocol.CALL else 0
+            pending = PendingCall(self, self.seq, held, msg if retries else None, retries)
+            self.pendings[self.seq] = pending
             if self.conn is None:
                 self.backlog.append(msg)
             else:
@@ -189,11 +196,13 @@ class Channel:
 
     def _start_connect(self) -> None:
         """Under send_lock: begin connecting to the actor's current process, or raise
-        ActorDiedError if it is down (dead, or waiting to be restarted)."""
+        ActorDiedError if it is down (dead; or waiting to be restarted, unless calls are retried:
+        then connect to its next incarnation once it is up)."""
         status = self.job.read_status(self.actor_id) or {}
         incarnation = status.get("incarnation", 0)
         state = status.get("state")
-        if state in ("dead", "restarting") or (self.dead is not None and incarnation <= self.incarnation):
+        down = state == "restarting" or (self.dead is not None and incarnation <= self.incarnation)
+        if state == "dead" or (down and not self.max_task_retries):
             self.incarnation = max(self.incarnation, incarnation)
             raise self._death(status)
         if self.conn is not None:
@@ -202,12 +211,13 @@ class Channel:
         self.dead = None
         self.connecting = True
         self.connected = threading.Event()
-        threading.Thread(target=self._connect, args=(incarnation, self.connected), daemon=True,
+        first = max(incarnation, self.incarnation + 1) if down else incarnation
+        threading.Thread(target=self._connect, args=(first, down, self.connected), daemon=True,
                          name=f"torchactors-connect-{self.name}").start()
 
-    def _connect(self, incarnation: int, done: threading.Event) -> None:
+    def _connect(self, incarnation: int, restart: bool, done: threading.Event) -> None:
         try:
-            conn = self._open(incarnation)
+            conn, incarnation = self._open(incarnation, restart)
         except ActorDiedError as death:
             with self.send_lock:
                 self.connecting = False
@@ -228,20 +238,24 @@ class Channel:
         done.set()
         logger.debug("connected to %s incarnation %d", self.name, incarnation)
 
-    def _open(self, incarnation: int) -> Connection:
+    def _open(self, incarnation: int, restart: bool) -> tuple[Connection, int]:
+        """Connect to ``incarnation`` of the actor; with ``restart``, to the first one from
+        ``incarnation`` on that comes up (waiting through restarts). Returns the connection
+        and the incarnation it reached."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        path = self.job.socket_path(self.actor_id, incarnation)
         while True:
-            if os.path.exists(path):
+            status = self.job.read_status(self.actor_id) or {}
+            state, current = status.get("state"), status.get("incarnation", 0)
+            if state == "dead" or (not restart and (state == "restarting" or current != incarnation)):
+                raise self._death(status)
+            path = self.job.socket_path(self.actor_id, current)
+            if current >= incarnation and state != "restarting" and os.path.exists(path):
                 try:
                     # No timeout: the actor answers once its constructor has returned, and a
-                    # death during the handshake shows up as a reset, checked below.
-                    return connect(path, self.job.secret, timeout=None)
+                    # death during the handshake shows up as a reset, checked next round.
+                    return connect(path, self.job.secret, timeout=None), current
                 except (OSError, AuthenticationError):
                     pass
-            status = self.job.read_status(self.actor_id) or {}
-            if status.get("state") in ("dead", "restarting") or status.get("incarnation", 0) != incarnation:
-                raise self._death(status)
             if time.monotonic() > deadline:
                 raise ActorDiedError(self.name, detail=f"it did not start listening within {CONNECT_TIMEOUT:.0f}s")
             time.sleep(0.005)
@@ -347,8 +361,37 @@ class Channel:
                 status = self.job.read_status(self.actor_id) or {}
             self.dead = self._death(status)
         pendings, self.pendings = self.pendings, {}
+        # A restart is coming if the supervisor says so, or has not said anything yet.
+        restart = self.dead.restarting or self.dead.restarts_left > 0
+        again = [p for p in pendings.values() if restart and p.retries > 0]
         for p in pendings.values():
-            p.settle(protocol.ERROR, self.dead)
+            if not (restart and p.retries > 0):
+                p.settle(protocol.ERROR, self.dead)
+        if again:
+            self._retry(sorted(again, key=lambda p: p.seq))
+
+    def _retry(self, calls: list[PendingCall]) -> None:
+        """Send ``calls`` again, first, to the actor's next incarnation (under read_lock; a
+        sender never waits for read_lock while it holds send_lock, so taking it here is safe)."""
+        logger.warning("%s; retrying %d pending call(s) on its next incarnation", self.dead, len(calls))
+        with self.send_lock:
+            for p in calls:
+                p.retries -= 1
+                self.pendings[p.seq] = p
+            if not self.connecting and self.conn is not None and not self.conn.closed:
+                for p in calls:         # a new call reconnected meanwhile
+                    self._send(p.msg)
+                return
+            self.backlog[:0] = [p.msg for p in calls]
+            if self.connecting:
+                return
+            try:
+                self._start_connect()
+            except ActorDiedError as death:
+                self.backlog.clear()
+                for p in calls:
+                    del self.pendings[p.seq]
+                    p.settle(protocol.ERROR, death)
 
     def close(self) -> None:
         with self.send_lock:

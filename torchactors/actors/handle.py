@@ -18,7 +18,8 @@ from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    "num_threads": None, "device": "cpu", "max_restarts": 0, "max_concurrency": 1, "name": None, "env": None,
+    "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
+    "name": None, "env": None,
 }
 
 
@@ -31,6 +32,8 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"num_threads must be a positive int or None, not {o['num_threads']!r}")
     if not isinstance(o.get("max_restarts", 0), int) or o.get("max_restarts", 0) < 0:
         raise ValueError(f"max_restarts must be an int >= 0, not {o['max_restarts']!r}")
+    if not isinstance(o.get("max_task_retries", 0), int) or o.get("max_task_retries", 0) < 0:
+        raise ValueError(f"max_task_retries must be an int >= 0, not {o['max_task_retries']!r}")
     if not isinstance(o.get("max_concurrency", 1), int) or o.get("max_concurrency", 1) < 1:
         raise ValueError(f"max_concurrency must be an int >= 1, not {o['max_concurrency']!r}")
     device = o.get("device", "cpu")
@@ -81,12 +84,14 @@ def actor(cls: Optional[type] = None, **options: Any) -> Any:
 
 
 class ActorHandle:
-    """A picklable reference to a running actor; pass it to other actors to let them call it."""
+    """A picklable reference to a running actor; pass it to other actors to let them call it.
+    It carries the actor's ``max_task_retries``: every caller retries the same way."""
 
-    def __init__(self, actor_id: str, name: str, methods: list[str]) -> None:
+    def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0) -> None:
         self._actor_id = actor_id
         self._name = name
         self._methods = methods
+        self._max_task_retries = max_task_retries
 
     def __getattr__(self, item: str) -> "ActorMethod":
         if item.startswith("_") or item not in self._methods:
@@ -94,7 +99,7 @@ class ActorHandle:
         return ActorMethod(self, item)
 
     def __reduce__(self) -> tuple:
-        return (ActorHandle, (self._actor_id, self._name, self._methods))
+        return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries))
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._name})"

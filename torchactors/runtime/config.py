@@ -190,6 +190,7 @@ ROLE_KEYS: dict[str, Key] = {
     "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
     "device": Key(_device, "cpu", "cpu, cuda, cuda:N"),
     "max_restarts": Key(_int(0), 0, "int >= 0"),
+    "max_task_retries": Key(_int(0), 0, "int >= 0"),
     "max_concurrency": Key(_int(1), 1, "int >= 1"),
     "env": Key(_env, {}, "a mapping of environment variable names to strings"),
 }
@@ -233,6 +234,7 @@ class RoleConfig:
     num_threads: Optional[int] = None
     device: str = "cpu"
     max_restarts: int = 0
+    max_task_retries: int = 0
     max_concurrency: int = 1
     env: dict = field(default_factory=dict)
 
