@@ -222,6 +222,18 @@ def test_typed_storage_and_its_tensor_keep_sharing():
     assert new[2][1].item() == -1.0
 
 
+def test_a_bare_device_storage_is_refused_not_read_from_its_address():
+    # A storage off the host (meta here, CUDA on a GPU) has no bytes we can copy: reading its
+    # address from the host crashed the process for TypedStorage before this check.
+    meta = torch.empty(4, device="meta").untyped_storage()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)       # TypedStorage is deprecated
+        typed = torch.TypedStorage(wrap_storage=meta, dtype=torch.float32, _internal=True)
+    for bare in (meta, typed):
+        with pytest.raises(TypeError, match="cannot store a bare meta storage; store a tensor viewing it"):
+            store.put({"s": bare})
+
+
 def test_one_tensor_twice_in_a_structure_comes_back_as_one_storage():
     t = torch.ones(3)
     a, b = store.get(store.put([t, t]))

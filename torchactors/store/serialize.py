@@ -137,9 +137,14 @@ def finish_tensor(t: torch.Tensor, requires_grad: bool, is_param: bool) -> torch
     return t
 
 
-def reduce_untyped_storage(s: torch.UntypedStorage, layout: StoreLayout) -> Reduced:
+def _check_host_storage(s: torch.UntypedStorage) -> None:
+    """Bare storages are copied into the block from their address: only host memory can be."""
     if s.device.type != "cpu":
         raise TypeError(f"cannot store a bare {s.device.type} storage; store a tensor viewing it instead")
+
+
+def reduce_untyped_storage(s: torch.UntypedStorage, layout: StoreLayout) -> Reduced:
+    _check_host_storage(s)
     return (rebuild_untyped_storage, (layout.add(s), s.nbytes()))
 
 
@@ -148,6 +153,7 @@ def rebuild_untyped_storage(rel: int, nbytes: int) -> torch.UntypedStorage:
 
 
 def reduce_typed_storage(s: torch.TypedStorage, layout: StoreLayout) -> Reduced:
+    _check_host_storage(s._untyped_storage)
     return (rebuild_typed_storage, (layout.add(s._untyped_storage), s._untyped_storage.nbytes(), s.dtype))
 
 
