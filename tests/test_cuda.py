@@ -256,6 +256,33 @@ def test_a_cuda_tensor_inside_a_structure_is_rebuilt_against_its_object():
         cuda.rebuild_cuda_tensor(meta)
 
 
+def test_an_export_holds_torchs_counter_slot_until_its_last_object_is_released(monkeypatch):
+    # The bookkeeping around torch's IPC calls, with those calls recorded (they need a GPU):
+    # puts of one storage share one export; its slot is handed back once, after the last.
+    exports, released = [], []
+    monkeypatch.setattr(torch.UntypedStorage, "_share_cuda_",
+                        lambda self: exports.append(1) or (0, b"h" * 64, 16, 0, b"/torch_1_x", len(exports), b"",
+                                                           False), raising=False)
+    monkeypatch.setattr(torch.UntypedStorage, "_release_ipc_counter_cuda",
+                        staticmethod(lambda name, offset: released.append((name, offset))))
+    monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: None)
+    storage = torch.arange(4.0).untyped_storage()       # stands in for a CUDA storage
+    first, second = cuda._Kept(cuda._export(storage), None), cuda._Kept(cuda._export(storage), None)
+    assert first.export is second.export and first.export.live == 2 and len(exports) == 1
+    export = first.export
+    del first
+    gc.collect()
+    assert released == [] and export.storage is storage, "the export must hold the memory while an object lives"
+    del second
+    gc.collect()
+    assert released == [(b"/torch_1_x", 1)] and export.storage is None and not hasattr(storage, cuda._EXPORT)
+    third = cuda._Kept(cuda._export(storage), None)     # a later put exports afresh
+    assert len(exports) == 2
+    del third
+    gc.collect()
+    assert released == [(b"/torch_1_x", 1), (b"/torch_1_x", 2)]
+
+
 def test_alias_storage_keeps_its_pin_until_the_last_view_dies():
     class Pin:
         pass

@@ -10,19 +10,22 @@ Box in the data flow (the CUDA branch of put, get and reclaim; the design's "How
         -> open the block once per process (weak cache, as torch's SharedCache)
         -> the consumer's current stream waits on the producer's event
         -> a view of the same GPU bytes (in the owner: a view of the kept tensor)
-    last ref dropped everywhere -> owner's reclaim drops t -> ``torch.cuda.ipc_collect()``
+    last ref dropped everywhere -> owner's reclaim drops t, hands torch's counter slot back
+        -> ``torch.cuda.ipc_collect()``
 
 ``install(store)`` plugs this into a store's tables; it calls no ``torch.cuda`` function, so a
 CPU-only process never initializes CUDA.
 
-Lifetime. The store's hold tables decide, not torch's IPC reference counter. torch counts one
-consumer per export and its counter is unsigned: with one ``put`` read by N processes it
-would be decremented N times, and a block whose counter wrapped stays in torch's limbo for
-good. So each export's counter is given back at once, and a consumer's tensor keeps its
-``ObjectRef`` (and the opened block) alive through a pin on the storage it views, as the CPU
-path's mappings do: the owner keeps the tensor while any view exists in any process, then
-frees it straight to its caching allocator. Before a pin lets go it synchronizes the
-consumer's current stream, so the owner never reuses bytes a pending kernel still reads.
+Lifetime. The store's hold tables decide when an object is free, not torch's IPC reference
+counter: torch counts one consumer per export, and one ``put`` is read by any number of
+processes. So consumers never touch the counter (they open with a name that names no file),
+and the owner holds its export's slot at 1 itself while any object made from that export
+lives: if the owner's own tensor lets go of the memory meanwhile (``p.data = ...``,
+``set_``, ``resize_``, ``Module.half()``), torch parks the block in its limbo instead of
+reusing it under the consumers. A consumer's tensor keeps its ``ObjectRef`` (and the opened
+block) alive through a pin on the storage it views, as the CPU path's mappings do. Before a
+pin lets go it synchronizes the consumer's device, so the owner never reuses bytes a pending
+kernel (on any of the consumer's streams) still reads.
 
 - Consumer death. torch's docs (Multiprocessing best practices, "Sharing CUDA tensors") warn
   that a consumer killed by a fatal signal leaks the shared tensor for as long as the producer
@@ -40,6 +43,11 @@ consumer's current stream, so the owner never reuses bytes a pending kernel stil
   exported storage is gone and ``ipc_collect`` runs, or at a clean interpreter exit: an
   owner that leaves through a signal or ``os._exit`` leaves it behind.
 - Device indices must name the same GPUs in every process (same ``CUDA_VISIBLE_DEVICES``).
+- Exporting wraps the storage's memory in torch's IPC bookkeeping for the rest of its life,
+  and torch's caching allocator then ignores ``record_stream`` on it: a tensor that was put
+  and is used on a side stream must be synchronized before its last reference is dropped.
+- CUDA IPC needs torch's native caching allocator: with ``backend:cudaMallocAsync`` or a
+  pluggable allocator ``put`` of a CUDA tensor raises.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ MAX_EVENTS = 1000       # live interprocess events per process; beyond, put sync
 NO_COUNTER = b"/torchactors-no-ipc-counter"   # names no file: torch's consumer-side decrement is a no-op
 
 _PIN = "_torchactors_pin"       # on a consumer's storage: the _Pin keeping its object and block alive
-_EXPORT = "_torchactors_ipc"    # on an owner's storage: its export, made once
+_EXPORT = "_torchactors_ipc"    # on an owner's storage: its live _Export, reused by later puts
 
 _lock = threading.RLock()       # reentrant: finalizers below may run while it is held
 _local = threading.local()
@@ -99,27 +107,56 @@ def describe_cuda_meta(meta: tuple) -> dict:
 
 # -- put ----------------------------------------------------------------------------------------
 
+class _Export:
+    """One CUDA IPC export of a storage, shared by every object put from it while any lives.
+    Holds the storage and torch's ref-counter slot for the export (left at 1 until the last of
+    those objects is released), so the memory outlives the owner's own use of it."""
+
+    __slots__ = ("storage", "key", "device", "handle", "nbytes", "offset_bytes", "counter", "counter_offset",
+                 "live")
+
+    def __init__(self, storage: torch.UntypedStorage) -> None:
+        self.key = (storage.data_ptr(), storage.nbytes())
+        (self.device, self.handle, self.nbytes, self.offset_bytes, self.counter, self.counter_offset,
+         _event, _sync) = storage._share_cuda_()
+        self.storage: Optional[torch.UntypedStorage] = storage
+        self.live = 0
+
+    def drop(self) -> None:
+        """One object made from this export is released; after the last, give torch its slot
+        back and let it free the block (now, or from its limbo if the owner let go already)."""
+        with _lock:
+            self.live -= 1
+            if self.live:
+                return
+            storage, self.storage = self.storage, None
+            if getattr(storage, _EXPORT, None) is self:
+                delattr(storage, _EXPORT)
+        torch.UntypedStorage._release_ipc_counter_cuda(self.counter, self.counter_offset)
+        del storage
+        torch.cuda.ipc_collect()
+
+
 class _Kept:
-    """What the owner's entry holds for one CUDA tensor: the tensor and its ready event.
+    """What the owner's entry holds for one CUDA object: its export and its ready event.
     Its release is a reclaim point: torch may then free blocks it held for IPC."""
 
-    __slots__ = ("tensor", "event")
+    __slots__ = ("export", "event")
 
-    def __init__(self, tensor: torch.Tensor, event: Any) -> None:
-        self.tensor = tensor
+    def __init__(self, export: _Export, event: Any) -> None:
+        self.export: Optional[_Export] = export
         self.event = event
 
     def __del__(self) -> None:
         global _events_live
-        had_event = self.event is not None
-        self.tensor = None
-        self.event = None
+        export, self.export = self.export, None
+        had_event, self.event = self.event is not None, None
         try:
             if had_event:
                 with _lock:
                     _events_live -= 1
-            if torch.cuda.is_initialized():
-                torch.cuda.ipc_collect()
+            if export is not None:
+                export.drop()
         except Exception:       # interpreter shutdown
             pass
 
@@ -147,16 +184,20 @@ def share(t: torch.Tensor) -> tuple[tuple, Optional[_Kept]]:
     flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
     if t.numel() == 0:
         return ("c", device, None, 0, 0, None, t.dtype, tuple(t.shape), t.stride(), 0) + flags, None
-    t, (device, handle, nbytes, offset_bytes) = _exportable(t)
-    event, event_handle = _ready_event(t.device)
-    meta = ("c", device, handle, nbytes, offset_bytes, event_handle, t.dtype, tuple(t.shape), t.stride(),
-            t.storage_offset()) + flags
-    return meta, _Kept(t, event)
+    t, export = _exportable(t)
+    try:
+        event, event_handle = _ready_event(t.device)
+    except BaseException:
+        export.drop()
+        raise
+    meta = ("c", export.device, export.handle, export.nbytes, export.offset_bytes, event_handle, t.dtype,
+            tuple(t.shape), t.stride(), t.storage_offset()) + flags
+    return meta, _Kept(export, event)
 
 
-def _exportable(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """``t`` and its export, or a clone's if ``t``'s storage cannot be exported from here
-    (it was itself received over IPC, or torch's allocator does not own it)."""
+def _exportable(t: torch.Tensor) -> tuple[torch.Tensor, _Export]:
+    """``t`` and its export (one more live object counted on it), or a clone's if ``t``'s
+    storage cannot be exported from here (it was itself received over IPC)."""
     global _warned_clone
     storage = t.untyped_storage()
     if getattr(storage, _PIN, None) is None:
@@ -166,30 +207,33 @@ def _exportable(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
             reason = str(e).splitlines()[0]
     else:
         reason = "its storage was received from another process"
+    c = t.detach().clone()
+    try:
+        export = _export(c.untyped_storage())
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"cannot share a CUDA tensor through CUDA IPC: {reason}; nor a copy of it "
+            f"({str(e).splitlines()[0]}). CUDA IPC needs torch's native caching allocator: unset "
+            f"PYTORCH_CUDA_ALLOC_CONF's backend:cudaMallocAsync or any pluggable allocator, or put "
+            f"t.cpu() instead") from None
     if not _warned_clone:
         _warned_clone = True
         logger.warning("put of a CUDA tensor that cannot be exported in place (%s): storing a clone. "
                        "Put the original in the process that made it to avoid the copy "
                        "(this warning is shown once)", reason)
-    c = t.detach().clone()
-    return c, _export(c.untyped_storage())
+    return c, export
 
 
-def _export(storage: torch.UntypedStorage) -> tuple[int, bytes, int, int]:
-    """(device index, IPC handle of the allocation block, storage bytes, storage offset in the
-    block), made once per storage and remembered on it."""
+def _export(storage: torch.UntypedStorage) -> _Export:
+    """The storage's live export, or a new one; counts one more object made from it."""
     with _lock:
-        done = getattr(storage, _EXPORT, None)
-        key = (storage.data_ptr(), storage.nbytes())
-        if done is not None and done[0] == key:
-            return done[1]
-        device, handle, nbytes, offset_bytes, counter, counter_offset, _event, _sync = storage._share_cuda_()
-        # Give torch's per-export count back: the hold tables count holders (module docstring).
-        torch.UntypedStorage._release_ipc_counter_cuda(counter, counter_offset)
-        info = (device, handle, nbytes, offset_bytes)
-        setattr(storage, _EXPORT, (key, info))
-        _owned[(handle, offset_bytes)] = storage
-        return info
+        export = getattr(storage, _EXPORT, None)
+        if export is None or export.key != (storage.data_ptr(), storage.nbytes()):
+            export = _Export(storage)
+            setattr(storage, _EXPORT, export)
+            _owned[(export.handle, export.offset_bytes)] = storage
+        export.live += 1
+        return export
 
 
 def _ready_event(device: torch.device) -> tuple[Any, Optional[bytes]]:
@@ -238,7 +282,7 @@ class _Pin:
     def __del__(self) -> None:
         try:
             if self.device is not None and torch.cuda.is_initialized():
-                torch.cuda.current_stream(self.device).synchronize()
+                torch.cuda.synchronize(self.device)     # every stream: any may still read the block
         except Exception:       # interpreter shutdown, or a CUDA error already reported
             pass
         self.opened = None      # closes the block if this was its last view here
