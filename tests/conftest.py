@@ -106,6 +106,25 @@ def shm_entry_of(name: str, pids: set[int]) -> bool:
     return "torchactors" in name or any(f"_{pid}_" in name or name.endswith(f"_{pid}") for pid in pids)
 
 
+class StoreProcess:
+    """The base of the store tests' actor classes: another process of the job that keeps refs
+    when told to and reports on itself."""
+
+    def __init__(self) -> None:
+        self.held: list = []
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict:
+        return ta.store.stats()
+
+    def put_and_keep(self, n: int) -> dict:
+        ref = ta.store.put(torch.arange(n, dtype=torch.float32))
+        self.held.append(ref)
+        return {"ref": ref}
+
+
 def _new_children_alive(before: set[int]) -> list[psutil.Process]:
     return [p for pid, p in live_children().items() if pid not in before]
 

@@ -21,7 +21,7 @@ import torchactors as ta
 from torchactors import store
 from torchactors.store import core
 
-from conftest import fd_links, open_fds, process_alive, shm_entries, shm_entry_of, wait_for
+from conftest import StoreProcess, fd_links, open_fds, process_alive, shm_entries, shm_entry_of, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CYCLES = 10_000
@@ -29,16 +29,7 @@ BATCH = 100
 
 
 @ta.actor(num_threads=1)
-class Churner:
-    def __init__(self) -> None:
-        self.held: list = []
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def stats(self) -> dict:
-        return store.stats()
-
+class Churner(StoreProcess):
     def get_all(self, refs: list, first: int) -> bool:
         """Get every ref (a view each) and check its first element; keep nothing."""
         return all(store.get(r)[0].item() == first + i for i, r in enumerate(refs))
@@ -46,11 +37,6 @@ class Churner:
     def put_batch(self, n: int, first: int) -> list:
         """Put ``n`` objects and return their refs; this process keeps none."""
         return [store.put(torch.full((64,), float(first + i))) for i in range(n)]
-
-    def put_and_keep(self, n: int) -> dict:
-        ref = store.put(torch.arange(n, dtype=torch.float32))
-        self.held.append(ref)
-        return {"ref": ref}
 
     def hold(self, box: dict) -> None:
         self.held.append(box["ref"])

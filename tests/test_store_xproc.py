@@ -21,7 +21,7 @@ from torchactors import store
 from torchactors.actors.handle import encode_args
 from torchactors.errors import ObjectFreedError
 
-from conftest import wait_for
+from conftest import StoreProcess, wait_for
 
 
 def mapping_name(ptr: int) -> str:
@@ -43,17 +43,8 @@ class Rollout:
 
 
 @ta.actor(num_threads=1)
-class Peer:
+class Peer(StoreProcess):
     """Another process of the job, doing to the store what a test asks."""
-
-    def __init__(self) -> None:
-        self.held: list = []
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def stats(self) -> dict:
-        return store.stats()
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -94,11 +85,6 @@ class Peer:
     def put_and_return(self, n: int) -> dict:
         """Put an object and return its ref; this process keeps no ref to it."""
         return {"ref": store.put(torch.arange(n, dtype=torch.float32))}
-
-    def put_and_keep(self, n: int) -> dict:
-        ref = store.put(torch.arange(n, dtype=torch.float32))
-        self.held.append(ref)
-        return {"ref": ref}
 
     def objects_after(self, seconds: float) -> int:
         time.sleep(seconds)
