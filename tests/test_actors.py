@@ -104,6 +104,9 @@ class Flaky:
             os._exit(3)
         return x * 2, os.getpid()
 
+    def nap(self, seconds: float) -> None:
+        time.sleep(seconds)
+
     def crash(self, log: str) -> None:
         with open(log, "a") as f:
             f.write("ran\n")
@@ -306,6 +309,18 @@ def test_retries_are_bounded_and_then_the_death_is_reported(tmp_path):
         assert ta.get(h.work.remote(3, die=False), timeout=60)[0] == 6    # restarted (its last restart)
     finally:
         ta.kill(h)
+
+
+def test_killing_an_actor_with_retries_fails_its_pending_calls_without_retrying(tmp_path):
+    h = Flaky.remote(str(tmp_path / "m"))
+    ta.get(h.work.remote(0, die=False), timeout=60)
+    pending = h.nap.remote(30)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    ta.kill(h)
+    with pytest.raises(ta.ActorDiedError, match="killed"):
+        ta.get(pending, timeout=20)
+    assert time.monotonic() - t0 < 5
 
 
 def test_calls_made_while_a_retrying_actor_restarts_wait_for_it(tmp_path):
