@@ -60,15 +60,15 @@ JOBMOD = textwrap.dedent('''
         (job.out_dir / "started.json").write_text(json.dumps(who))
 
 
-    def count(job):
-        """Report 100 frames per round until told to stop."""
+    def count(job, per_counter=50):
+        """Report per_counter frames per counter per round until told to stop."""
         import torchactors as ta
         _started(job)
         counters = job.roles["counter"]
         frames = rounds = 0
         while not job.should_stop():
-            totals = ta.get([c.add.remote(50) for c in counters])
-            frames += 50 * len(counters)
+            totals = ta.get([c.add.remote(per_counter) for c in counters])
+            frames += per_counter * len(counters)
             rounds += 1
             job.report(frames=frames, episodes=rounds, mean_return=float(sum(totals)), updates=rounds, note="x")
         job.save_model({"w": torch.arange(4.0)})
@@ -389,11 +389,11 @@ def _assert_all_gone(pids: list[int], shm_before: set) -> None:
 def test_run_writes_summary_metrics_and_model(jobdir, tmp_path):
     """Needs the runtime: a whole run to max_frames, with replicas, args, env, replica_index and seed."""
     out = tmp_path / "out"
-    r = torchactors(jobdir, "run", "job.yaml", "--out", str(out), timeout=80)
+    r = torchactors(jobdir, "run", "job.yaml", "program_args.per_counter=25", "--out", str(out), timeout=80)
     assert r.returncode == 0, r.stdout + r.stderr
     s = _summary(out)
     assert s["stopped_by"] == "max_frames" and s["frames"] >= 2000
-    assert s["episodes"] == s["updates"] == s["frames"] // 100
+    assert s["episodes"] == s["updates"] == s["frames"] // 50      # program_args: 25 frames x 2 counters
     assert s["reached_target"] is False
     assert s["actors"]["counter"]["count"] == 2 and s["actors"]["single"]["count"] == 1
     assert s["extra"] == {"note": "x"}

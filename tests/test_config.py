@@ -42,6 +42,9 @@ JOBMOD = textwrap.dedent('''
     def main(job):
         pass
 
+    def tuned(job, rounds=1, *, label="x"):
+        pass
+
     def no_args():
         pass
 
@@ -135,6 +138,7 @@ def test_minimal_job_gets_every_default(job_file):
                         "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
                         "env": {}}},
         "program": "cfgjobmod:main",
+        "program_args": {},
         "stop": {"max_frames": None, "max_seconds": None, "target_return": None},
     }
     assert cfg.num_processes == 1
@@ -223,7 +227,7 @@ def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):
 
 
 @pytest.mark.parametrize("old,new,line,key,contains", [
-    ("job:\n", "jobs: {}\njob:\n", 1, "jobs", ["unknown key 'jobs' at the top level", "job, program, roles, runtime, stop"]),
+    ("job:\n", "jobs: {}\njob:\n", 1, "jobs", ["unknown key 'jobs' at the top level", "job, program, program_args, roles, runtime, stop"]),
     ("  seed: 3", "  seed: 3\n  sead: 4", 4, "job.sead", ["unknown key 'sead' in job", "name, seed"]),
     ("  num_threads: 2\n  store", "  num_thread: 2\n  store", 5, "runtime.num_thread",
      ["address, backend, num_threads, start_method, store_capacity"]),
@@ -347,6 +351,20 @@ def test_class_whose_module_fails_to_import(job_file, tmp_path, monkeypatch):
 def test_bad_program(job_file, ref, contains):
     text = GOOD.replace("program: cfgjobmod:main", f"program: {ref}")
     expect_error(job_file(text), line=L_PROGRAM, key="program", contains=[contains])
+
+
+def test_program_args_are_checked_against_the_programs_signature(job_file):
+    text = GOOD.replace("program: cfgjobmod:main", "program: cfgjobmod:tuned\nprogram_args: {rounds: 3, label: y}")
+    cfg = load_config(job_file(text))
+    assert cfg.program_args == {"rounds": 3, "label": "y"} and cfg.to_dict()["program_args"] == cfg.program_args
+    assert load_config(job_file(text), ["program_args.rounds=5"]).program_args["rounds"] == 5
+    bad = GOOD.replace("program: cfgjobmod:main", "program: cfgjobmod:tuned\nprogram_args:\n  rouns: 3")
+    expect_error(job_file(bad), line=L_PROGRAM + 2, key="program_args.rouns",
+                 contains=["cfgjobmod:tuned takes no argument 'rouns' (program_args)"],
+                 allowed="the keyword arguments of cfgjobmod:tuned after the job: rounds=1, label='x'")
+    expect_error(job_file(GOOD.replace("program: cfgjobmod:main", "program: cfgjobmod:main\nprogram_args: [1]")),
+                 line=L_PROGRAM + 1, key="program_args", contains=["program_args must be a mapping"])
+
 
 
 def test_args_are_checked_against_the_class(job_file):

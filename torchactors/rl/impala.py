@@ -19,9 +19,8 @@ take those keywords. ``RolloutActor`` mixes both, so that replicas explore diffe
 and another job seed gives other episodes; when ``replica_index`` is absent (direct
 construction) ``actor_index`` is used instead.
 
-The driver's own knobs are the module constants in ``TRAIN_DEFAULTS`` (the job config's schema
-has no section for the program's options); the learning hyperparameters are the ``args`` of
-the two roles.
+The driver's own knobs are the keyword arguments of ``train`` (the job file's ``program_args``);
+the learning hyperparameters are the ``args`` of the two roles.
 """
 
 from __future__ import annotations
@@ -45,19 +44,6 @@ HIDDEN = 64
 
 # A non-blocking poll of finished calls.
 POLL_S = 0.0
-
-TRAIN_DEFAULTS: dict[str, Any] = {
-    # Updates submitted to the learner and not yet finished before the driver waits for one.
-    # Bounds both the learner's queue (memory) and the policy lag of the rollout actors.
-    "max_pending_updates": 2,
-    # How long a rollout actor may stay down (dead, restarting) before the driver goes on
-    # without it, and how often the driver tries it again meanwhile. A restart spawns a
-    # process and imports torch: seconds on a loaded 2-core machine.
-    "rollout_down_s": 60.0,
-    "retry_interval_s": 0.5,
-    "return_window": 100,
-}
-
 
 class RolloutActor:
     """Acts in ``num_envs`` CartPoles with the last weights it was sent; returns unrolls."""
@@ -241,8 +227,16 @@ class Learner:
         return self.version
 
 
-def train(job: Any) -> None:
+def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, retry_interval_s: float = 0.5,
+          return_window: int = 100) -> None:
     """The driver: keep every rollout actor busy, feed the learner, publish weights by ref.
+
+    ``max_pending_updates`` bounds the updates submitted to the learner and not yet finished
+    before the driver waits for one: the learner's queue (memory) and the actors' policy lag.
+    A rollout actor may stay down (dead, restarting) ``rollout_down_s`` before the driver goes
+    on without it, tried again every ``retry_interval_s`` meanwhile (a restart spawns a process
+    and imports torch: seconds on a loaded 2-core machine). The mean return reported is over
+    the last ``return_window`` episodes.
 
     Each finished unroll's ref goes to ``learner.update`` as a top-level argument (the learner
     maps the driver-untouched tensors), followed by ``learner.weights``; calls to one actor run
@@ -256,7 +250,6 @@ def train(job: Any) -> None:
     """
     import torchactors as ta
 
-    opts = dict(TRAIN_DEFAULTS)
     learner = job.roles["learner"][0]
     actors = list(job.roles["rollout"])
     lost_object = ("OwnerDiedError", "ObjectFreedError")
@@ -271,7 +264,7 @@ def train(job: Any) -> None:
     dropped: set[int] = set()
     pending: collections.deque = collections.deque()  # (update ref, weights ref) in call order
     in_flight: dict[Any, int] = {}
-    returns: collections.deque = collections.deque(maxlen=int(opts["return_window"]))
+    returns: collections.deque = collections.deque(maxlen=return_window)
     frames = episodes = updates = 0
     last_stats: dict[str, float] = {}
 
@@ -281,7 +274,7 @@ def train(job: Any) -> None:
             raise exc  # a bug in rollout(): retrying cannot help
         now = time.monotonic()
         since = down_since.setdefault(i, now)
-        if now - since > opts["rollout_down_s"]:
+        if now - since > rollout_down_s:
             # Not restarted in time (or no restarts left): go on with the others, if any.
             logger.error("rollout actor %d is down since %.0fs; going on without it", i, now - since)
             dropped.add(i)
@@ -291,7 +284,7 @@ def train(job: Any) -> None:
         if since == now:
             logger.warning("rollout actor %d failed (%s); relaunching it", i, exc)
         actor_version[i] = -1  # a restarted actor starts with fresh weights
-        retry_at[i] = now + opts["retry_interval_s"]
+        retry_at[i] = now + retry_interval_s
 
     def launch(i: int) -> None:
         try:
@@ -308,7 +301,7 @@ def train(job: Any) -> None:
         nonlocal wref, w_version, updates, last_stats
         while pending:
             upd, w = pending[0]
-            if len(pending) <= opts["max_pending_updates"]:
+            if len(pending) <= max_pending_updates:
                 if not ta.wait([w], num_returns=1, timeout=POLL_S)[0]:
                     return
             pending.popleft()
@@ -331,9 +324,9 @@ def train(job: Any) -> None:
             del retry_at[i]
             launch(i)
         if not in_flight:
-            time.sleep(opts["retry_interval_s"])
+            time.sleep(retry_interval_s)
             continue
-        ready, _ = ta.wait(list(in_flight), num_returns=1, timeout=opts["retry_interval_s"])
+        ready, _ = ta.wait(list(in_flight), num_returns=1, timeout=retry_interval_s)
         for ref in ready:
             i = in_flight.pop(ref)
             try:

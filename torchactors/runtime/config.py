@@ -200,7 +200,7 @@ STOP_KEYS: dict[str, Key] = {
     "max_seconds": Key(_optional(_float(positive=True)), None, "null or a number > 0"),
     "target_return": Key(_optional(_float()), None, "null or a number"),
 }
-TOP_KEYS = ("job", "runtime", "roles", "program", "stop")
+TOP_KEYS = ("job", "runtime", "roles", "program", "program_args", "stop")
 _ROLE_NAME = "a role name of letters, digits, '_', '-'"
 
 # Top-level shorthands, as the README writes them: `torchactors run job.yaml backend=ray address=...`
@@ -255,6 +255,7 @@ class JobConfig:
     roles: dict[str, RoleConfig]
     program: str
     stop: StopSection
+    program_args: dict = field(default_factory=dict)
     file: str = "<string>"
     overrides: tuple[str, ...] = ()
 
@@ -271,7 +272,8 @@ class JobConfig:
             del d["name"]
             roles[name] = {"class": d.pop("class_path"), **d}
         return {"job": dataclasses.asdict(self.job), "runtime": dataclasses.asdict(self.runtime),
-                "roles": roles, "program": self.program, "stop": dataclasses.asdict(self.stop)}
+                "roles": roles, "program": self.program, "program_args": copy.deepcopy(self.program_args),
+                "stop": dataclasses.asdict(self.stop)}
 
 
 # --------------------------------------------------------------------------- imports
@@ -513,15 +515,25 @@ def _check_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
         raise doc.error(path, f"{cls_ref} needs argument(s) {', '.join(missing)} in roles.{role}.args", allowed=allowed)
 
 
-def _check_program(doc: _Doc, ref: str) -> None:
+def _check_program(doc: _Doc, ref: str, args: dict) -> None:
+    """The program takes the job context, then ``program_args`` as keyword arguments."""
     fn = import_string(ref)
     try:
-        inspect.signature(fn).bind(object())
+        signature = inspect.signature(fn)
+    except ValueError:
+        return  # builtins without a signature: let the call decide
+    try:
+        signature.bind(object())
     except TypeError:
         raise doc.error(("program",), f"program {ref} must take one argument, the job context",
-                        allowed="def main(job): ...") from None
-    except ValueError:
-        pass  # builtins without a signature: let the call decide
+                        allowed="def main(job, **options): ...") from None
+    rest = list(signature.parameters.values())[1:]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in rest)
+    names = {p.name for p in rest if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    allowed = f"the keyword arguments of {ref} after the job: " + (", ".join(str(p) for p in rest) or "(none)")
+    for k in args:
+        if k not in names and not takes_any:
+            raise doc.error(("program_args", k), f"{ref} takes no argument '{k}' (program_args)", allowed=allowed)
 
 
 def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
@@ -563,9 +575,15 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
     except _Invalid as e:
         raise doc.error(("program",), f"program: {e.detail or 'got ' + _show(data['program'])}",
                         allowed=PROGRAM_KEY.allowed) from None
-    _check_program(doc, program)
+    raw_args = data.get("program_args")
+    try:
+        program_args = _kwargs({} if raw_args is None else raw_args)
+    except _Invalid:
+        raise doc.error(("program_args",), f"program_args must be a mapping of keyword arguments, got {_show(raw_args)}",
+                        allowed="{name: value, ...}") from None
+    _check_program(doc, program, program_args)
     return JobConfig(job=JobSection(**job), runtime=RuntimeSection(**runtime), roles=roles, program=program,
-                     stop=StopSection(**stop), file=doc.file, overrides=tuple(overrides))
+                     stop=StopSection(**stop), program_args=program_args, file=doc.file, overrides=tuple(overrides))
 
 
 def parse_config(text: str, file: str = "<string>", overrides: Iterable[str] = ()) -> JobConfig:

@@ -490,7 +490,7 @@ def run_job(config: JobConfig, out_dir: Union[str, Path, None] = None, *, grace_
         interrupts.phase = "program"
         if ctx._interrupted.is_set():  # Ctrl-C while starting, swallowed somewhere in start-up
             raise KeyboardInterrupt
-        program(ctx)
+        program(ctx, **config.program_args)
     except KeyboardInterrupt:
         ctx._interrupt()
     except Exception as e:
