@@ -27,6 +27,7 @@ from torchactors.runtime.child import ChildContext
 from torchactors.runtime.supervisor import ProcessSpec, Supervisor
 from torchactors.store import core as store_core
 from torchactors.store import parse_size
+from torchactors.store.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ class Runtime:
             device=options["device"]))
         return handle
 
+    def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
+        """Send a method call; its result ref at once. Tensors in the arguments travel as refs."""
+        body, held = encode_args(args, kwargs, self.store.put)
+        return self.channel(handle).call(method, body, held)
+
+    def ping(self, handle: ActorHandle) -> ObjectRef:
+        """A ref that resolves once the actor has run its constructor and answers calls."""
+        return self.channel(handle).call("", b"", [], kind=protocol.PING)
+
     def channel(self, handle: ActorHandle) -> Channel:
         ch = self.channels.get(handle._actor_id)
         if ch is None:
@@ -89,6 +99,12 @@ class Runtime:
                 ch = self.channels.setdefault(handle._actor_id, Channel(self.job, handle._actor_id, handle._name,
                                                                         handle._max_task_retries))
         return ch
+
+    def get_actor(self, name: str) -> ActorHandle:
+        record = self.job.lookup_name(name)
+        if record is None:
+            raise ValueError(f"no actor named {name!r} in this job")
+        return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"])
 
     def kill(self, handle: ActorHandle) -> None:
         owned = self.owned.pop(handle._actor_id, None)
@@ -122,20 +138,31 @@ _lock = threading.Lock()
 
 def init(backend: str = "local", num_threads: Optional[int] = None, store_capacity: Any = None,
          address: Optional[str] = None) -> Runtime:
-    """Start torchactors in this process (optional: the first use does it with defaults)."""
+    """Start torchactors in this process (optional: the first use does it with defaults).
+
+    ``backend="local"``: actors are processes of this machine started by our supervisor.
+    ``backend="ray"``: actors are Ray actors; ``address`` names the cluster (None starts a
+    local one, as ``ray.init()`` does)."""
     global _runtime
-    if backend != "local":
-        raise ValueError(f"backend {backend!r} is not available in this version; use backend='local'")
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown backend {backend!r}; use 'local' or 'ray'")
+    if address is not None and backend != "ray":
+        raise ValueError("address is only used with backend='ray'")
     with _lock:
         if _runtime is not None:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
             return _runtime
         capacity = parse_size(store_capacity) if store_capacity is not None else None
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
-        job = job_module.Job.create(capacity)
-        job_module.set_current(job)
-        _runtime = Runtime(job)
+        if backend == "ray":
+            from torchactors.actors import ray_backend
+
+            _runtime = ray_backend.start(num_threads, capacity, address)
+        else:
+            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
+            job = job_module.Job.create(capacity)
+            job_module.set_current(job)
+            _runtime = Runtime(job)
         atexit.register(shutdown)
         return _runtime
 
@@ -145,6 +172,12 @@ def attach_runtime(ctx: ChildContext) -> Runtime:
     global _runtime
     _runtime = Runtime(job_module.current())
     return _runtime
+
+
+def attach_ray_runtime(rt: Any) -> None:
+    """In a Ray actor's process: the Ray backend's runtime of the job it was started in."""
+    global _runtime
+    _runtime = rt
 
 
 def runtime() -> Runtime:
@@ -176,14 +209,11 @@ def kill(handle: ActorHandle) -> None:
 
 def get_actor(name: str) -> ActorHandle:
     """The handle of the actor started with ``.options(name=name)`` anywhere in the job."""
-    record = runtime().job.lookup_name(name)
-    if record is None:
-        raise ValueError(f"no actor named {name!r} in this job")
-    return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"])
+    return runtime().get_actor(name)
 
 
 def wait_ready(handles: list[ActorHandle], timeout: Optional[float] = None) -> None:
     """Block until every actor in ``handles`` has finished its constructor and answers calls
     (raises ActorDiedError for one that died, GetTimeoutError after ``timeout``)."""
     rt = runtime()
-    rt.store.get([rt.channel(h).call("", b"", [], kind=protocol.PING) for h in handles], timeout)
+    rt.store.get([rt.ping(h) for h in handles], timeout)

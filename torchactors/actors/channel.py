@@ -30,10 +30,35 @@ SPIN_S = 50e-6              # a get polls this long before it sleeps (see Connec
 RECHECK_S = 0.002           # how often wait() re-checks calls whose socket another thread reads
 
 
-class PendingCall:
-    """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it."""
+class PendingResult:
+    """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it. A
+    backend's subclass says how to wait for the reply (``_wait``) and sets ``kind``/``value``."""
 
-    __slots__ = ("channel", "seq", "held", "kind", "value", "id", "msg", "retries")
+    __slots__ = ("kind", "value")
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        raise NotImplementedError
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if not self.kind:
+            self._wait(timeout)
+        if self.kind == protocol.ERROR:
+            raise self.value
+        return self.value
+
+    def materialize(self) -> ObjectRef:
+        """The result as a store ref (to pass it on): the actor's ref, or a put of a small value."""
+        value = self.result()
+        if self.kind != protocol.OK_REF:
+            self.value = value = store_core.current().put(value)
+            self.kind = protocol.OK_REF
+        return value
+
+
+class PendingCall(PendingResult):
+    """A call on the local backend: its reply arrives on the channel's socket."""
+
+    __slots__ = ("channel", "seq", "held", "id", "msg", "retries")
 
     def __init__(self, channel: "Channel", seq: int, held: list, msg: Optional[bytes] = None,
                  retries: int = 0) -> None:
@@ -52,20 +77,8 @@ class PendingCall:
     def settle(self, kind: int, value: Any) -> None:
         self.kind, self.value, self.held, self.msg = kind, value, None, None
 
-    def result(self, timeout: Optional[float] = None) -> Any:
-        if not self.kind:
-            self.channel.pump_until(self, timeout)
-        if self.kind == protocol.ERROR:
-            raise self.value
-        return self.value
-
-    def materialize(self) -> ObjectRef:
-        """The result as a store ref (to pass it on): the actor's ref, or a put of a small value."""
-        value = self.result()
-        if self.kind != protocol.OK_REF:
-            self.value = value = store_core.current().put(value)
-            self.kind = protocol.OK_REF
-        return value
+    def _wait(self, timeout: Optional[float]) -> None:
+        self.channel.pump_until(self, timeout)
 
     @staticmethod
     def wait_any(pendings: list["PendingCall"], timeout: Optional[float]) -> None:

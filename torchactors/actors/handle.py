@@ -121,9 +121,7 @@ class ActorMethod:
     def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
         from torchactors.actors import api
 
-        rt = api.runtime()
-        body, held = encode_args(args, kwargs, rt.store.put)
-        return rt.channel(self.handle).call(self.name, body, held)
+        return api.runtime().call(self.handle, self.name, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote(...)")

@@ -56,6 +56,26 @@ def _until_first_deadline(joining: dict[int, Handshake]) -> float:
     return max(0.0, min(hs.deadline for hs in joining.values()) - time.monotonic())
 
 
+def encode_result(result: Any) -> tuple[int, bytes, Optional[list]]:
+    """A method's result as a reply: small plain values inline; anything else put into this
+    process's store and sent as a ref, with the refs the sender must hold until the caller
+    acknowledges the reply."""
+    if result is None:
+        return protocol.OK_VALUE, _NONE, None
+    if type(result) in protocol.INLINE_TYPES:
+        return protocol.OK_VALUE, pickle.dumps(result, pickle.HIGHEST_PROTOCOL), None
+    ref = store_core.current().put(result)
+    with SerializationContext() as ctx:
+        body = pickle.dumps(ref, pickle.HIGHEST_PROTOCOL)
+    return protocol.OK_REF, body, ctx.refs
+
+
+def remote_error(exc: BaseException, actor: str, method: str) -> ActorError:
+    """What the caller's get raises for an exception in a method: type, message, traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ActorError(type(exc).__qualname__, str(exc), tb, actor, method)
+
+
 class _Peer:
     """A caller's connection, with the refs sent to it that it has not acknowledged yet."""
 
@@ -220,26 +240,14 @@ class ActorServer:
 
     def _reply(self, peer: _Peer, seq: int, method: str, result: Any) -> None:
         try:
-            if result is None:
-                msg = protocol.reply(protocol.OK_VALUE, seq, False, _NONE)
-                held = None
-            elif type(result) in protocol.INLINE_TYPES:
-                msg = protocol.reply(protocol.OK_VALUE, seq, False, pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
-                held = None
-            else:
-                ref = store_core.current().put(result)
-                with SerializationContext() as ctx:
-                    body = pickle.dumps(ref, pickle.HIGHEST_PROTOCOL)
-                msg = protocol.reply(protocol.OK_REF, seq, True, body)
-                held = ctx.refs
+            kind, body, held = encode_result(result)
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
             return
-        self._send(peer, seq, msg, held)
+        self._send(peer, seq, protocol.reply(kind, seq, held is not None, body), held)
 
     def _reply_error(self, peer: _Peer, seq: int, method: str, exc: BaseException) -> None:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        err = ActorError(type(exc).__qualname__, str(exc), tb, self.name, method)
+        err = remote_error(exc, self.name, method)
         self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
 
     def _send(self, peer: _Peer, seq: int, msg: bytes, held: Optional[list]) -> None:

@@ -1,0 +1,361 @@
+"""The Ray backend: the same ``@ta.actor`` classes as Ray actors, on one machine or a cluster.
+
+Box in the data flow: Ray places, starts and restarts each actor process (a ``_Host`` holding
+the user's instance) and carries every call; torchactors still moves the tensors. When caller
+and actor are on one node and the actor joined the driver's job there, a call is encoded as
+on the local backend (tensors put into the sender's store, refs in the message: no copy, CUDA
+IPC for CUDA tensors). Across nodes, arguments and results travel by value through Ray's
+object store, refs resolved first. Constructor arguments always travel by value (the actor's
+node is not known before Ray places it).
+
+Ray is imported only here, and only when ``ta.init(backend="ray")`` asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import itertools
+import logging
+import os
+import pickle
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import cloudpickle
+import torch
+
+from torchactors.actors import protocol
+from torchactors.actors.channel import PendingResult
+from torchactors.actors.handle import ActorHandle, encode_args, public_methods
+from torchactors.actors.worker import encode_result, remote_error, resolve_top_level
+from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
+from torchactors.runtime import job as job_module
+from torchactors.store import core as store_core
+from torchactors.store.refs import ObjectRef
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+SWEEP_S = 1.0       # how often a host drops the reply holds of callers that died
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("backend='ray' needs Ray: pip install 'torchactors[ray]'") from None
+    return ray
+
+
+def node_id() -> str:
+    return _ray().get_runtime_context().get_node_id()
+
+
+class _ByValue(cloudpickle.CloudPickler):
+    """Pickles a message for another node: refs become their values (copies), tensors bytes."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, ObjectRef):
+            return (_identity, (store_core.current().get(obj, copy=True),))
+        return super().reducer_override(obj)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def dumps_by_value(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _ByValue(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+class RayActorHandle(ActorHandle):
+    """An ActorHandle that also carries the Ray actor it names (picklable inside a Ray job)."""
+
+    def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int, ray_actor: Any) -> None:
+        super().__init__(actor_id, name, methods, max_task_retries)
+        self._ray_actor = ray_actor
+
+    def __reduce__(self) -> tuple:
+        return (RayActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._ray_actor))
+
+
+class RayPendingCall(PendingResult):
+    """A call on the Ray backend: its reply is the result of a Ray task."""
+
+    __slots__ = ("oref", "held", "host", "handle", "killed", "id")
+
+    def __init__(self, oref: Any, held: list, handle: "RayActorHandle", killed: set) -> None:
+        self.oref = oref
+        self.held = held            # refs in the request: kept until the reply is in
+        self.host = handle._ray_actor
+        self.handle = handle
+        self.killed = killed        # ids of the actors this process ta.kill()ed
+        self.kind = 0
+        self.value: Any = None
+        self.id = f"{handle._name}.{oref.hex()[:16] if oref is not None else 'refused'}"
+
+    def done(self) -> bool:
+        if not self.kind and _ray().wait([self.oref], timeout=0)[0]:
+            self._wait(None)
+        return self.kind != 0
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        ray = _ray()
+        try:
+            reply = ray.get(self.oref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise GetTimeoutError(f"get timed out after {timeout}s waiting for {self.handle._name} (call {self.id}); "
+                                  "the call is still running", timeout) from None
+        except ray.exceptions.RayActorError as e:
+            self._set(protocol.ERROR, _death(self.handle._name, e, self.handle._actor_id in self.killed))
+            return
+        except ray.exceptions.RayError as e:
+            self._set(protocol.ERROR, ActorError(type(e).__qualname__, str(e).splitlines()[0], str(e),
+                                                 self.handle._name, "?"))
+            return
+        kind, call_id, holds, body = protocol.parse_reply(reply)
+        try:
+            value = pickle.loads(body)
+        except BaseException as e:          # e.g. the result's class cannot be imported here
+            kind, value = protocol.ERROR, e
+        if holds:
+            self.host.ack.remote(call_id)   # the actor may drop its hold on the result now
+        self._set(kind, value)
+
+    def _set(self, kind: int, value: Any) -> None:
+        self.kind, self.value, self.held = kind, value, None
+
+    @staticmethod
+    def wait_any(pendings: list["RayPendingCall"], timeout: Optional[float]) -> None:
+        _ray().wait([p.oref for p in pendings if not p.kind], num_returns=1, timeout=timeout)
+
+
+def _death(actor: str, error: Exception, killed: bool) -> ActorDiedError:
+    ray = _ray()
+    restarting = isinstance(error, getattr(ray.exceptions, "ActorUnavailableError", ()))
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = ("it was killed with ta.kill(); " if killed else "") + f"Ray says: {said}"
+    return ActorDiedError(actor, detail=detail, restarting=restarting)
+
+
+class RayRuntime:
+    """The process's runtime on the Ray backend: the driver's, or an actor's inside its host."""
+
+    def __init__(self, job: job_module.Job, started_ray: bool) -> None:
+        self.job = job
+        self.store = store_core.current()
+        self.node = node_id()
+        self.started_ray = started_ray
+        self.owned: dict[str, RayActorHandle] = {}
+        self.killed: set[str] = set()
+        self._refs_ok: dict[str, Any] = {}     # actor id -> its ("node", joined job dir) future or answer
+
+    def create_actor(self, cls: type, options: dict, args: tuple, kwargs: dict) -> RayActorHandle:
+        ray = _ray()
+        if self.store.closed:
+            raise RuntimeError("torchactors was shut down; call ta.init() again before starting actors")
+        actor_id = f"{cls.__name__}-{os.getpid()}-{next(_ids)}"
+        name = options.get("name")
+        try:
+            cls_bytes = cloudpickle.dumps(cls)
+            args_bytes = dumps_by_value((args, kwargs))
+        except Exception as e:
+            raise TypeError(f"actor {cls.__qualname__} or its constructor arguments cannot be sent to Ray: {e}") from e
+        ray_options: dict[str, Any] = {
+            "max_restarts": options["max_restarts"], "max_task_retries": options["max_task_retries"],
+            "max_concurrency": options["max_concurrency"], "num_cpus": 0,
+        }
+        if options["device"] != "cpu":
+            ray_options["num_gpus"] = 1
+        if name is not None:
+            ray_options["name"] = name
+        if options.get("env"):
+            ray_options["runtime_env"] = {"env_vars": dict(options["env"])}
+        spec = {"actor_id": actor_id, "name": name or actor_id, "cls": cls_bytes, "args": args_bytes,
+                "num_threads": options["num_threads"] or 1, "device": options["device"],
+                "job": job_module.describe(self.job), "sys_path": list(sys.path),
+                "max_task_retries": options["max_task_retries"]}
+        host = ray.remote(_Host).options(**ray_options).remote(spec)
+        handle = RayActorHandle(actor_id, name or actor_id, public_methods(cls), options["max_task_retries"], host)
+        self.owned[actor_id] = handle
+        return handle
+
+    def _same_store(self, handle: RayActorHandle) -> bool:
+        """Whether the actor reads this process's store: same node, joined the same job."""
+        known = self._refs_ok.get(handle._actor_id)
+        if known is None:
+            known = self._refs_ok[handle._actor_id] = handle._ray_actor.where.remote()
+        if not isinstance(known, bool):
+            try:
+                node, job_dir = _ray().get(known)
+            except _ray().exceptions.RayActorError:
+                return False        # the call itself will report the death
+            known = self._refs_ok[handle._actor_id] = node == self.node and job_dir == self.job.dir
+        return known
+
+    def _host(self, handle: ActorHandle) -> Any:
+        if not isinstance(handle, RayActorHandle):
+            raise TypeError(f"{handle!r} is an actor of the local backend; this process runs backend='ray'")
+        return handle._ray_actor
+
+    def _killed(self, handle: ActorHandle) -> Optional[ObjectRef]:
+        """A call to an actor this process killed fails at once (Ray's kill is asynchronous)."""
+        if handle._actor_id not in self.killed:
+            return None
+        pending = RayPendingCall(None, [], handle, self.killed)
+        pending._set(protocol.ERROR, ActorDiedError(handle._name, detail="it was killed with ta.kill()"))
+        return ObjectRef.pending(pending)
+
+    def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
+        host = self._host(handle)
+        refused = self._killed(handle)
+        if refused is not None:
+            return refused
+        if self._same_store(handle):
+            body, held = encode_args(args, kwargs, self.store.put)
+        else:
+            body, held = dumps_by_value((args, kwargs)), []
+        oref = host.call.remote(method, body, self.node, os.getpid())
+        return ObjectRef.pending(RayPendingCall(oref, held, handle, self.killed))
+
+    def ping(self, handle: ActorHandle) -> ObjectRef:
+        host = self._host(handle)
+        refused = self._killed(handle)
+        if refused is not None:
+            return refused
+        return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self.killed))
+
+    def get_actor(self, name: str) -> RayActorHandle:
+        ray = _ray()
+        try:
+            host = ray.get_actor(name)
+        except ValueError:
+            raise ValueError(f"no actor named {name!r} in this job") from None
+        actor_id, methods, retries = ray.get(host.describe.remote())
+        return RayActorHandle(actor_id, name, methods, retries, host)
+
+    def kill(self, handle: ActorHandle) -> None:
+        self.owned.pop(handle._actor_id, None)
+        self.killed.add(handle._actor_id)
+        _ray().kill(self._host(handle), no_restart=True)
+
+    def shutdown(self) -> None:
+        ray = _ray()
+        for handle in list(self.owned.values()):
+            try:
+                ray.kill(handle._ray_actor, no_restart=True)
+            except Exception as e:      # already gone, or Ray itself is going down
+                logger.debug("kill %s: %s", handle._name, e)
+        self.owned.clear()
+        if self.job.driver:
+            self.store.close()
+            self.job.remove()
+            if self.started_ray:
+                ray.shutdown()
+
+
+def start(num_threads: Optional[int], capacity: Optional[int], address: Optional[str]) -> RayRuntime:
+    """The driver's side of ``ta.init(backend="ray")``: connect to (or start) Ray, make the job."""
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False if address is None else None)
+    torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
+    job = job_module.Job.create(capacity)
+    job_module.set_current(job)
+    return RayRuntime(job, started)
+
+
+class _Host:
+    """The Ray actor around a user's instance: joins the driver's job when it runs on the
+    driver's node, runs calls, and encodes replies for the caller's node."""
+
+    def __init__(self, spec: dict) -> None:
+        for entry in reversed(spec["sys_path"]):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        torch.set_num_threads(spec["num_threads"])
+        from torchactors.runtime.child import select_device
+
+        select_device(spec["device"])
+        info = spec["job"]
+        if os.path.isdir(info["dir"]):
+            job = job_module.Job.join(info["dir"], info["secret"], info["capacity"])
+        else:                   # another node: a job of this node's own, for puts made here
+            job = job_module.Job.create(info["capacity"])
+        job_module.set_current(job)
+        from torchactors.actors import api
+
+        api.attach_ray_runtime(RayRuntime(job, started_ray=False))
+        self.actor_id, self.name = spec["actor_id"], spec["name"]
+        self.max_task_retries = spec["max_task_retries"]
+        self.node = node_id()
+        self.job_dir = job.dir if not job.driver else None
+        self.held: dict[int, tuple[int, list]] = {}    # call id -> (caller pid, refs sent in its reply)
+        self.seq = itertools.count(1)
+        self.lock = threading.Lock()
+        self.swept = time.monotonic()
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        cls = cloudpickle.loads(spec["cls"])
+        args, kwargs = pickle.loads(spec["args"])
+        self.instance = cls(*args, **kwargs)
+        self.methods = public_methods(cls)
+
+    def where(self) -> tuple[str, Optional[str]]:
+        return self.node, self.job_dir
+
+    def describe(self) -> tuple[str, list[str], int]:
+        return self.actor_id, self.methods, self.max_task_retries
+
+    def ping(self) -> bytes:
+        return protocol.reply(protocol.OK_VALUE, 0, False, pickle.dumps(None))
+
+    def ack(self, call_id: int) -> None:
+        with self.lock:
+            self.held.pop(call_id, None)
+
+    def call(self, method: str, body: bytes, caller_node: str, caller_pid: int) -> bytes:
+        call_id = next(self.seq)
+        self._sweep()
+        try:
+            args, kwargs = resolve_top_level(*pickle.loads(body))
+            fn = getattr(self.instance, method)
+            if inspect.iscoroutinefunction(fn):
+                result = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()).result()
+            else:
+                result = fn(*args, **kwargs)
+            del args, kwargs
+            if caller_node == self.node and self.job_dir is not None:
+                kind, out, held = encode_result(result)
+            else:
+                kind, out, held = protocol.OK_VALUE, dumps_by_value(result), None
+        except BaseException as e:
+            err = remote_error(e, self.name, method)
+            return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(err))
+        if held:
+            with self.lock:
+                self.held[call_id] = (caller_pid, held)
+        return protocol.reply(kind, call_id, held is not None, out)
+
+    def _sweep(self) -> None:
+        """Drop the reply holds of callers (on this node) that died before acknowledging."""
+        if not self.held or time.monotonic() - self.swept < SWEEP_S:
+            return
+        self.swept = time.monotonic()
+        with self.lock:
+            for call_id, (pid, _) in list(self.held.items()):
+                if not os.path.exists(f"/proc/{pid}"):
+                    del self.held[call_id]
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self.lock:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+                threading.Thread(target=self.loop.run_forever, name="actor-asyncio", daemon=True).start()
+            return self.loop
