@@ -40,6 +40,9 @@ ACTORS = textwrap.dedent('''
             import ray
             return os.getpid(), ray.get_runtime_context().get_actor_id() is not None
 
+        def env(self, name):
+            return os.environ.get(name), torch.get_num_threads()
+
         def total(self, t):
             return float(t.sum()) * self.scale
 
@@ -107,7 +110,8 @@ SCENARIOS = textwrap.dedent('''
     except ta.ActorError as e:
         out["error"] = [e.remote_type, e.remote_message, "Traceback" in e.remote_traceback, str(e).splitlines()[0]]
 
-    other = Worker.options(name="other").remote(10.0)
+    other = Worker.options(name="other", env={"TA_FLAG": "on"}, num_threads=2).remote(10.0)
+    out["env"] = ta.get(other.env.remote("TA_FLAG"), timeout=120)
     out["nested"] = ta.get(h.call_other.remote(other, torch.ones(2)), timeout=120)
     same = ta.get_actor("other")
     out["named"] = ta.get(same.total.remote(torch.ones(1)), timeout=60)
@@ -168,6 +172,7 @@ def test_a_method_error_comes_back_as_actor_error(seen):
 
 
 def test_handles_names_async_and_wait_work_as_on_the_local_backend(seen):
+    assert seen["env"] == ["on", 2]
     assert seen["nested"] == 20.0 and seen["named"] == 10.0 and seen["async"] == 42
     assert seen["wait"] == [5, 0, [0.0, 4.0, 8.0, 12.0, 16.0]]
 
