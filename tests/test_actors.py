@@ -428,6 +428,8 @@ def test_bad_options_are_refused():
         Counter.options(gpus=1)
     with pytest.raises(ValueError, match="max_task_retries"):
         Counter.options(max_task_retries=-1)
+    with pytest.raises(ValueError, match="ray_options must be a dict"):
+        Counter.options(ray_options=["resources"])
     for device in ("tpu", "cuda:", "cuda:x", "cuda0"):
         with pytest.raises(ValueError, match="device must be"):
             Counter.options(device=device)

@@ -136,7 +136,7 @@ def test_minimal_job_gets_every_default(job_file):
                     "start_method": "spawn"},
         "roles": {"w": {"class": "cfgjobmod:Anything", "replicas": 1, "args": {}, "num_threads": None,
                         "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
-                        "env": {}}},
+                        "env": {}, "ray_options": {}}},
         "program": "cfgjobmod:main",
         "program_args": {},
         "stop": {"max_frames": None, "max_seconds": None, "target_return": None},
@@ -217,7 +217,7 @@ def test_store_capacity_must_be_a_positive_size(job_file, size):
 # --------------------------------------------------------------------------- mistakes in the file
 
 ROLE_ALLOWED = ("args, class, device, env, max_concurrency, max_restarts, max_task_retries, num_threads, "
-                "replicas")
+                "ray_options, replicas")
 
 
 def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):

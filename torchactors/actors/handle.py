@@ -19,7 +19,7 @@ from torchactors.store.refs import ObjectRef, SerializationContext
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
-    "name": None, "env": None,
+    "name": None, "env": None, "ray_options": None,
 }
 
 
@@ -36,6 +36,8 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"max_task_retries must be an int >= 0, not {o['max_task_retries']!r}")
     if not isinstance(o.get("max_concurrency", 1), int) or o.get("max_concurrency", 1) < 1:
         raise ValueError(f"max_concurrency must be an int >= 1, not {o['max_concurrency']!r}")
+    if o.get("ray_options") is not None and not isinstance(o["ray_options"], dict):
+        raise ValueError(f"ray_options must be a dict of Ray actor options, not {o['ray_options']!r}")
     device = o.get("device", "cpu")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")

@@ -5,7 +5,7 @@ the user's instance) and carries every call; torchactors still moves the tensors
 and actor are on one node and the actor joined the driver's job there, a call is encoded as
 on the local backend (tensors put into the sender's store, refs in the message: no copy, CUDA
 IPC for CUDA tensors). Across nodes, arguments and results travel by value through Ray's
-object store, refs resolved first. Constructor arguments always travel by value (the actor's
+object store, each ref arriving as a ref to a copy in the receiver's store. Constructor arguments always travel by value (the actor's
 node is not known before Ray places it).
 
 Ray is imported only here, and only when ``ta.init(backend="ray")`` asks for it.
@@ -56,16 +56,18 @@ def node_id() -> str:
 
 
 class _ByValue(cloudpickle.CloudPickler):
-    """Pickles a message for another node: refs become their values (copies), tensors bytes."""
+    """Pickles a message for another node, where nobody can map our store: tensors as bytes,
+    and each ref as its value, put again into the receiver's store on arrival, so that a ref
+    stays a ref (now to a copy) and the receiver's ``get`` works as usual."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, ObjectRef):
-            return (_identity, (store_core.current().get(obj, copy=True),))
+            return (_put_here, (store_core.current().get(obj, copy=True),))
         return super().reducer_override(obj)
 
 
-def _identity(value: Any) -> Any:
-    return value
+def _put_here(value: Any) -> ObjectRef:
+    return store_core.current().put(value)
 
 
 def dumps_by_value(obj: Any) -> bytes:
@@ -177,6 +179,7 @@ class RayRuntime:
             ray_options["name"] = name
         if options.get("env"):
             ray_options["runtime_env"] = {"env_vars": dict(options["env"])}
+        ray_options.update(options.get("ray_options") or {})      # the user's word wins
         spec = {"actor_id": actor_id, "name": name or actor_id, "cls": cls_bytes, "args": args_bytes,
                 "num_threads": options["num_threads"] or 1, "device": options["device"],
                 "job": job_module.describe(self.job), "sys_path": list(sys.path),

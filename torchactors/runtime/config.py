@@ -193,6 +193,7 @@ ROLE_KEYS: dict[str, Key] = {
     "max_task_retries": Key(_int(0), 0, "int >= 0"),
     "max_concurrency": Key(_int(1), 1, "int >= 1"),
     "env": Key(_env, {}, "a mapping of environment variable names to strings"),
+    "ray_options": Key(_kwargs, {}, "a mapping of Ray actor options (backend: ray only)"),
 }
 PROGRAM_KEY = Key(_import_ref("function"), _REQUIRED, "'module:function', importable, taking the job context")
 STOP_KEYS: dict[str, Key] = {
@@ -237,6 +238,7 @@ class RoleConfig:
     max_task_retries: int = 0
     max_concurrency: int = 1
     env: dict = field(default_factory=dict)
+    ray_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
