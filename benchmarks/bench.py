@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BENCH_DIR, REPO_ROOT, THREAD_ENV, Config, parse_size  # noqa: E402
+from common import BACKEND_ENV, BENCH_DIR, REPO_ROOT, THREAD_ENV, Config, parse_size  # noqa: E402
 import report  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -51,6 +51,8 @@ def plan_systems(peers: list[str], notes: list[str]) -> list[tuple[str, str, Env
                 continue
             systems.append(("ray", "peers_ray", {ZERO_COPY_ENV: None}))
             systems.append(("ray-zerocopy", "peers_ray", {ZERO_COPY_ENV: "1"}))
+            # torchactors' own Ray backend: Ray carries the calls, our store the tensors.
+            systems.append(("ta-on-ray", "workloads_torchactors", {BACKEND_ENV: "ray"}))
         elif peer == "torchmp":
             systems.append(("torchmp", "peers_torchmp", {}))
         else:

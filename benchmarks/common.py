@@ -34,6 +34,7 @@ TINY_ROLLOUT_SHAPE = (8, 8, 4, 84, 84)  # 1.8 MB, for --tiny
 
 # Env for every benchmark process and its children (actors, Ray workers, spawned queues):
 # oversubscribed intra-op threads cost 30x on this 2-core machine.
+BACKEND_ENV = "TORCHACTORS_BENCH_BACKEND"   # "ray": torchactors' workloads on its Ray backend
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 _UNITS = {"B": 1, "KB": KB, "MB": MB, "GB": GB, "KIB": KB, "MIB": MB, "GIB": GB}

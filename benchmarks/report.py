@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from common import fmt_size, key
 
-SYSTEMS = ("torchactors", "ray", "ray-zerocopy", "torchmp", "reference")
-SHORT = {"ray": "ray", "ray-zerocopy": "ray-zc", "torchmp": "torchmp", "reference": "ref"}
+SYSTEMS = ("torchactors", "ray", "ray-zerocopy", "ta-on-ray", "torchmp", "reference")
+SHORT = {"ray": "ray", "ray-zerocopy": "ray-zc", "ta-on-ray": "ta-ray", "torchmp": "torchmp", "reference": "ref"}
 SIZED = ("memcpy", "put_get", "xproc_get", "get_only")
 RATE_WORKLOADS = ("actor_learner",)
 

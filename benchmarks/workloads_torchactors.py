@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torchactors as ta
 
-from common import (Config, Recorder, key, make_tensor, memcpy, scale, time_op, time_rate,
+from common import (BACKEND_ENV, Config, Recorder, key, make_tensor, memcpy, scale, time_op, time_rate,
                     touch)
 from ta_actors import Producer, Worker
 
@@ -164,10 +164,11 @@ def _scaling(cfg: Config, rec: Recorder) -> None:
 def run(cfg: Config, rec: Recorder) -> None:
     tensors = {n: make_tensor(n) for n in cfg.sizes}
     memcpy(rec, tensors)
-    ta.init(num_threads=1)
+    backend = os.environ.get(BACKEND_ENV, "local")
+    ta.init(backend=backend, num_threads=1)
     try:
         _core(cfg, rec, tensors)
-        if cfg.scaling:
+        if cfg.scaling and backend == "local":
             _scaling(cfg, rec)
     finally:
         ta.shutdown()
