@@ -227,7 +227,8 @@ def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):
 
 
 @pytest.mark.parametrize("old,new,line,key,contains", [
-    ("job:\n", "jobs: {}\njob:\n", 1, "jobs", ["unknown key 'jobs' at the top level", "job, program, program_args, roles, runtime, stop"]),
+    ("job:\n", "jobs: {}\njob:\n", 1, "jobs",
+     ["unknown key 'jobs' at the top level", "job, program, program_args, roles, runtime, stop"]),
     ("  seed: 3", "  seed: 3\n  sead: 4", 4, "job.sead", ["unknown key 'sead' in job", "name, seed"]),
     ("  num_threads: 2\n  store", "  num_thread: 2\n  store", 5, "runtime.num_thread",
      ["address, backend, num_threads, start_method, store_capacity"]),

@@ -91,7 +91,7 @@ SCENARIOS = textwrap.dedent('''
     out = {}
     ta.init(backend="ray", num_threads=1)
     out["driver_pid"] = os.getpid()
-    h = Worker.remote(2.0, weights=torch.ones(5))
+    h = Worker.remote(2.0, weights=ta.put(torch.ones(5)))     # a top-level ref arrives as its value
     out["where"] = ta.get(h.where.remote(), timeout=120)
     out["total"] = ta.get(h.total.remote(torch.ones(10)), timeout=60)
     out["ctor_weights"] = ta.get(h.weights_sum.remote(), timeout=60)

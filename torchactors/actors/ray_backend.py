@@ -5,8 +5,8 @@ the user's instance) and carries every call; torchactors still moves the tensors
 and actor are on one node and the actor joined the driver's job there, a call is encoded as
 on the local backend (tensors put into the sender's store, refs in the message: no copy, CUDA
 IPC for CUDA tensors). Across nodes, arguments and results travel by value through Ray's
-object store, each ref arriving as a ref to a copy in the receiver's store. Constructor arguments always travel by value (the actor's
-node is not known before Ray places it).
+object store, each ref arriving as a ref to a copy in the receiver's store. Constructor
+arguments always travel by value (the actor's node is not known before Ray places it).
 
 Ray is imported only here, and only when ``ta.init(backend="ray")`` asks for it.
 """
@@ -90,14 +90,14 @@ class RayActorHandle(ActorHandle):
 class RayPendingCall(PendingResult):
     """A call on the Ray backend: its reply is the result of a Ray task."""
 
-    __slots__ = ("oref", "held", "host", "handle", "killed", "id")
+    __slots__ = ("oref", "held", "host", "handle", "runtime", "id")
 
-    def __init__(self, oref: Any, held: list, handle: "RayActorHandle", killed: set) -> None:
+    def __init__(self, oref: Any, held: list, handle: "RayActorHandle", runtime: "RayRuntime") -> None:
         self.oref = oref
         self.held = held            # refs in the request: kept until the reply is in
         self.host = handle._ray_actor
         self.handle = handle
-        self.killed = killed        # ids of the actors this process ta.kill()ed
+        self.runtime = runtime
         self.kind = 0
         self.value: Any = None
         self.id = f"{handle._name}.{oref.hex()[:16] if oref is not None else 'refused'}"
@@ -115,7 +115,8 @@ class RayPendingCall(PendingResult):
             raise GetTimeoutError(f"get timed out after {timeout}s waiting for {self.handle._name} (call {self.id}); "
                                   "the call is still running", timeout) from None
         except ray.exceptions.RayActorError as e:
-            self._set(protocol.ERROR, _death(self.handle._name, e, self.handle._actor_id in self.killed))
+            self.runtime.forget(self.handle)    # Ray may restart it on another node
+            self._set(protocol.ERROR, _death(self.handle._name, e, self.handle._actor_id in self.runtime.killed))
             return
         except ray.exceptions.RayError as e:
             self._set(protocol.ERROR, ActorError(type(e).__qualname__, str(e).splitlines()[0], str(e),
@@ -128,6 +129,8 @@ class RayPendingCall(PendingResult):
             kind, value = protocol.ERROR, e
         if holds:
             self.host.ack.remote(call_id)   # the actor may drop its hold on the result now
+        if isinstance(value, ActorDiedError):
+            self.runtime.forget(self.handle)    # it moved: ask where it is before the next call
         self._set(kind, value)
 
     def _set(self, kind: int, value: Any) -> None:
@@ -189,6 +192,10 @@ class RayRuntime:
         self.owned[actor_id] = handle
         return handle
 
+    def forget(self, handle: ActorHandle) -> None:
+        """Ask the actor where it runs again before the next call (it died, or moved)."""
+        self._refs_ok.pop(handle._actor_id, None)
+
     def _same_store(self, handle: RayActorHandle) -> bool:
         """Whether the actor reads this process's store: same node, joined the same job."""
         known = self._refs_ok.get(handle._actor_id)
@@ -211,7 +218,7 @@ class RayRuntime:
         """A call to an actor this process killed fails at once (Ray's kill is asynchronous)."""
         if handle._actor_id not in self.killed:
             return None
-        pending = RayPendingCall(None, [], handle, self.killed)
+        pending = RayPendingCall(None, [], handle, self)
         pending._set(protocol.ERROR, ActorDiedError(handle._name, detail="it was killed with ta.kill()"))
         return ObjectRef.pending(pending)
 
@@ -220,19 +227,20 @@ class RayRuntime:
         refused = self._killed(handle)
         if refused is not None:
             return refused
-        if self._same_store(handle):
+        by_ref = self._same_store(handle)
+        if by_ref:
             body, held = encode_args(args, kwargs, self.store.put)
         else:
             body, held = dumps_by_value((args, kwargs)), []
-        oref = host.call.remote(method, body, self.node, os.getpid())
-        return ObjectRef.pending(RayPendingCall(oref, held, handle, self.killed))
+        oref = host.call.remote(method, body, self.node, os.getpid(), by_ref)
+        return ObjectRef.pending(RayPendingCall(oref, held, handle, self))
 
     def ping(self, handle: ActorHandle) -> ObjectRef:
         host = self._host(handle)
         refused = self._killed(handle)
         if refused is not None:
             return refused
-        return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self.killed))
+        return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self))
 
     def get_actor(self, name: str) -> RayActorHandle:
         ray = _ray()
@@ -306,7 +314,7 @@ class _Host:
         self.swept = time.monotonic()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         cls = cloudpickle.loads(spec["cls"])
-        args, kwargs = pickle.loads(spec["args"])
+        args, kwargs = resolve_top_level(*pickle.loads(spec["args"]))
         self.instance = cls(*args, **kwargs)
         self.methods = public_methods(cls)
 
@@ -323,9 +331,14 @@ class _Host:
         with self.lock:
             self.held.pop(call_id, None)
 
-    def call(self, method: str, body: bytes, caller_node: str, caller_pid: int) -> bytes:
+    def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool) -> bytes:
         call_id = next(self.seq)
         self._sweep()
+        if by_ref and not (caller_node == self.node and self.job_dir is not None):
+            # Refs from a caller that believes we share its node: we were restarted elsewhere.
+            moved = ActorDiedError(self.name, detail="it was restarted on another node than its caller "
+                                   "knew; call again (the call did not run)", restarting=True)
+            return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(moved))
         try:
             args, kwargs = resolve_top_level(*pickle.loads(body))
             fn = getattr(self.instance, method)

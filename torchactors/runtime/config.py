@@ -581,8 +581,8 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
     try:
         program_args = _kwargs({} if raw_args is None else raw_args)
     except _Invalid:
-        raise doc.error(("program_args",), f"program_args must be a mapping of keyword arguments, got {_show(raw_args)}",
-                        allowed="{name: value, ...}") from None
+        raise doc.error(("program_args",), "program_args must be a mapping of keyword arguments, "
+                        f"got {_show(raw_args)}", allowed="{name: value, ...}") from None
     _check_program(doc, program, program_args)
     return JobConfig(job=JobSection(**job), runtime=RuntimeSection(**runtime), roles=roles, program=program,
                      stop=StopSection(**stop), program_args=program_args, file=doc.file, overrides=tuple(overrides))

@@ -283,8 +283,8 @@ def _actor_class(ta: Any, role: RoleConfig) -> tuple[Any, frozenset[str]]:
     obj = import_string(role.class_path)
     cls = plain_class(obj)
     if cls is None:
-        log.warning("%s is an actor class whose plain class cannot be found; the options of role %s "
-                    "(num_threads, device, max_restarts, max_task_retries, max_concurrency, ray_options) are not applied",
+        log.warning("%s is an actor class whose plain class cannot be found; the options of role %s (num_threads, "
+                    "device, max_restarts, max_task_retries, max_concurrency, ray_options) are not applied",
                     role.class_path, role.name)
         return obj, frozenset()
     options = {"device": role.device, "max_restarts": role.max_restarts, "max_task_retries": role.max_task_retries,

@@ -349,7 +349,8 @@ class Store:
             epochs = self.membership.free_epochs()
             if epochs != self._free_epochs:
                 self._free_epochs = epochs
-                for slot in [s for s, e in self.entries.items() if self.membership.freed_anywhere(self.index, s, e.gen)]:
+                freed = self.membership.freed_anywhere
+                for slot in [s for s, e in self.entries.items() if freed(self.index, s, e.gen)]:
                     self._release(slot, self.entries[slot], registry.STATE_FREED)
             # Releasing an object drops the refs stored inside it, which may free more: repeat.
             # (No local may keep a released entry alive, or its refs would drop a pass late.)

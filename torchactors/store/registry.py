@@ -299,8 +299,9 @@ class Membership:
         except OSError:
             pidfd = -1
         try:
-            holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL, fd=os.open(f"/proc/{pid}/fd/{info['holds_fd']}", os.O_RDONLY | os.O_CLOEXEC))
-            header = _Table(MAX_SLOTS * HEADER_CELL, fd=os.open(f"/proc/{pid}/fd/{info['header_fd']}", os.O_RDONLY | os.O_CLOEXEC))
+            flags = os.O_RDONLY | os.O_CLOEXEC
+            holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL, fd=os.open(f"/proc/{pid}/fd/{info['holds_fd']}", flags))
+            header = _Table(MAX_SLOTS * HEADER_CELL, fd=os.open(f"/proc/{pid}/fd/{info['header_fd']}", flags))
         except (OSError, ValueError):
             if pidfd >= 0:
                 os.close(pidfd)
