@@ -166,7 +166,9 @@ class ActorServer:
                 joining[hs.fileno()] = hs
                 self.poller.register(hs.fileno(), select.EPOLLIN)
             return
-        hs = joining[fd]
+        hs = joining.get(fd)
+        if hs is None:          # an event of a socket closed earlier in this batch
+            return
         try:
             conn = hs.advance()
         except AuthenticationError as e:
