@@ -354,6 +354,15 @@ def test_bad_program(job_file, ref, contains):
     expect_error(job_file(text), line=L_PROGRAM, key="program", contains=[contains])
 
 
+def test_backend_ray_without_ray_installed_is_refused_when_checked(job_file, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    text = GOOD.replace("  num_threads: 2\n", "  num_threads: 2\n  backend: ray\n", 1)
+    expect_error(job_file(text), line=6, key="runtime.backend", contains=["needs Ray", "pip install"])
+
+
 def test_program_args_are_checked_against_the_programs_signature(job_file):
     text = GOOD.replace("program: cfgjobmod:main", "program: cfgjobmod:tuned\nprogram_args: {rounds: 3, label: y}")
     cfg = load_config(job_file(text))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -555,6 +556,9 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
     if runtime["address"] is not None and runtime["backend"] != "ray":
         raise doc.error(("runtime", "address"), "runtime.address is only used with backend: ray",
                         allowed="null with backend local")
+    if runtime["backend"] == "ray" and importlib.util.find_spec("ray") is None:
+        raise doc.error(("runtime", "backend"), "backend: ray needs Ray, which is not installed here "
+                        "(pip install 'torchactors[ray]')", allowed="local, or ray once Ray is installed")
     stop = _section(doc, ("stop",), data.get("stop"), STOP_KEYS)
 
     roles_raw = data["roles"]
