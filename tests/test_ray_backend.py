@@ -69,6 +69,9 @@ ACTORS = textwrap.dedent('''
         async def later(self, x):
             return x + 1
 
+        def crash(self):
+            os._exit(5)
+
 
     @ta.actor(max_restarts=1, max_task_retries=1)
     class Fragile:
@@ -120,6 +123,13 @@ SCENARIOS = textwrap.dedent('''
     refs = [h.total.remote(torch.full((2,), float(i))) for i in range(5)]
     ready, rest = ta.wait(refs, num_returns=5, timeout=60)
     out["wait"] = [len(ready), len(rest), ta.get(refs)]
+
+    doomed = Worker.remote(1.0)
+    try:
+        ta.get(doomed.crash.remote(), timeout=120)
+        out["crash"] = "answered"
+    except ta.ActorDiedError as e:
+        out["crash"] = [str(e), e.restarting]
 
     f = Fragile.remote(sys.argv[1])
     out["retried"] = ta.get(f.work.remote(21), timeout=120)
@@ -175,6 +185,11 @@ def test_handles_names_async_and_wait_work_as_on_the_local_backend(seen):
     assert seen["env"] == ["on", 2]
     assert seen["nested"] == 20.0 and seen["named"] == 10.0 and seen["async"] == 42
     assert seen["wait"] == [5, 0, [0.0, 4.0, 8.0, 12.0, 16.0]]
+
+
+def test_a_death_without_restarts_is_an_actor_died_error_with_rays_word(seen):
+    message, restarting = seen["crash"]
+    assert "will not be restarted" in message and "Ray says" in message and restarting is False
 
 
 def test_a_call_pending_at_a_death_is_retried_by_ray(seen):
