@@ -1,4 +1,4 @@
-"""torchactors: a Ray-style actor runtime for PyTorch workers on one machine.
+"""torchactors: a Ray-style actor runtime for PyTorch workers on one machine (or a Ray cluster).
 
 Tensors live once, in shared memory, keyed by an object ID; processes pass small refs; ``get``
 rebuilds a view of the same memory. Actors are started and watched by a spawn supervisor.
