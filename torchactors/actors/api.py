@@ -8,7 +8,6 @@ actors: the API is the same inside actors.
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
 import os
 import pickle
@@ -20,7 +19,7 @@ import torch
 
 from torchactors.actors import protocol
 from torchactors.actors.channel import Channel
-from torchactors.actors.handle import ActorHandle, encode_args, public_methods
+from torchactors.actors.handle import ActorHandle, encode_args, new_actor_id, public_methods
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
@@ -30,8 +29,6 @@ from torchactors.store import parse_size
 from torchactors.store.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
-
-_ids = itertools.count(1)
 
 
 class _Owned:
@@ -62,7 +59,7 @@ class Runtime:
     def create_actor(self, cls: type, options: dict, args: tuple, kwargs: dict) -> ActorHandle:
         if self.store.closed:
             raise RuntimeError("torchactors was shut down; call ta.init() again before starting actors")
-        actor_id = f"{cls.__name__}-{os.getpid()}-{next(_ids)}"
+        actor_id = new_actor_id(cls)
         name = options.get("name")
         label = name or actor_id
         handle = ActorHandle(actor_id, label, public_methods(cls), options["max_task_retries"])
@@ -154,12 +151,12 @@ def init(backend: str = "local", num_threads: Optional[int] = None, store_capaci
                 torch.set_num_threads(num_threads)
             return _runtime
         capacity = parse_size(store_capacity) if store_capacity is not None else None
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
         if backend == "ray":
             from torchactors.actors import ray_backend
 
-            _runtime = ray_backend.start(num_threads, capacity, address)
+            _runtime = ray_backend.start(capacity, address)
         else:
-            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
             job = job_module.Job.create(capacity)
             job_module.set_current(job)
             _runtime = Runtime(job)

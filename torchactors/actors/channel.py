@@ -376,9 +376,11 @@ class Channel:
         pendings, self.pendings = self.pendings, {}
         # A restart is coming if the supervisor says so, or has not said anything yet.
         restart = self.dead.restarting or self.dead.restarts_left > 0
-        again = [p for p in pendings.values() if restart and p.retries > 0]
+        again = []
         for p in pendings.values():
-            if not (restart and p.retries > 0):
+            if restart and p.retries > 0:
+                again.append(p)
+            else:
                 p.settle(protocol.ERROR, self.dead)
         if again:
             self._retry(sorted(again, key=lambda p: p.seq))

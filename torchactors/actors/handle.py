@@ -8,6 +8,8 @@ caller's store, only refs travel) and returns an ``ObjectRef`` at once.
 from __future__ import annotations
 
 import inspect
+import itertools
+import os
 import pickle
 from typing import Any, Callable, Optional
 
@@ -42,6 +44,14 @@ def check_options(options: dict) -> dict:
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
     return o
+
+
+_actor_ids = itertools.count(1)
+
+
+def new_actor_id(cls: type) -> str:
+    """An id unique in the job: the class, the creating process and a counter."""
+    return f"{cls.__name__}-{os.getpid()}-{next(_actor_ids)}"
 
 
 def public_methods(cls: type) -> list[str]:

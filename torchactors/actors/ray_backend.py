@@ -26,12 +26,11 @@ import time
 from typing import Any, Optional
 
 import cloudpickle
-import torch
 
 from torchactors.actors import protocol
 from torchactors.actors.channel import PendingResult
-from torchactors.actors.handle import ActorHandle, encode_args, public_methods
-from torchactors.actors.worker import encode_result, remote_error, resolve_top_level
+from torchactors.actors.handle import ActorHandle, encode_args, new_actor_id, public_methods
+from torchactors.actors.worker import encode_result, remote_error, resolve_top_level, start_event_loop
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime import job as job_module
 from torchactors.store import core as store_core
@@ -39,7 +38,6 @@ from torchactors.store.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
 
-_ids = itertools.count(1)
 SWEEP_S = 1.0       # how often a host drops the reply holds of callers that died
 
 
@@ -165,7 +163,7 @@ class RayRuntime:
         ray = _ray()
         if self.store.closed:
             raise RuntimeError("torchactors was shut down; call ta.init() again before starting actors")
-        actor_id = f"{cls.__name__}-{os.getpid()}-{next(_ids)}"
+        actor_id = new_actor_id(cls)
         name = options.get("name")
         try:
             cls_bytes = cloudpickle.dumps(cls)
@@ -271,13 +269,12 @@ class RayRuntime:
                 ray.shutdown()
 
 
-def start(num_threads: Optional[int], capacity: Optional[int], address: Optional[str]) -> RayRuntime:
+def start(capacity: Optional[int], address: Optional[str]) -> RayRuntime:
     """The driver's side of ``ta.init(backend="ray")``: connect to (or start) Ray, make the job."""
     ray = _ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False if address is None else None)
-    torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
     job = job_module.Job.create(capacity)
     job_module.set_current(job)
     return RayRuntime(job, started)
@@ -288,13 +285,9 @@ class _Host:
     driver's node, runs calls, and encodes replies for the caller's node."""
 
     def __init__(self, spec: dict) -> None:
-        for entry in reversed(spec["sys_path"]):
-            if entry not in sys.path:
-                sys.path.insert(0, entry)
-        torch.set_num_threads(spec["num_threads"])
-        from torchactors.runtime.child import select_device
+        from torchactors.runtime.child import enter_process
 
-        select_device(spec["device"])
+        enter_process(spec["sys_path"], spec["num_threads"], spec["device"])
         info = spec["job"]
         if os.path.isdir(info["dir"]):
             job = job_module.Job.join(info["dir"], info["secret"], info["capacity"])
@@ -334,7 +327,8 @@ class _Host:
     def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool) -> bytes:
         call_id = next(self.seq)
         self._sweep()
-        if by_ref and not (caller_node == self.node and self.job_dir is not None):
+        same_store = caller_node == self.node and self.job_dir is not None
+        if by_ref and not same_store:
             # Refs from a caller that believes we share its node: we were restarted elsewhere.
             moved = ActorDiedError(self.name, detail="it was restarted on another node than its caller "
                                    "knew; call again (the call did not run)", restarting=True)
@@ -347,7 +341,7 @@ class _Host:
             else:
                 result = fn(*args, **kwargs)
             del args, kwargs
-            if caller_node == self.node and self.job_dir is not None:
+            if same_store:
                 kind, out, held = encode_result(result)
             else:
                 kind, out, held = protocol.OK_VALUE, dumps_by_value(result), None
@@ -372,6 +366,5 @@ class _Host:
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self.lock:
             if self.loop is None:
-                self.loop = asyncio.new_event_loop()
-                threading.Thread(target=self.loop.run_forever, name="actor-asyncio", daemon=True).start()
+                self.loop = start_event_loop()
             return self.loop

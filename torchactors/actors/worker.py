@@ -56,6 +56,13 @@ def _until_first_deadline(joining: dict[int, Handshake]) -> float:
     return max(0.0, min(hs.deadline for hs in joining.values()) - time.monotonic())
 
 
+def start_event_loop() -> asyncio.AbstractEventLoop:
+    """An event loop running on a thread of its own, for an actor's ``async def`` methods."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="actor-asyncio", daemon=True).start()
+    return loop
+
+
 def encode_result(result: Any) -> tuple[int, bytes, Optional[list]]:
     """A method's result as a reply: small plain values inline; anything else put into this
     process's store and sent as a ref, with the refs the sender must hold until the caller
@@ -118,8 +125,7 @@ class ActorServer:
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self.loop is None:
-            self.loop = asyncio.new_event_loop()
-            threading.Thread(target=self.loop.run_forever, name="actor-asyncio", daemon=True).start()
+            self.loop = start_event_loop()
         return self.loop
 
     def serve_forever(self) -> None:

@@ -50,20 +50,26 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(d.index)
 
 
+def enter_process(sys_path: list[str], num_threads: int, device: str) -> None:
+    """Make this process ready for an actor's code: the driver's import path, the torch
+    thread count and the current device (shared by our children and Ray-hosted actors)."""
+    for entry in reversed(sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    import torch
+
+    torch.set_num_threads(num_threads)
+    select_device(device)
+
+
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     _die_with_parent(boot["parent_pid"])
     sys.stdin.close()
     os.chdir(boot["cwd"])
-    for entry in reversed(boot["sys_path"]):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
     logging.basicConfig(level=os.environ.get("TORCHACTORS_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s {boot['key']} %(levelname)s %(name)s: %(message)s")
-    import torch
-
-    torch.set_num_threads(boot["num_threads"])
-    select_device(boot["device"])
+    enter_process(boot["sys_path"], boot["num_threads"], boot["device"])
 
     from torchactors.runtime import job as job_module
 

@@ -492,6 +492,13 @@ def _show(v: Any) -> str:
     return "null" if v is None else f"{v!r} ({type(v).__name__})"
 
 
+def _keywords(params: Iterable[inspect.Parameter]) -> tuple[set[str], bool]:
+    """The names a call may pass by keyword, and whether it takes any (``**kwargs``)."""
+    params = list(params)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _check_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
     """Bind ``args`` to the class's ``__init__`` now, so a misspelt argument fails before any spawn."""
     cls = plain_class(import_string(cls_ref))
@@ -503,8 +510,7 @@ def _check_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
         return  # no signature to check against (e.g. a C extension type)
     path = ("roles", role, "args")
     allowed = f"the arguments of {cls_ref}: " + (", ".join(str(p) for p in params.values()) or "(none)")
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    by_name = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    by_name, takes_any = _keywords(params.values())
     for k in args:
         if k == "replica_index" and "replica_index" in by_name:
             raise doc.error(path + (k,), f"roles.{role}.args.replica_index is set by the runner for each replica",
@@ -531,8 +537,7 @@ def _check_program(doc: _Doc, ref: str, args: dict) -> None:
         raise doc.error(("program",), f"program {ref} must take one argument, the job context",
                         allowed="def main(job, **options): ...") from None
     rest = list(signature.parameters.values())[1:]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in rest)
-    names = {p.name for p in rest if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    names, takes_any = _keywords(rest)
     allowed = f"the keyword arguments of {ref} after the job: " + (", ".join(str(p) for p in rest) or "(none)")
     for k in args:
         if k not in names and not takes_any:
