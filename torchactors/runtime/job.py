@@ -5,6 +5,10 @@ with the directory and secret it is given at start. The directory (mode 0700) ho
 actors' sockets, a status file per actor (written only by the supervisor that started it),
 and one file per actor name. Files, not a server: any process can look an actor up without
 asking the driver.
+
+Every file is written whole or not at all (a fresh temporary renamed into place) and opened
+relative to its directory's fd with ``O_NOFOLLOW``: a planted link or FIFO is never written
+through, read, or waited on (see docs/design.md, Security).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from typing import Any, Optional
 
 from torchactors.store import core as store_core
@@ -29,7 +34,10 @@ class Job:
         self.driver = driver
         self.capacity = capacity
         for sub in ("actors", "names"):
-            os.makedirs(os.path.join(job_dir, sub), mode=0o700, exist_ok=True)
+            try:
+                os.mkdir(os.path.join(job_dir, sub), 0o700)
+            except FileExistsError:
+                pass
 
     @classmethod
     def create(cls, capacity: Optional[int]) -> "Job":
@@ -60,54 +68,47 @@ class Job:
         return os.path.join(self.dir, "actors", actor_id + ".json")
 
     def write_status(self, actor_id: str, status: dict) -> None:
-        path = self._status_path(actor_id)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(status, f)
-        os.replace(tmp, path)
+        write_file(self._actors, actor_id + ".json", json.dumps(status).encode())
 
     def read_status(self, actor_id: str) -> Optional[dict]:
+        data = read_file(self._actors, actor_id + ".json")
         try:
-            with open(self._status_path(actor_id)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+            return None if data is None else json.loads(data)
+        except ValueError:
             return None
 
     def mark_killed(self, actor_id: str) -> None:
         """Tell the actor's supervisor that its death is wanted (no restart)."""
-        open(os.path.join(self.dir, "actors", actor_id + ".killed"), "w").close()
+        write_file(self._actors, actor_id + ".killed", b"")
 
     def was_killed(self, actor_id: str) -> bool:
-        return os.path.exists(os.path.join(self.dir, "actors", actor_id + ".killed"))
+        return read_file(self._actors, actor_id + ".killed") is not None
 
     def write_error(self, actor_id: str, text: str) -> None:
-        with open(os.path.join(self.dir, "actors", actor_id + ".error"), "w") as f:
-            f.write(text)
+        write_file(self._actors, actor_id + ".error", text.encode(errors="replace"))
 
     def read_error(self, actor_id: str) -> str:
-        try:
-            with open(os.path.join(self.dir, "actors", actor_id + ".error")) as f:
-                return f.read()
-        except OSError:
-            return ""
+        data = read_file(self._actors, actor_id + ".error")
+        return "" if data is None else data.decode(errors="replace")
+
+    @property
+    def _actors(self) -> str:
+        return os.path.join(self.dir, "actors")
 
     # -- names ----------------------------------------------------------------------------
 
     def register_name(self, name: str, record: dict) -> None:
-        path = os.path.join(self.dir, "names", _safe(name))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_file(os.path.join(self.dir, "names"), _safe(name), json.dumps(record).encode(), exclusive=True)
         except FileExistsError:
             raise ValueError(f"an actor named {name!r} already exists in this job; pick another name "
                              f"or ta.kill() the old one first") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
 
     def lookup_name(self, name: str) -> Optional[dict]:
+        data = read_file(os.path.join(self.dir, "names"), _safe(name))
         try:
-            with open(os.path.join(self.dir, "names", _safe(name))) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+            return None if data is None else json.loads(data)
+        except ValueError:
             return None
 
     def drop_name(self, name: str) -> None:
@@ -118,6 +119,77 @@ class Job:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_FILE = 1 << 20      # bytes read from a job file at most (an error's traceback fits)
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+
+
+def write_file(directory: str, name: str, data: bytes, exclusive: bool = False) -> None:
+    """Put ``data`` at ``directory/name`` whole or not at all: written to a fresh 0600
+    temporary (``O_EXCL|O_NOFOLLOW``: never into a planted file or through a link), then
+    renamed over ``name`` (which replaces a link rather than following it) or, ``exclusive``,
+    linked to it (FileExistsError if it exists). All relative to the directory's fd."""
+    dfd = _open_dir(directory)
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=dfd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        if exclusive:
+            try:
+                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.unlink(tmp, dir_fd=dfd)
+        else:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(dfd)
+
+
+def read_file(directory: str, name: str) -> Optional[bytes]:
+    """The bytes of ``directory/name`` (at most ``MAX_FILE``) if it is a regular file of this
+    user; None if it is absent, a link, a FIFO or someone else's (never blocks, never follows)."""
+    try:
+        dfd = _open_dir(directory)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        chunks, left = [], MAX_FILE
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _safe(name: str) -> str:

@@ -24,6 +24,7 @@ import os
 import secrets
 import select
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -41,21 +42,62 @@ STATE_EMPTY, STATE_LIVE, STATE_FREED = 0, 1, 2
 
 
 def _base_dir() -> str:
+    """This user's directory of job directories, ``$XDG_RUNTIME_DIR`` (or the temporary
+    directory) ``/torchactors-<uid>``: created 0700 if absent, refused if another user could
+    change what is inside it (see docs/design.md, Security)."""
     root = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = os.path.join(root, f"torchactors-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not os.path.isdir(root):
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(path)
     return path
 
 
+def check_private_dir(path: str) -> None:
+    """Raise PermissionError unless ``path`` is a real directory that only this user can
+    change, in a parent where nobody else can rename it away."""
+    uid = os.getuid()
+    st = os.lstat(path)
+    parent = os.stat(os.path.dirname(path) or ".")
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid:
+        problem = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+    elif st.st_mode & 0o022:
+        problem = f"can be written by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    elif parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        problem = "is in a directory that anyone can write and that has no sticky bit"
+    else:
+        return
+    raise PermissionError(
+        f"torchactors will not keep its job files in {path}: it {problem}, so another user could "
+        f"replace or read them. Remove it if it is not yours (rm -rf {path}; as its owner or root), "
+        f"or chmod 700 it if it is yours, or point XDG_RUNTIME_DIR (or TMPDIR) at a directory "
+        f"only you can write")
+
+
 def sweep_stale_jobs() -> int:
-    """Remove job directories whose driver is gone (left by a SIGKILLed driver)."""
+    """Remove job directories whose driver is gone (left by a SIGKILLed driver). Only our
+    own real directories: never follow a link out of the base directory."""
     base = _base_dir()
     removed = 0
     for name in os.listdir(base):
         pid = name.split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-            removed += 1
+            path = os.path.join(base, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
     return removed
 
 

@@ -1,0 +1,182 @@
+"""Other users and hostile neighbours: the base directory, the job files, floods of
+connections, malformed frames from a peer that holds the secret, a stopped actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import torchactors as ta
+from torchactors.runtime import job as job_module
+
+from conftest import wait_for
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+@ta.actor(num_threads=1)
+class Echo:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def echo(self, x):
+        return x
+
+
+# -- the base directory and a second OS user --------------------------------------------------
+
+@pytest.fixture
+def other_user():
+    """A real second OS user, made for this test and removed after it."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd to create a second OS user")
+    name = f"tahostile{os.getpid() % 100000}"
+    subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def as_user(user: pwd.struct_passwd, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", script], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                          cwd="/", capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory like /tmp (mode 1777) that both users can reach."""
+    top = tempfile.mkdtemp(prefix="ta-sec-", dir="/tmp")
+    os.chmod(top, 0o1777)
+    yield Path(top)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+DRIVER = """
+import json, os, sys
+import torchactors as ta
+out = {}
+for root in sys.argv[1:]:
+    os.environ["XDG_RUNTIME_DIR"] = root
+    try:
+        ta.init()
+        out[root] = "ok"
+        ta.shutdown()
+    except PermissionError as e:
+        out[root] = "refused: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def run_driver(*roots: Path) -> dict:
+    """A root driver that tries ``ta.init()`` with each root as its XDG_RUNTIME_DIR."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["PYTHONPATH"] = REPO
+    r = subprocess.run([sys.executable, "-c", DRIVER, *map(str, roots)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_base_dir_prepared_by_another_user_is_refused_and_nothing_is_written_through_it(other_user, shared_tmp):
+    uid = os.getuid()
+    target = shared_tmp / "precious"            # a root-owned file the attacker wants truncated
+    target.write_text("precious")
+    os.chmod(target, 0o644)
+    roots = {k: shared_tmp / k for k in ("theirs", "link", "open", "unsticky", "ours")}
+    for k in ("theirs", "link", "open", "ours"):
+        roots[k].mkdir()
+        os.chmod(roots[k], 0o1777)
+    roots["unsticky"].mkdir()
+    os.chown(roots["unsticky"], other_user.pw_uid, other_user.pw_gid)
+    os.chmod(roots["unsticky"], 0o777)
+    plant = " && ".join(f"ln -s {target} $B/{i}-deadbeef" for i in range(1, 50))
+    # theirs: the attacker made the base dir, mode 0777, full of links to the target.
+    r = as_user(other_user, f"B={roots['theirs']}/torchactors-{uid}; mkdir -m 777 $B && chmod 777 $B && {plant}")
+    assert r.returncode == 0, r.stderr
+    # link: the base dir is the attacker's link to a directory of theirs.
+    r = as_user(other_user, f"mkdir -m 777 {roots['link']}/mine && ln -s {roots['link']}/mine "
+                            f"{roots['link']}/torchactors-{uid}")
+    assert r.returncode == 0, r.stderr
+    # open: our own base dir, but left writable by everyone.
+    (roots["open"] / f"torchactors-{uid}").mkdir()
+    os.chmod(roots["open"] / f"torchactors-{uid}", 0o777)
+
+    out = run_driver(*roots.values())
+
+    assert out[str(roots["ours"])] == "ok"
+    for k, why in (("theirs", f"owned by uid {other_user.pw_uid}"), ("link", "symbolic link"),
+                   ("open", "written by group or others"), ("unsticky", "no sticky bit")):
+        text = out[str(roots[k])]
+        assert text.startswith("refused: ") and why in text, (k, text)
+        assert "XDG_RUNTIME_DIR" in text and "rm -rf" in text        # what to do
+    assert target.read_text() == "precious"
+    assert os.listdir(roots["link"] / "mine") == []
+    # The base dir we made ourselves is closed to the other user.
+    ours = roots["ours"] / f"torchactors-{uid}"
+    assert stat.S_IMODE(os.lstat(ours).st_mode) == 0o700
+    r = as_user(other_user, f"ls {ours} || touch {ours}/x")
+    assert r.returncode != 0 and not (ours / "x").exists()
+
+
+def test_actor_restarts_and_lookups_ignore_links_and_fifos_planted_in_the_job_dir(tmp_path):
+    """Even a neighbour that could write into the job dir neither blocks a restart (a planted
+    ``.killed``), injects error text (a planted ``.error``), truncates a file through a link,
+    nor hangs a reader (a FIFO where a status or name file belongs)."""
+    target = tmp_path / "precious"
+    target.write_text("precious")
+    h = Echo.options(max_restarts=1, name="sec-echo").remote()
+    pid = ta.get(h.pid.remote())
+    job = job_module.current()
+    actors = Path(job.dir) / "actors"
+    aid = h._actor_id
+    (actors / f"{aid}.killed").symlink_to(target)
+    (actors / f"{aid}.error").symlink_to(target)
+    os.mkfifo(Path(job.dir) / "names" / "sec-fifo")
+
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: (job.read_status(aid) or {}).get("incarnation") == 1
+                    and job.read_status(aid)["state"] == "alive", 15)
+    assert job.read_status(aid)["pid"] != pid               # restarted: the link did not count as a kill
+    assert job.read_error(aid) == ""                        # the link's target is not read as error text
+    job.write_error(aid, "boom")                            # replaces the link, never writes through it
+    assert job.read_error(aid) == "boom" and target.read_text() == "precious"
+    assert not (actors / f"{aid}.error").is_symlink()
+    assert stat.S_IMODE(os.lstat(actors / f"{aid}.error").st_mode) == 0o600
+    with pytest.raises(ValueError, match="no actor named"):
+        ta.get_actor("sec-fifo")                            # a FIFO is not a name file (and no hang)
+    assert job.lookup_name("sec-echo")["actor_id"] == aid
+    (actors / f"{aid}.json").unlink()
+    os.mkfifo(actors / f"{aid}.json")
+    assert job.read_status(aid) is None                     # no hang on a FIFO either
+    assert target.read_text() == "precious"
+
+
+def test_job_files_are_private_and_written_whole(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    job_module.write_file(str(d), "f", b"x" * 100_000)
+    assert (d / "f").read_bytes() == b"x" * 100_000
+    assert stat.S_IMODE(os.stat(d / "f").st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        job_module.write_file(str(d), "f", b"y", exclusive=True)
+    assert (d / "f").read_bytes() == b"x" * 100_000
+    assert sorted(os.listdir(d)) == ["f"]                   # no temporary left behind
+    (d / "link").symlink_to(d / "f")
+    assert job_module.read_file(str(d), "link") is None
+    link_dir = tmp_path / "linkdir"
+    link_dir.symlink_to(d)
+    with pytest.raises(OSError):
+        job_module.write_file(str(link_dir), "g", b"z")     # a job dir that is a link is not used
+    assert not (d / "g").exists()
