@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import pwd
+import select
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import torchactors as ta
+from torchactors.actors import protocol
 from torchactors.runtime import job as job_module
+from torchactors.runtime.transport import connect
 
 from conftest import wait_for
 
@@ -180,3 +187,189 @@ def test_job_files_are_private_and_written_whole(tmp_path):
     with pytest.raises(OSError):
         job_module.write_file(str(link_dir), "g", b"z")     # a job dir that is a link is not used
     assert not (d / "g").exists()
+
+
+# -- broken and flooding peers ------------------------------------------------------------------
+
+@ta.actor(num_threads=1)
+class Target:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def echo(self, x):
+        return x
+
+    def limit_fds(self, headroom: int) -> int:
+        """Lower this process's fd limit to what it has open now plus ``headroom``."""
+        import resource
+
+        n = len(os.listdir("/proc/self/fd"))
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + headroom, hard))
+        return n + headroom
+
+
+@pytest.fixture(scope="module")
+def target():
+    h = Target.remote()
+    ta.get(h.pid.remote())
+    yield h
+    ta.kill(h)
+
+
+def _socket_path(h) -> str:
+    job = job_module.current()
+    return job.socket_path(h._actor_id, job.read_status(h._actor_id)["incarnation"])
+
+
+def _closed_by_peer(sock: socket.socket, seconds: float = 10.0) -> bool:
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def _roundtrip(conn, msg: bytes) -> bytes:
+    """Send one request on a raw authenticated connection and read one reply."""
+    conn.send(msg)
+    deadline = time.monotonic() + 10
+    while True:
+        got = conn.buffered()
+        if got:
+            return got[0]
+        assert time.monotonic() < deadline, "no reply"
+        if select.select([conn], [], [], 1)[0]:
+            got = conn.read_available()
+            if got:
+                return got[0]
+
+
+MALFORMED = {
+    "empty message": b"",
+    "truncated header": b"\x01\x00\x00\x00\x00",
+    "unknown kind": protocol.REQ.pack(99, 1, 0, 0),
+    "method name past the end": protocol.REQ.pack(protocol.CALL, 1, 0, 500) + b"echo",
+    "method name not UTF-8": protocol.REQ.pack(protocol.CALL, 1, 0, 2) + b"\xff\xfe",
+    "garbage pickle": protocol.request(protocol.CALL, 1, 0, "echo", b"\x80\x05garbage"),
+    "not a pickle at all": protocol.request(protocol.CALL, 1, 0, "echo", b"hello"),
+    "truncated pickle": protocol.request(protocol.CALL, 1, 0, "echo", pickle.dumps(((1,), {}))[:-3]),
+    "pickle of the wrong shape": protocol.request(protocol.CALL, 1, 0, "echo", pickle.dumps(5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_frame_from_a_peer_with_the_secret_closes_only_its_connection(target, case):
+    pid = ta.get(target.pid.remote())
+    job = job_module.current()
+    conn = connect(_socket_path(target), job.secret, timeout=10)
+    bystander = connect(_socket_path(target), job.secret, timeout=10)
+    try:
+        payload = MALFORMED[case]
+        conn.sock.sendall(struct.pack("<I", len(payload)) + payload)
+        assert _closed_by_peer(conn.sock), f"{case}: the connection stayed open"
+        assert ta.get(target.echo.remote(case), timeout=10) == case        # the actor serves on
+        assert protocol.parse_reply(_roundtrip(bystander, protocol.request(protocol.PING, 7, 0)))[1] == 7
+        assert ta.get(target.pid.remote()) == pid
+    finally:
+        conn.close()
+        bystander.close()
+
+
+def test_huge_declared_length_closes_the_connection_without_waiting_for_the_bytes(target):
+    conn = connect(_socket_path(target), job_module.current().secret, timeout=10)
+    try:
+        conn.sock.sendall(struct.pack("<I", 0xFFFFFFFF) + b"x" * 100)
+        assert _closed_by_peer(conn.sock, 5)
+    finally:
+        conn.close()
+    assert ta.get(target.echo.remote(1), timeout=10) == 1
+
+
+def test_well_formed_calls_that_fail_get_an_error_reply_on_a_connection_that_stays_open(target):
+    conn = connect(_socket_path(target), job_module.current().secret, timeout=10)
+    try:
+        for i, (method, body) in enumerate([("no_such_method", protocol.EMPTY_ARGS),
+                                            ("echo", pickle.dumps(((), {"nope": 1}))),
+                                            ("echo", pickle.dumps(((1, 2, 3), {})))], 1):
+            kind, seq, _, _ = protocol.parse_reply(_roundtrip(conn, protocol.request(protocol.CALL, i, 0, method, body)))
+            assert (kind, seq) == (protocol.ERROR, i)
+        kind, _, _, body = protocol.parse_reply(_roundtrip(conn, protocol.request(
+            protocol.CALL, 9, 0, "echo", pickle.dumps(((5,), {})))))
+        assert (kind, pickle.loads(body)) == (protocol.OK_VALUE, 5)
+    finally:
+        conn.close()
+
+
+FLOODER = """
+import collections, socket, sys
+path, n, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = collections.deque()
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(path)
+    except OSError:
+        pass                            # the listen queue is full: still an attempt
+    if i % 3 == 0:
+        s.close()                       # connect, close
+        continue
+    if i % 3 == 1:
+        try:
+            s.send(b"not an answer" * 5)
+        except OSError:
+            pass
+    held.append(s)                      # connect, hold (silent or garbage)
+    while len(held) > hold:
+        held.popleft().close()
+for s in held:
+    s.close()
+print(n)
+"""
+
+
+def _flood(target, attempts: int, capfd) -> None:
+    pid = ta.get(target.pid.remote())
+    limit = ta.get(target.limit_fds.remote(40))
+    path = _socket_path(target)
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, path, str(attempts), "300"],
+                               stdout=subprocess.PIPE, text=True)
+    most_fds, calls = 0, 0
+    try:
+        while flooder.poll() is None:
+            assert ta.get(target.echo.remote(calls), timeout=10) == calls     # an authenticated caller
+            calls += 1
+            try:
+                most_fds = max(most_fds, len(os.listdir(f"/proc/{pid}/fd")))
+            except OSError:
+                pass
+        out, _ = flooder.communicate(timeout=60)
+    finally:
+        if flooder.poll() is None:
+            flooder.kill()
+            flooder.wait()
+    assert flooder.returncode == 0 and int(out) == attempts
+    # It ran out of fds for real, and survived it.
+    assert most_fds >= limit - 2, (most_fds, limit)
+    assert ta.get(target.pid.remote(), timeout=10) == pid
+    conn = connect(path, job_module.current().secret, timeout=10)            # a new caller gets in
+    conn.send(b"\xff" * 8)                                                   # and breaks the protocol
+    assert _closed_by_peer(conn.sock)
+    conn.close()
+    err = capfd.readouterr().err
+    assert "out of file descriptors" in err and "malformed message" in err  # both were logged
+    assert ta.get(target.echo.remote("after"), timeout=10) == "after"
+
+
+def test_an_actor_out_of_fds_survives_5000_unauthenticated_connections_and_keeps_serving(capfd):
+    h = Target.remote()
+    try:
+        _flood(h, 5000, capfd)
+    finally:
+        ta.kill(h)

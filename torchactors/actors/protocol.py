@@ -12,10 +12,13 @@ from __future__ import annotations
 import pickle
 import struct
 
+from torchactors.runtime.transport import ProtocolError
+
 REQ = struct.Struct("<BQQH")
 REP = struct.Struct("<BQB")
 
 CALL, ACK, KILL, PING = 1, 2, 3, 4             # request kinds
+REQUEST_KINDS = frozenset((CALL, ACK, KILL, PING))
 OK_VALUE, OK_REF, ERROR = 1, 2, 3               # reply kinds
 
 # Results of these types travel inside the reply; anything else is put into the actor's store.
@@ -28,9 +31,20 @@ def request(kind: int, seq: int, ack: int, method: str = "", body: bytes = b"") 
 
 
 def parse_request(msg: bytes) -> tuple[int, int, int, str, memoryview]:
+    """The fields of a request; ProtocolError if ``msg`` is not one (the sender is broken)."""
+    if len(msg) < REQ.size:
+        raise ProtocolError(f"a request of {len(msg)} bytes is shorter than its {REQ.size}-byte header")
     kind, seq, ack, n = REQ.unpack_from(msg)
+    if kind not in REQUEST_KINDS:
+        raise ProtocolError(f"unknown request kind {kind}")
     start = REQ.size
-    return kind, seq, ack, msg[start:start + n].decode(), memoryview(msg)[start + n:]
+    if len(msg) < start + n:
+        raise ProtocolError(f"the method name ({n} bytes) runs past the end of a {len(msg)}-byte request")
+    try:
+        method = msg[start:start + n].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("the method name is not UTF-8") from None
+    return kind, seq, ack, method, memoryview(msg)[start + n:]
 
 
 def reply(kind: int, seq: int, holds: bool, body: bytes) -> bytes:

@@ -9,6 +9,7 @@ call); with ``max_concurrency > 1`` on a thread pool; ``async def`` methods on a
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import os
@@ -28,7 +29,7 @@ from torchactors.errors import ActorError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
 from torchactors.runtime.transport import (AUTH_TIMEOUT, AuthenticationError, Connection, ConnectionClosed,
-                                          Handshake, Listener)
+                                          Handshake, Listener, ProtocolError)
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef, SerializationContext
 
@@ -38,6 +39,13 @@ logger = logging.getLogger(__name__)
 _EMPTY_ARGS = protocol.EMPTY_ARGS
 _NONE = pickle.dumps(None, pickle.HIGHEST_PROTOCOL)
 SPIN_S = 50e-6      # the loop polls this long before it sleeps in epoll_wait
+MAX_JOINING = 64    # connections mid-handshake at most; a new one beyond drops the oldest
+ACCEPT_BACKOFF = (0.01, 1.0)    # the listener rests this long (doubling) when out of fds
+REFUSAL_LOG_S = 5.0             # refused connections are logged at most this often
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# What pickle.loads raises for bytes that are not a pickle at all (a broken sender), as
+# opposed to a whole pickle whose class cannot be imported here (the caller's error).
+_NOT_A_PICKLE = (pickle.UnpicklingError, EOFError, ValueError)
 
 
 def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -51,9 +59,22 @@ def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _until_first_deadline(joining: dict[int, Handshake]) -> float:
-    """Seconds epoll may sleep before the first pending handshake times out."""
-    return max(0.0, min(hs.deadline for hs in joining.values()) - time.monotonic())
+class _Refusals:
+    """Connections refused before they authenticated, logged at most once per
+    ``REFUSAL_LOG_S``: a flood of them must not flood the log too."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.count = 0
+        self.logged_at = -REFUSAL_LOG_S
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= REFUSAL_LOG_S:
+            logger.warning("refused %d connection(s) on %s since the last report; the latest: %s",
+                           self.count, self.path, why)
+            self.count, self.logged_at = 0, now
 
 
 def start_event_loop() -> asyncio.AbstractEventLoop:
@@ -109,6 +130,10 @@ class ActorServer:
         if self.max_concurrency > 1:
             self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor-call")
         self._methods: dict[str, tuple[Any, bool]] = {}
+        self._refusals = _Refusals(self.listener.path)
+        self._fd_shortage = _Refusals(self.listener.path)       # logged apart: the operator's problem
+        self._backoff = 0.0                      # the listener's current rest after EMFILE
+        self._listen_at: Optional[float] = None  # when a resting listener listens again
         self.instance = self._construct(spec)
 
     def _construct(self, spec: dict) -> Any:
@@ -133,7 +158,7 @@ class ActorServer:
         listen_fd = self.listener.fileno()
         self.poller.register(listen_fd, select.EPOLLIN)
         peers: dict[int, _Peer] = {}
-        joining: dict[int, Handshake] = {}     # accepted, not yet authenticated
+        joining: dict[int, Handshake] = {}     # accepted, not yet authenticated; oldest first
         poll = self.poller.poll
         while True:
             # Poll without sleeping for a moment first: a caller's next call usually follows
@@ -144,33 +169,46 @@ class ActorServer:
                 os.sched_yield()        # spin only while nobody else wants this core
                 events = poll(0)
             if not events:
-                events = poll(_until_first_deadline(joining) if joining else -1)
+                events = poll(self._sleep_for(joining))
             for fd, _ in events:
                 peer = peers.get(fd)
                 if peer is None:
                     self._join(fd, listen_fd, joining, peers)
                     continue
                 try:
-                    messages = peer.conn.read_available()
+                    for msg in peer.conn.read_available():
+                        self._handle(peer, msg)
                 except ConnectionClosed:
-                    self.poller.unregister(fd)
-                    del peers[fd]
-                    peer.conn.close()
-                    peer.held.clear()       # the caller is gone: nobody will read those replies
-                    continue
-                for msg in messages:
-                    self._handle(peer, msg)
+                    self._drop(fd, peers)
+                except ProtocolError as e:
+                    logger.warning("%s: closed a caller's connection that sent a malformed message: %s",
+                                   self.name, e)
+                    self._drop(fd, peers)
             if joining:
                 self._expire(joining)
+            if self._listen_at is not None and time.monotonic() >= self._listen_at:
+                self._listen_at = None
+                self.poller.register(listen_fd, select.EPOLLIN)
+
+    def _sleep_for(self, joining: dict[int, Handshake]) -> float:
+        """Seconds epoll may sleep: until the first pending handshake times out or a resting
+        listener listens again (-1: until an event)."""
+        times = [hs.deadline for hs in joining.values()]
+        if self._listen_at is not None:
+            times.append(self._listen_at)
+        return max(0.0, min(times) - time.monotonic()) if times else -1
+
+    def _drop(self, fd: int, peers: dict[int, _Peer]) -> None:
+        peer = peers.pop(fd)
+        self.poller.unregister(fd)
+        peer.conn.close()
+        peer.held.clear()       # the caller is gone: nobody will read those replies
 
     def _join(self, fd: int, listen_fd: int, joining: dict[int, Handshake], peers: dict[int, _Peer]) -> None:
         """A new caller knocks (the listener) or answers (its handshake); an authenticated
         one becomes a peer on the same socket."""
         if fd == listen_fd:
-            hs = self.listener.accept()
-            if hs is not None:
-                joining[hs.fileno()] = hs
-                self.poller.register(hs.fileno(), select.EPOLLIN)
+            self._accept(listen_fd, joining)
             return
         hs = joining.get(fd)
         if hs is None:          # an event of a socket closed earlier in this batch
@@ -178,23 +216,55 @@ class ActorServer:
         try:
             conn = hs.advance()
         except AuthenticationError as e:
-            del joining[fd]
-            self.poller.unregister(fd)
-            hs.refuse(str(e))
+            self._refuse(joining, fd, str(e))
             return
         if conn is not None:
             del joining[fd]
             peers[fd] = _Peer(conn)
 
+    def _accept(self, listen_fd: int, joining: dict[int, Handshake]) -> None:
+        """Start the handshake of the next caller in the listen queue. Out of fds (a flood of
+        connections that do not authenticate), drop the oldest pending handshake to make
+        room or, with none to drop, rest the listener with a growing back-off: never exit."""
+        try:
+            hs = self.listener.accept()
+        except OSError as e:
+            if e.errno not in _OUT_OF_FDS:
+                self._refusals.add(f"accept failed: {e}")
+                return
+            if joining:
+                self._refuse(joining, next(iter(joining)), f"out of file descriptors ({e.strerror}); "
+                             "dropped the oldest connection waiting to authenticate", self._fd_shortage)
+                return
+            self._backoff = min(max(2 * self._backoff, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
+            self._fd_shortage.add(f"out of file descriptors ({e.strerror}); not accepting for "
+                                  f"{self._backoff:.2f} s")
+            self.poller.unregister(listen_fd)
+            self._listen_at = time.monotonic() + self._backoff
+            return
+        self._backoff = 0.0
+        if hs is None:
+            return
+        if len(joining) >= MAX_JOINING:
+            self._refuse(joining, next(iter(joining)), f"more than {MAX_JOINING} connections waiting to "
+                         "authenticate; dropped the oldest")
+        joining[hs.fileno()] = hs
+        self.poller.register(hs.fileno(), select.EPOLLIN)
+
+    def _refuse(self, joining: dict[int, Handshake], fd: int, why: str, log: Optional[_Refusals] = None) -> None:
+        hs = joining.pop(fd)
+        self.poller.unregister(fd)
+        hs.close()
+        (log or self._refusals).add(why)
+
     def _expire(self, joining: dict[int, Handshake]) -> None:
         now = time.monotonic()
         for fd, hs in list(joining.items()):
             if hs.deadline <= now:
-                del joining[fd]
-                self.poller.unregister(fd)
-                hs.refuse(f"no answer to the handshake within {AUTH_TIMEOUT:.0f} s")
+                self._refuse(joining, fd, f"no answer to the handshake within {AUTH_TIMEOUT:.0f} s")
 
     def _handle(self, peer: _Peer, msg: bytes) -> None:
+        """Run one request. ProtocolError if it is malformed (the caller closes the connection)."""
         kind, seq, ack, method, body = protocol.parse_request(msg)
         if ack:
             peer.ack(ack)
@@ -210,8 +280,10 @@ class ActorServer:
             if body == _EMPTY_ARGS:
                 args, kwargs = (), {}
             else:
-                args, kwargs = resolve_top_level(*pickle.loads(body))
+                args, kwargs = resolve_top_level(*_load_args(body))
             fn, is_async = self._method(method)
+        except ProtocolError:
+            raise
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
             return
@@ -266,6 +338,19 @@ class ActorServer:
                 peer.conn.send(msg)
             except OSError:
                 peer.held.pop(seq, None)    # the caller is gone
+
+
+def _load_args(body: memoryview) -> tuple[tuple, dict]:
+    """A call's ``(args, kwargs)``; ProtocolError for bytes that are no such pickle."""
+    try:
+        args, kwargs = pickle.loads(body)
+    except _NOT_A_PICKLE as e:
+        raise ProtocolError(f"the arguments are not a pickle: {type(e).__name__}: {e}") from None
+    except TypeError as e:
+        raise ProtocolError(f"the arguments are not an (args, kwargs) pair: {e}") from None
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise ProtocolError("the arguments are not an (args, kwargs) pair")
+    return args, kwargs
 
 
 def serve(payload: bytes, ctx: ChildContext) -> None:

@@ -24,6 +24,7 @@ _LEN = struct.Struct("<I")
 _NONCE = 32
 _DIGEST = 32
 AUTH_TIMEOUT = 10.0
+MAX_MESSAGE = 1 << 30       # bytes a message may declare; a larger length prefix is a broken peer
 _CHUNK = 256 << 10
 
 
@@ -33,6 +34,10 @@ class ConnectionClosed(EOFError):
 
 class AuthenticationError(ConnectionError):
     """The peer did not prove it holds the job secret."""
+
+
+class ProtocolError(ConnectionError):
+    """An authenticated peer sent bytes that are not a valid message: close its connection."""
 
 
 class Connection:
@@ -122,6 +127,8 @@ class Connection:
         pos = 0
         while len(buf) - pos >= 4:
             n = _LEN.unpack_from(buf, pos)[0]
+            if n > MAX_MESSAGE:
+                raise ProtocolError(f"the peer declared a message of {n} bytes (at most {MAX_MESSAGE})")
             if len(buf) - pos - 4 < n:
                 break
             out.append(bytes(buf[pos + 4:pos + 4 + n]))
@@ -191,7 +198,7 @@ class Handshake:
 
     def advance(self) -> Optional[Connection]:
         """Read what the peer has sent. The authenticated Connection once its answer is whole,
-        None while more is due; AuthenticationError if it fails (then ``refuse`` it)."""
+        None while more is due; AuthenticationError if it fails (then ``close`` it)."""
         try:
             chunk = self.sock.recv(_DIGEST + _NONCE - len(self._answer))
             if not chunk:
@@ -209,8 +216,7 @@ class Handshake:
         self.sock.setblocking(True)
         return Connection(self.sock)
 
-    def refuse(self, why: str) -> None:
-        logger.warning("refused a connection on %s: %s", self.path, why)
+    def close(self) -> None:
         self.sock.close()
 
 
@@ -234,15 +240,16 @@ class Listener:
         return self.sock.fileno()
 
     def accept(self) -> Optional[Handshake]:
-        """The next peer's handshake, started; None if no peer is waiting after all."""
+        """The next peer's handshake, started; None if no peer is waiting after all. Other
+        failures of ``accept`` (EMFILE: out of fds) are the owner's to handle."""
         try:
             sock, _ = self.sock.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
         try:
             return Handshake(sock, self.secret, self.path)
         except OSError as e:        # the peer left already
-            logger.warning("refused a connection on %s: %s", self.path, e)
+            logger.debug("a peer left %s before its handshake: %s", self.path, e)
             sock.close()
             return None
 
