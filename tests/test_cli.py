@@ -102,6 +102,18 @@ JOBMOD = textwrap.dedent('''
 
     def quick(job):
         pass
+
+
+    class Stuck:
+        """A constructor that never returns, and does not take SIGTERM either."""
+        def __init__(self, step=1, replica_index=None, seed=None):
+            import signal
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            path = os.path.join(os.environ["CLI_STUCK_DIR"], str(os.getpid()))
+            with open(path, "w") as f:
+                f.write("stuck")
+            while True:
+                time.sleep(1)
 ''')
 
 JOB = textwrap.dedent('''\
@@ -182,6 +194,23 @@ def test_validate_bad_job_exits_2_with_file_line_and_allowed_keys(jobdir):
     assert r.stdout == ""
     assert "bad.yaml:7: unknown key 'replica' in roles.counter; allowed: args, class, device, env," in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("old,new,line", [
+    ("seed: 7", "seed: !!int abc", 3),
+    ("replicas: 2", "replicas: !!python/object/apply:os.getpid []", 7),
+    ("args: {step: 2}", "args: !!set {step}", 8),
+    ("replicas: 2", "replicas: 5000", 7),
+    ("seed: 7", "<<: 5", 3),
+    ("seed: 7", "seed: 7\x07", 3),
+    ("args: {step: 2}", "args: &a {step: *a}", 8),
+])
+def test_validate_hostile_yaml_exits_2_with_file_line_and_no_traceback(jobdir, inprocess, capsys, old, new, line):
+    (jobdir / "hostile.yaml").write_text(JOB.replace(old, new, 1))
+    assert inprocess(["validate", "hostile.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"torchactors: hostile.yaml:{line}: ") and "; allowed: " in err, err
+    assert "Traceback" not in err
 
 
 def test_validate_bad_override_exits_2_naming_it(inprocess, capsys):
@@ -488,3 +517,24 @@ def test_main_job_short_run(tmp_path):
     assert s["frames"] >= 20000 or s["reached_target"]
     assert s["episodes"] > 0 and s["updates"] > 0 and s["mean_return"] is not None
     assert (out / "policy.pt").exists()
+
+
+@pytest.mark.timeout(90)
+def test_a_constructor_that_never_returns_fails_the_run_naming_the_role_after_start_timeout(jobdir, tmp_path):
+    """Needs the runtime: exit 3, the role named, no traceback, no process left."""
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    shm0 = _shm()
+    t0 = time.monotonic()
+    proc = start(jobdir, "run", "job.yaml", "roles.counter.class=clijobmod:Stuck", "roles.counter.start_timeout=3",
+                 f"roles.counter.env.CLI_STUCK_DIR={stuck}", "--out", str(tmp_path / "out"))
+    out, _ = proc.communicate(timeout=80)
+    took = time.monotonic() - t0
+    assert proc.returncode == cli.EXIT_START_TIMEOUT == 3, out
+    assert "role counter: 2 actor(s) did not finish the constructor within 3s (roles.counter.start_timeout)" in out
+    assert "Traceback" not in out
+    pids = [int(p) for p in os.listdir(stuck)]
+    assert len(pids) == 2
+    assert took < 40, took
+    _assert_all_gone([proc.pid] + pids, shm0)
+    assert _summary(tmp_path / "out")["stopped_by"] == "error"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +138,7 @@ def test_minimal_job_gets_every_default(job_file):
                     "start_method": "spawn"},
         "roles": {"w": {"class": "cfgjobmod:Anything", "replicas": 1, "args": {}, "num_threads": None,
                         "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
-                        "env": {}, "ray_options": {}}},
+                        "env": {}, "ray_options": {}, "start_timeout": 120.0}},
         "program": "cfgjobmod:main",
         "program_args": {},
         "stop": {"max_frames": None, "max_seconds": None, "target_return": None},
@@ -217,7 +219,7 @@ def test_store_capacity_must_be_a_positive_size(job_file, size):
 # --------------------------------------------------------------------------- mistakes in the file
 
 ROLE_ALLOWED = ("args, class, device, env, max_concurrency, max_restarts, max_task_retries, num_threads, "
-                "ray_options, replicas")
+                "ray_options, replicas, start_timeout")
 
 
 def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):
@@ -513,3 +515,178 @@ def test_docs_describe_every_key():
         for key in keys:
             assert f"`{key}`" in doc, f"{section}.{key} is not documented in docs/yaml.md"
     assert "`program`" in doc
+
+
+# --------------------------------------------------------------------------- hostile YAML
+
+HOSTILE = [
+    # (what, text, line, words in the message)
+    ("bad !!int", "job: {name: x, seed: !!int abc}\n", 1, ["!!int", "'abc'"]),
+    ("bad !!float", "job:\n  name: x\n  seed: !!float zz\n", 3, ["!!float"]),
+    ("bad !!bool", "job:\n  name: x\n  seed: !!bool maybe\n", 3, ["!!bool"]),
+    ("python tag", "job:\n  name: !!python/name:os.system x\n", 2, ["!!python/name:os.system", "not used"]),
+    ("custom tag", "job:\n  name: !mine x\n", 2, ["!mine"]),
+    ("binary tag", "job:\n  name: !!binary aGVsbG8=\n", 2, ["!!binary"]),
+    ("tag on a map", "job: !!omap\n  - name: x\n", 1, ["!!omap", "list"]),
+    ("set tag", "job: !!set {name: x}\n", 1, ["!!set", "mapping"]),
+    ("tag on a list", "job: {name: x}\nroles: !mine [a]\n", 2, ["!mine", "list"]),
+    ("control character", "job:\n  name: x\x01y\n", 2, ["#x0001"]),
+    ("escape character", "job: {name: x}\n\x1b[31m: 1\n", 2, ["#x001b"]),
+    ("merge of a scalar", "job:\n  <<: 5\n  name: x\n", 2, ["`<<` merges mappings", "5"]),
+    ("merge of a list of scalars", "job:\n  <<: [1, 2]\n  name: x\n", 2, ["`<<` merges mappings"]),
+    ("recursive alias", "job: &a\n  name: x\n  again: *a\n", 3, ["recursive alias"]),
+    ("recursive merge", "job: &a\n  name: x\n  <<: *a\n", 1, ["recursive alias"]),
+    ("recursive list", "job: {name: x}\nroles: &r [1, *r]\n", 2, ["recursive alias"]),
+    ("undefined alias", "job: *nope\n", 1, ["not valid YAML"]),
+    ("two documents", "job: {name: x}\n---\njob: {name: y}\n", 2, ["not valid YAML"]),
+    ("deep nesting", "job: {name: x}\nprogram_args: {a: " + "[" * 100 + "]" * 100 + "}\n", 2, ["nested"]),
+    ("huge int seed", "job: {name: x, seed: " + "9" * 30 + "}\n", 1, ["job.seed"]),
+    ("too long int", "job: {name: x, seed: " + "9" * 5000 + "}\n", 1, ["job.seed"]),
+    ("huge max_seconds", "stop: {max_seconds: " + "9" * 400 + "}\njob: {name: x}\n", 1, ["too large"]),
+    ("value tag as value", "job: {name: =}\n", 1, ["job.name"]),
+]
+
+
+@pytest.mark.parametrize("what,text,line,words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_yaml_is_a_config_error_at_its_line(job_file, what, text, line, words):
+    body = text + ("roles: {w: {class: cfgjobmod:Anything}}\n" if "roles" not in text else "")
+    body += "program: cfgjobmod:main\n"
+    path = job_file(body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:{line}: "), msg
+    assert "; allowed: " in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_plain_scalar_tags_are_read_as_written(job_file):
+    cfg = load_config(job_file("""\
+        job: {name: !!str tagged, seed: !!int "12"}
+        roles: {w: {class: cfgjobmod:Anything, args: {a: !!float 1, b: !!str 5, c: !!null ~, d: !!bool yes}}}
+        program: cfgjobmod:main
+    """))
+    assert cfg.job.seed == 12 and cfg.job.name == "tagged"
+    assert cfg.roles["w"].args == {"a": 1.0, "b": "5", "c": None, "d": True}
+
+
+def _bomb(levels: int, width: int = 9) -> str:
+    """A billion-laughs job file: each level lists the previous one ``width`` times."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    return ("job: {name: bomb}\nprogram: cfgjobmod:main\nroles:\n  w:\n    class: cfgjobmod:Anything\n"
+            "    args:\n" + "".join(f"      {ln}\n" for ln in lines))
+
+
+@pytest.mark.parametrize("levels", [5, 9])
+def test_alias_bombs_are_refused_fast(job_file, levels):
+    text = _bomb(levels)
+    assert len(text) < 1100
+    path = job_file(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="alias bomb") as info:
+        load_config(path)
+    assert time.perf_counter() - t0 < 1.0
+    assert info.value.line is not None
+
+
+def test_merge_bombs_are_refused_fast(job_file):
+    lines = ["a0: &a0 {k0: 1, k1: 2, k2: 3}"]
+    for i in range(1, 30):
+        lines.append(f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}, *a{i - 1}], k{i + 2}: {i}}}")
+    text = "job: {name: m}\nprogram: cfgjobmod:main\nroles:\n  w:\n    class: cfgjobmod:Anything\n    args:\n"
+    text += "".join(f"      {ln}\n" for ln in lines)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_config(job_file(text))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_aliases_used_within_the_budget_are_expanded(job_file):
+    cfg = load_config(job_file(_bomb(4)))
+    assert cfg.roles["w"].args["l3"] == [[[["lol"] * 9] * 9] * 9] * 9
+
+
+@pytest.mark.parametrize("replicas,line_of", [("5000", "replicas: 5000"), ("1024", "replicas: 1024")])
+def test_more_replicas_than_a_job_holds_are_refused(job_file, replicas, line_of):
+    text = GOOD.replace("replicas: 2", f"replicas: {replicas}")
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.strip() == line_of)
+    expect_error(job_file(text), line=line, key="roles.rollout.replicas", contains=["at most 1023"])
+
+
+def test_replicas_over_all_roles_are_bounded_too(job_file):
+    text = GOOD.replace("replicas: 2", "replicas: 1023")
+    expect_error(job_file(text), line=L_LEARNER, key="roles.learner.replicas",
+                 contains=["add up to 1024 actor processes", "at most 1023 replicas over all roles"])
+    assert load_config(job_file(GOOD.replace("replicas: 2", "replicas: 1022"))).num_processes == 1023
+
+
+def test_start_timeout_is_a_positive_number_or_null(job_file):
+    assert load_config(job_file(GOOD)).roles["rollout"].start_timeout == 120.0
+    cfg = load_config(job_file(GOOD), ["roles.rollout.start_timeout=null", "roles.learner.start_timeout=2.5"])
+    assert cfg.roles["rollout"].start_timeout is None and cfg.roles["learner"].start_timeout == 2.5
+    expect_error(job_file(GOOD), ["roles.rollout.start_timeout=0"], line=None, key="roles.rollout.start_timeout",
+                 contains=["seconds > 0"])
+
+
+@pytest.mark.parametrize("override", ["roles.rollout.replicas=!!int abc", "roles.rollout.args={a: !!set {}}",
+                                      "job.name=\x07", "job.name=*x", "job.name=!!python/object:os.system x"])
+def test_hostile_override_values_name_the_override(job_file, override):
+    err = expect_error(job_file(GOOD), [override], line=None, contains=["is not valid YAML"])
+    assert f"override '{override}'" in str(err)
+
+
+# A fuzzer: random and mutated job files give a JobConfig or a ConfigError, never another
+# exception, and each is checked fast.
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SEEDS = [GOOD, _bomb(3), textwrap.dedent("""\
+    job: {name: m, seed: !!int 3}
+    runtime: {store_capacity: 1GiB, num_threads: null}
+    roles:
+      a: &base {class: cfgjobmod:Rollout, args: {num_envs: 2}, replicas: 2}
+      b: {<<: *base, replicas: 3, start_timeout: 5}
+    program: cfgjobmod:tuned
+    program_args: {rounds: 2, label: "\\x41"}
+    stop: {max_seconds: 1.5e3, target_return: -.inf}
+""")]
+TOKENS = ["&a ", "*a", "<<: ", "!!int ", "!!set ", "!x ", "!!python/tuple ", "[", "]", "{", "}", ": ", "- ", "\n",
+          "  ", "'", '"', "\\", "\t", "\x00", "\x01", "\x85", "\ufeff", "---\n", "...\n", "? ", "|\n", ">-\n",
+          "%YAML 1.1\n", "#", "9" * 400, ".nan", "~", "null", "1e999", "0x", "0o7", "2001-13-45", "=", ",", "%"]
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    text = draw(st.sampled_from(SEEDS))
+    for _ in range(draw(st.integers(1, 6))):
+        pos = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["insert", "delete", "replace"]))
+        piece = draw(st.sampled_from(TOKENS) | st.text(max_size=4))
+        if op == "insert":
+            text = text[:pos] + piece + text[pos:]
+        elif op == "delete":
+            text = text[:pos] + text[pos + draw(st.integers(1, 20)):]
+        else:
+            text = text[:pos] + piece + text[pos + len(piece):]
+    data = text.encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):
+        i = draw(st.integers(0, max(0, len(data) - 1)))
+        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+    return data
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=mutated() | st.binary(max_size=300))
+def test_fuzzed_job_files_give_a_config_or_a_config_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "job.yaml"
+    path.write_bytes(data)
+    t0 = time.perf_counter()
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e).startswith(str(path)) and "; allowed: " in str(e)
+    assert time.perf_counter() - t0 < 2.0

@@ -3,7 +3,8 @@
 Box: top layer, the user's entry point. It only parses arguments, loads the config (so a bad
 file fails with exit code 2 before anything starts) and maps outcomes to exit codes:
 
-    0 ok    1 the job failed    2 bad config or usage    130 stopped by Ctrl-C (after a clean stop)
+    0 ok    1 the job failed    2 bad config or usage    3 a role's actors did not start within
+    its start_timeout (the job was stopped)    130 stopped by Ctrl-C (after a clean stop)
 
 The runtime is imported only by ``run``, so ``validate`` and ``plot`` work without it.
 """
@@ -24,7 +25,7 @@ from torchactors.runtime.config import load_config
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_START_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,13 +70,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.job, args.overrides)
-    from torchactors.runtime.runner import run_job  # imports the runtime only now
+    from torchactors.runtime.runner import StartTimeoutError, run_job  # imports the runtime only now
 
     try:
         summary = run_job(cfg, args.out)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except StartTimeoutError as e:
+        print(f"torchactors: job {cfg.job.name} failed: {e}", file=sys.stderr)
+        return EXIT_START_TIMEOUT
     except Exception as e:
         traceback.print_exc()
         print(f"torchactors: job {cfg.job.name} failed: {type(e).__name__}: {e}", file=sys.stderr)

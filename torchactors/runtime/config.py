@@ -31,6 +31,7 @@ import yaml
 from torchactors.errors import ConfigError
 from torchactors.runtime.child import DEVICE
 from torchactors.store import parse_size
+from torchactors.store.registry import MAX_PROCS
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(minimum: Optional[int] = None) -> Callable[[Any], int]:
+def _int(minimum: Optional[int] = None, maximum: Optional[int] = None) -> Callable[[Any], int]:
     def check(v: Any) -> int:
-        if not _is_int(v) or (minimum is not None and v < minimum):
+        if not _is_int(v) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
             raise _Invalid()
         return v
     return check
@@ -73,9 +74,15 @@ def _int(minimum: Optional[int] = None) -> Callable[[Any], int]:
 
 def _float(positive: bool = False) -> Callable[[Any], float]:
     def check(v: Any) -> float:
-        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or (positive and v <= 0):
+        if not (_is_int(v) or isinstance(v, float)):
             raise _Invalid()
-        return float(v)
+        try:
+            f = float(v)
+        except OverflowError:
+            raise _Invalid(f"{v} is too large for a number") from None
+        if not math.isfinite(f) or (positive and f <= 0):
+            raise _Invalid()
+        return f
     return check
 
 
@@ -105,7 +112,7 @@ def _size(v: Any) -> Union[str, int]:
         raise _Invalid()
     try:
         n = parse_size(v)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise _Invalid() from None
     if n <= 0:
         raise _Invalid()
@@ -171,9 +178,14 @@ def _import_ref(what: str) -> Callable[[Any], str]:
 
 # --------------------------------------------------------------------------- the schema
 
+# Actor processes one job can hold: each takes one of the job's process indices, and the
+# driver holds one (torchactors/store/registry.py).
+MAX_PROCESSES = MAX_PROCS - 1
+START_TIMEOUT_S = 120.0     # default seconds a role's constructors may take
+
 JOB_KEYS: dict[str, Key] = {
     "name": Key(_name, _REQUIRED, "a name of letters, digits, '_', '-', '.'"),
-    "seed": Key(_int(), 0, "int"),
+    "seed": Key(_int(-(1 << 63), (1 << 64) - 1), 0, "int from -2**63 to 2**64 - 1"),
 }
 RUNTIME_KEYS: dict[str, Key] = {
     "backend": Key(_choice("local", "ray"), "local", "local, ray"),
@@ -186,7 +198,7 @@ RUNTIME_KEYS: dict[str, Key] = {
 }
 ROLE_KEYS: dict[str, Key] = {
     "class": Key(_import_ref("class"), _REQUIRED, "'module:Class', importable"),
-    "replicas": Key(_int(1), 1, "int >= 1"),
+    "replicas": Key(_int(1, MAX_PROCESSES), 1, f"int >= 1, at most {MAX_PROCESSES} (actor processes in a job)"),
     "args": Key(_kwargs, {}, "a mapping of keyword arguments for the class"),
     "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
     "device": Key(_device, "cpu", "cpu, cuda, cuda:N"),
@@ -195,6 +207,8 @@ ROLE_KEYS: dict[str, Key] = {
     "max_concurrency": Key(_int(1), 1, "int >= 1"),
     "env": Key(_env, {}, "a mapping of environment variable names to strings"),
     "ray_options": Key(_kwargs, {}, "a mapping of Ray actor options (backend: ray only)"),
+    "start_timeout": Key(_optional(_float(positive=True)), START_TIMEOUT_S,
+                         "seconds > 0 the constructors may take, or null (wait for ever)"),
 }
 PROGRAM_KEY = Key(_import_ref("function"), _REQUIRED, "'module:function', importable, taking the job context")
 STOP_KEYS: dict[str, Key] = {
@@ -240,6 +254,7 @@ class RoleConfig:
     max_concurrency: int = 1
     env: dict = field(default_factory=dict)
     ray_options: dict = field(default_factory=dict)
+    start_timeout: Optional[float] = START_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -367,6 +382,14 @@ class _Doc:
                              allowed=allowed)
 
 
+MAX_DEPTH = 64                  # nesting of lists and mappings in a job file
+MAX_ALIAS_NODES = 10_000        # nodes that aliases and merges may repeat, per file
+_TAG = "tag:yaml.org,2002:"
+# Tags a job file may write on a scalar (``!!str 5``); any other tag, and any tag on a list
+# or mapping, is refused rather than ignored or turned into some other type.
+SCALAR_TAGS = {_TAG + t: "!!" + t for t in ("str", "int", "float", "bool", "null")}
+
+
 def _compose(doc: _Doc, text: str) -> None:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -375,40 +398,127 @@ def _compose(doc: _Doc, text: str) -> None:
         line = mark.line + 1 if mark else 1
         raise _config_error(doc.file, f"not valid YAML: {e.problem or e}", line=line,
                             allowed="YAML: key: value lines, indented by spaces") from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, max(0, e.position)) + 1
+        what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise _config_error(doc.file, f"not valid YAML: the character {what} cannot appear in YAML "
+                            "(control characters other than tab and newline)", line=line,
+                            allowed="printable text; write such characters as escapes in a double-quoted "
+                                    "string, e.g. \"\\x01\"") from None
+    except yaml.YAMLError as e:
+        raise _config_error(doc.file, f"not valid YAML: {e}", line=1, allowed="YAML text") from None
+    except RecursionError:
+        raise _config_error(doc.file, "not valid YAML here: lists or mappings are nested too deeply", line=1,
+                            allowed=f"at most {MAX_DEPTH} levels of nesting") from None
     if node is None:
         raise _config_error(doc.file, "the job file is empty", line=1, allowed=TOP_KEYS)
     doc.lines[()] = node.start_mark.line + 1
-    doc.data = _to_python(doc, node, (), yaml.constructor.SafeConstructor())
+    doc.data = _Builder(doc).build(node, ())
 
 
-def _to_python(doc: _Doc, node: yaml.Node, path: Path_, ctor: yaml.constructor.SafeConstructor) -> Any:
-    """Build plain data from a node, recording the line of each mapping key and refusing duplicates."""
-    if isinstance(node, yaml.MappingNode):
+class _Builder:
+    """Plain data from composed YAML nodes, recording the line of each mapping key and
+    refusing duplicates, tags other than plain scalar ones, recursive aliases and alias
+    bombs. Time is linear in the file plus the nodes that aliases repeat, which are counted
+    against ``MAX_ALIAS_NODES`` (a 1 KB file can otherwise expand to 10^9 nodes)."""
+
+    def __init__(self, doc: _Doc) -> None:
+        self.doc = doc
+        self.ctor = yaml.constructor.SafeConstructor()
+        self.resolver = yaml.resolver.Resolver()
+        self.seen: set[int] = set()
+        self.open: set[int] = set()     # nodes being built: meeting one again is a cycle
+        self.repeats = 0
+
+    def fail(self, node: Optional[yaml.Node], path: Path_, message: str, allowed: Any) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None else self.doc.where(path)[0]
+        return _config_error(self.doc.file, message, line=line, key=".".join(path) or None, allowed=allowed)
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        key = id(node)
+        if key in self.open:
+            raise self.fail(None, path, f"{_dotted(path)} is an alias of a node that contains it (a recursive "
+                            "alias)", allowed="aliases (*name) of anchors (&name) defined outside them")
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, path, f"{_dotted(path)} is nested more than {MAX_DEPTH} levels deep",
+                            allowed=f"at most {MAX_DEPTH} levels of lists and mappings")
+        if key in self.seen:
+            self.repeats += 1
+            if self.repeats > MAX_ALIAS_NODES:
+                raise self.fail(None, path, f"aliases repeat more than {MAX_ALIAS_NODES} nodes (at "
+                                f"{_dotted(path)}): an alias bomb?", allowed=f"aliases and merges that "
+                                f"repeat at most {MAX_ALIAS_NODES} nodes in all")
+        else:
+            self.seen.add(key)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        self.open.add(key)
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                self.untagged(node, path, _TAG + "seq", "list")
+                return [self.build(item, path + (str(i),)) for i, item in enumerate(node.value)]
+            self.untagged(node, path, _TAG + "map", "mapping")
+            return self.mapping(node, path)
+        finally:
+            self.open.discard(key)
+
+    def untagged(self, node: yaml.Node, path: Path_, plain: str, what: str) -> None:
+        if node.tag != plain:
+            raise self.fail(node, path, f"{_dotted(path)}: the tag {_short(node.tag)} on a {what} is not used in "
+                            "job files", allowed=f"a plain {what}, without a tag")
+
+    def scalar(self, node: yaml.ScalarNode, path: Path_) -> Any:
+        implicit = self.resolver.resolve(yaml.ScalarNode, node.value, (node.style is None, node.style is not None))
+        if node.tag != implicit and node.tag not in SCALAR_TAGS:
+            raise self.fail(node, path, f"{_dotted(path)}: the tag {_short(node.tag)} is not used in job files",
+                            allowed="no tag, or one of " + ", ".join(SCALAR_TAGS.values()))
+        if node.tag in (_TAG + "merge", _TAG + "value"):
+            return node.value       # `<<` or `=` written as a value is just text
+        try:
+            return self.ctor.construct_object(node, deep=True)
+        except Exception as e:      # e.g. `!!int abc`, `!!bool maybe`, a timestamp with month 13
+            reason = getattr(e, "problem", None) or e
+            raise self.fail(node, path, f"{_dotted(path)}: {node.value!r} is not a valid "
+                            f"{SCALAR_TAGS.get(node.tag, _short(node.tag))} ({reason})",
+                            allowed=f"a value that {_short(node.tag)} can read") from None
+
+    def mapping(self, node: yaml.MappingNode, path: Path_) -> dict:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = ctor.construct_object(key_node)
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise _with_line(doc, path, key, line, f"duplicate key '{key}' in {_dotted(path)} "
-                                     f"(first at line {seen[key]})")
-                seen[key] = line
-        ctor.flatten_mapping(node)  # resolve `<<: *anchor` merges; later keys win, as in YAML
-        out: dict = {}
+        merges: list[yaml.Node] = []
+        pairs = []
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _TAG + "merge":
+                merges.append(value_node)
+                continue
             if not isinstance(key_node, yaml.ScalarNode):
-                raise _with_line(doc, path, "?", key_node.start_mark.line + 1,
-                                 f"keys must be plain strings in {_dotted(path)}")
-            key = ctor.construct_object(key_node)
+                raise _with_line(self.doc, path, "?", line, f"keys must be plain strings in {_dotted(path)}")
+            key = self.scalar(key_node, path)
             if not isinstance(key, str):
-                raise _with_line(doc, path, str(key), key_node.start_mark.line + 1,
+                raise _with_line(self.doc, path, str(key), line,
                                  f"key {key!r} in {_dotted(path)} is a {type(key).__name__}; keys must be strings")
-            doc.lines[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _to_python(doc, value_node, path + (key,), ctor)
+            if key in seen:
+                raise _with_line(self.doc, path, key, line, f"duplicate key '{key}' in {_dotted(path)} "
+                                 f"(first at line {seen[key]})")
+            seen[key] = line
+            pairs.append((key, line, value_node))
+        out: dict = {}
+        for merged in merges:       # `<<: *a` or `<<: [*a, *b]`: keys of earlier mappings win
+            for source in (merged.value if isinstance(merged, yaml.SequenceNode) else [merged]):
+                if not isinstance(source, yaml.MappingNode):
+                    raise self.fail(source, path, f"{_dotted(path)}: `<<` merges mappings, not "
+                                    f"{'a list' if isinstance(source, yaml.SequenceNode) else repr(source.value)}",
+                                    allowed="<<: *anchor, or <<: [*anchor1, *anchor2], of mappings")
+                for k, v in self.build(source, path).items():
+                    out.setdefault(k, v)
+        for key, line, value_node in pairs:    # this mapping's own keys win over merged ones
+            self.doc.lines[path + (key,)] = line
+            out[key] = self.build(value_node, path + (key,))
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(doc, item, path + (str(i),), ctor) for i, item in enumerate(node.value)]
-    return ctor.construct_object(node, deep=True)
+
+
+def _short(tag: str) -> str:
+    return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
 
 
 def _with_line(doc: _Doc, path: Path_, key: Any, line: int, message: str) -> ConfigError:
@@ -434,11 +544,16 @@ def _apply_override(doc: _Doc, text: str) -> None:
     path = tuple(dotted.split("."))
     if not sep or not all(re.fullmatch(r"[\w-]+", p) for p in path):
         raise fail("not of the form dotted.key=value", allowed="e.g. roles.rollout.replicas=3, stop.max_seconds=30")
+    value_doc = _Doc("")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise fail(f"the value {raw!r} is not valid YAML ({getattr(e, 'problem', e)})", key=dotted,
+        if raw.strip():
+            _compose(value_doc, raw)
+    except ConfigError as e:
+        reason = str(e).split(": ", 1)[-1].split("; allowed: ")[0]
+        reason = reason[len("not valid YAML: "):] if reason.startswith("not valid YAML: ") else reason
+        raise fail(f"the value {raw!r} is not valid YAML ({reason})", key=dotted,
                    allowed="a YAML scalar such as 3, 0.5, true, null, text, or a flow list/mapping") from None
+    value = value_doc.data
 
     node = doc.data
     for i, seg in enumerate(path[:-1]):
@@ -580,6 +695,10 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
         role = _section(doc, ("roles", name), body, ROLE_KEYS)
         _check_args(doc, name, role["class"], role["args"])
         roles[name] = RoleConfig(name=name, class_path=role.pop("class"), **role)
+        total = sum(r.replicas for r in roles.values())
+        if total > MAX_PROCESSES:
+            raise doc.error(("roles", name, "replicas"), f"roles up to {name} add up to {total} actor processes, "
+                            f"more than a job can hold", allowed=f"at most {MAX_PROCESSES} replicas over all roles")
 
     try:
         program = PROGRAM_KEY.check(data["program"])

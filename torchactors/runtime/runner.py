@@ -42,6 +42,16 @@ STOP_REASONS = ("target_return", "max_frames", "max_seconds", "program_end", "in
 EXIT_INTERRUPTED = 130
 
 
+class StartTimeoutError(RuntimeError):
+    """A role's actors did not finish their constructors within the role's ``start_timeout``."""
+
+    def __init__(self, role: str, timeout: float, waiting: int) -> None:
+        super().__init__(f"role {role}: {waiting} actor(s) did not finish the constructor within "
+                         f"{timeout:g}s (roles.{role}.start_timeout); the job was stopped. Raise "
+                         f"start_timeout (null waits for ever) if the constructor is slow, or find where it hangs")
+        self.role, self.timeout, self.waiting = role, timeout, waiting
+
+
 class JobContext:
     """What a job's program gets: its actors, its config, and the report/stop/save hooks.
 
@@ -314,6 +324,23 @@ def start_roles(ta: Any, config: JobConfig) -> dict[str, list]:
     return handles
 
 
+def wait_started(ta: Any, config: JobConfig, roles: dict[str, list]) -> None:
+    """Block until every actor has run its constructor; StartTimeoutError naming the first
+    role whose actors are still constructing ``start_timeout`` seconds after now (the roles
+    were all started just before)."""
+    from torchactors.actors import api
+
+    t0 = time.monotonic()
+    for role in sorted(config.roles.values(), key=lambda r: r.start_timeout or math.inf):
+        pings = [api.runtime().ping(h) for h in roles[role.name]]
+        left = None if role.start_timeout is None else max(0.0, t0 + role.start_timeout - time.monotonic())
+        try:
+            ta.get(pings, timeout=left)
+        except ta.GetTimeoutError:
+            raise StartTimeoutError(role.name, role.start_timeout,
+                                    sum(1 for p in pings if not ta.wait([p], timeout=0)[0])) from None
+
+
 def _jsonable(obj: Any) -> Any:
     """Store stats and extras as JSON: dataclasses and named tuples as dicts, NaN as null."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -482,9 +509,7 @@ def run_job(config: JobConfig, out_dir: Union[str, Path, None] = None, *, grace_
         ctx.roles = start_roles(ta, config)
         # The clock (max_seconds, fps) starts once every actor has run its constructor: process
         # start-up is not the program's time.
-        from torchactors.actors.api import wait_ready
-
-        wait_ready([h for handles in ctx.roles.values() for h in handles])
+        wait_started(ta, config, ctx.roles)
         ctx._begin()
         ticker.start()
         interrupts.phase = "program"
