@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -199,6 +200,9 @@ class Target:
     def echo(self, x):
         return x
 
+    def first(self, i, blob=None):
+        return i
+
     def limit_fds(self, headroom: int) -> int:
         """Lower this process's fd limit to what it has open now plus ``headroom``."""
         import resource
@@ -373,3 +377,54 @@ def test_an_actor_out_of_fds_survives_5000_unauthenticated_connections_and_keeps
         _flood(h, 5000, capfd)
     finally:
         ta.kill(h)
+
+
+# -- a stopped actor ------------------------------------------------------------------------------
+
+def _timed_calls(calls, seconds: float) -> list:
+    """Run ``calls()`` on a thread; fail (rather than hang the suite) if it has not returned
+    within ``seconds``."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(calls()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f".remote() calls blocked for more than {seconds} s"
+    return out[0]
+
+
+def test_remote_never_blocks_on_a_stopped_actor_and_queued_calls_arrive_in_order(target):
+    pid = ta.get(target.pid.remote())
+    other = Target.remote()
+    ta.get(other.pid.remote())
+    blob = b"x" * 100_000
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        def calls():
+            refs, slowest = [], 0.0
+            for i in range(300):            # 30 MB: far more than the socket holds
+                t0 = time.perf_counter()
+                refs.append(target.first.remote(i, blob) if i % 2 else target.first.remote(i))
+                slowest = max(slowest, time.perf_counter() - t0)
+            return refs, slowest
+        refs, slowest = _timed_calls(calls, 20)
+        assert slowest < 0.5, slowest
+        with pytest.raises(ta.GetTimeoutError):
+            ta.get(refs[-1], timeout=0.2)
+        assert ta.get(other.first.remote(7), timeout=10) == 7      # other actors are not held up
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert ta.get(refs, timeout=60) == list(range(300))
+    assert ta.get(target.first.remote("after"), timeout=10) == "after"
+    ta.kill(other)
+
+
+def test_calls_queued_for_a_stopped_actor_fail_when_it_is_killed(target):
+    h = Target.remote()
+    pid = ta.get(h.pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    refs = _timed_calls(lambda: [h.first.remote(i, b"y" * 200_000) for i in range(50)], 20)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ta.ActorDiedError):
+        ta.get(refs[-1], timeout=10)
+    with pytest.raises(ta.ActorDiedError):
+        ta.get(refs[0], timeout=10)

@@ -13,12 +13,13 @@ import pickle
 import select
 import threading
 import time
+from collections import deque
 from typing import Any, Optional
 
 from torchactors.actors import protocol
 from torchactors.errors import ActorDiedError, GetTimeoutError
 from torchactors.runtime.job import Job
-from torchactors.runtime.transport import AuthenticationError, Connection, ConnectionClosed, connect
+from torchactors.runtime.transport import MAX_MESSAGE, AuthenticationError, Connection, ConnectionClosed, connect
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef
 
@@ -28,6 +29,7 @@ CONNECT_TIMEOUT = 120.0     # a new actor's process imports torch before it list
 DEATH_DETAIL_WAIT = 0.5     # how long to wait for the supervisor's word on how it died
 SPIN_S = 50e-6              # a get polls this long before it sleeps (see Connection.read_spinning)
 RECHECK_S = 0.002           # how often wait() re-checks calls whose socket another thread reads
+WRITER_POLL_S = 0.05        # how often the writer of a full socket looks again (and reads replies)
 
 
 class PendingResult:
@@ -153,6 +155,9 @@ class Channel:
         self.connecting = False
         self.connected = threading.Event()
         self.backlog: list[bytes] = []          # calls made while the actor's process starts
+        # Bytes of requests the socket had no room for (the actor is busy, stopped or slow),
+        # in order; a writer thread delivers them, so that ``.remote()`` never waits for the actor.
+        self.outbox: deque[memoryview] = deque()
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -162,6 +167,10 @@ class Channel:
     def call(self, method: str, body: bytes, held: list, kind: int = protocol.CALL) -> ObjectRef:
         """Send a call and return its pending ref at once. While the actor's process is still
         starting, the call waits in a backlog that the connecting thread flushes."""
+        if len(body) > MAX_MESSAGE - protocol.REQ.size - len(method):
+            raise ValueError(f"the arguments of {self.name}.{method}() pickle to {len(body)} bytes, more than a "
+                             f"message holds ({MAX_MESSAGE}); pass big data as tensors (they travel through the "
+                             f"store) or split it")
         with self.send_lock:
             if self.dead is not None or (self.conn is None and not self.connecting) or (
                     self.conn is not None and self.conn.closed):
@@ -178,16 +187,51 @@ class Channel:
         return ObjectRef.pending(pending)
 
     def _send(self, msg: bytes) -> None:
+        """Under send_lock: send ``msg`` as far as the socket has room now, never waiting for
+        the actor; what does not fit joins the outbox, in order, and a writer thread (one
+        while the outbox is not empty) delivers it."""
         self.ack_due = False
-        try:
-            self.conn.send(msg, on_block=self._drain)
-        except OSError:
-            pass        # the read side sees the EOF and fails the call with the death details
+        conn = self.conn
+        if self.outbox:
+            self.outbox.extend(conn.frame(msg))
+        else:
+            try:
+                rest = conn.send_some(msg)
+            except OSError:
+                return      # the read side sees the EOF and fails the call with the death details
+            if rest:
+                self.outbox.extend(rest)
+                threading.Thread(target=self._write_out, args=(conn,), daemon=True,
+                                 name=f"torchactors-writer-{self.name}").start()
         if self.ack_due:
             self._send_ack()
 
+    def _write_out(self, conn: Connection) -> None:
+        """The writer thread: deliver the outbox as the actor makes room, reading its replies
+        meanwhile (an actor blocked writing to us would never read); ends once it is empty or
+        the connection is gone."""
+        while True:
+            with self.send_lock:
+                if self.conn is not conn or conn.closed:
+                    if self.conn is conn:
+                        self.outbox.clear()
+                    return
+                try:
+                    conn.send_nowait(self.outbox)
+                except OSError:
+                    self.outbox.clear()
+                if not self.outbox:
+                    if self.ack_due:
+                        self._send_ack()
+                    return
+            self._drain()
+            try:
+                select.select([], [conn], [], WRITER_POLL_S)
+            except (OSError, ValueError):
+                pass
+
     def _drain(self) -> None:
-        """While our send waits for room: read the actor's replies, which are what fill it."""
+        """While requests wait for room: read the actor's replies, which are what fill it."""
         if self.read_lock.acquire(blocking=False):
             try:
                 self._read(0.0)
@@ -197,8 +241,9 @@ class Channel:
     def _send_ack(self) -> None:
         """Acknowledge the replies read so far, without ever blocking: the reader may hold the
         read lock, and an actor blocked writing replies to us would never read a blocked ACK.
-        If the socket is full, the ACK rides on the next request instead."""
-        if self.conn is not None and not self.conn.closed:
+        If the socket is full (or requests wait in the outbox: an ACK must not cut into one),
+        the ACK rides on the next request instead."""
+        if self.conn is not None and not self.conn.closed and not self.outbox:
             try:
                 if self.conn.try_send(protocol.request(protocol.ACK, 0, self.read_upto)):
                     self.ack_due = False
@@ -221,6 +266,7 @@ class Channel:
         if self.conn is not None:
             self.conn.close()
         self.conn = None
+        self.outbox.clear()         # bytes for the old connection; retried calls are sent again whole
         self.dead = None
         self.connecting = True
         self.connected = threading.Event()

@@ -9,6 +9,7 @@ nonce each way), so a pickle from outside the job is never loaded.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -16,7 +17,8 @@ import select
 import socket
 import struct
 import time
-from typing import Callable, Optional
+from collections import deque
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ _DIGEST = 32
 AUTH_TIMEOUT = 10.0
 MAX_MESSAGE = 1 << 30       # bytes a message may declare; a larger length prefix is a broken peer
 _CHUNK = 256 << 10
+_IOV = 64                   # pieces per sendmsg (the kernel takes up to IOV_MAX, 1024)
 
 
 class ConnectionClosed(EOFError):
@@ -56,24 +59,51 @@ class Connection:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, payload: bytes, on_block: Optional[Callable[[], None]] = None) -> None:
-        """Send one message. If the socket is full and ``on_block`` is given, call it (to
-        read the peer's replies) while waiting: two peers that only write would deadlock."""
-        data = _LEN.pack(len(payload)) + payload if len(payload) < 65536 else None
-        if on_block is None:
-            if data is not None:
-                self.sock.sendall(data)
-            else:
-                self.sock.sendall(_LEN.pack(len(payload)))
-                self.sock.sendall(payload)
-            return
-        view = memoryview(data if data is not None else _LEN.pack(len(payload)) + payload)
-        while view:
+    def send(self, payload: bytes) -> None:
+        """Send one message, blocking until the socket has taken all of it."""
+        if len(payload) < 65536:
+            self.sock.sendall(_LEN.pack(len(payload)) + payload)
+        else:
+            self.sock.sendall(_LEN.pack(len(payload)))
+            self.sock.sendall(payload)
+
+    def send_some(self, payload: bytes) -> list[memoryview]:
+        """Send one message as far as the socket takes it now, without blocking; the pieces
+        left to send (none if it all went). Raises OSError if the connection is broken."""
+        if len(payload) < 65536:
+            data = _LEN.pack(len(payload)) + payload
             try:
-                view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
+                n = self.sock.send(data, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                on_block()
-                select.select([self.sock], [self.sock], [], 0.05)
+                n = 0
+            return [] if n == len(data) else [memoryview(data)[n:]]
+        parts = deque(self.frame(payload))
+        self.send_nowait(parts)
+        return list(parts)
+
+    @staticmethod
+    def frame(payload: bytes) -> list[memoryview]:
+        """One message as the pieces ``send_nowait`` takes: its length prefix and its bytes."""
+        return [memoryview(_LEN.pack(len(payload))), memoryview(payload)]
+
+    def send_nowait(self, parts: deque[memoryview]) -> None:
+        """Send as much of ``parts`` (framed messages, in order) as the socket takes now,
+        without blocking; what is sent is removed from ``parts``, a piece sent in part is
+        replaced by its tail. Raises OSError if the connection is broken."""
+        sendmsg = self.sock.sendmsg
+        while parts:
+            try:
+                n = sendmsg(list(itertools.islice(parts, _IOV)), (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            while n:
+                head = parts[0]
+                if n >= len(head):
+                    n -= len(head)
+                    parts.popleft()
+                else:
+                    parts[0] = head[n:]
+                    n = 0
 
     def read_available(self) -> list[bytes]:
         """One ``recv`` of what the socket has, then every whole message buffered so far.
