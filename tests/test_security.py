@@ -203,6 +203,9 @@ class Target:
     def first(self, i, blob=None):
         return i
 
+    def blob(self, n: int) -> bytes:
+        return b"z" * n
+
     def limit_fds(self, headroom: int) -> int:
         """Lower this process's fd limit to what it has open now plus ``headroom``."""
         import resource
@@ -428,3 +431,16 @@ def test_calls_queued_for_a_stopped_actor_fail_when_it_is_killed(target):
         ta.get(refs[-1], timeout=10)
     with pytest.raises(ta.ActorDiedError):
         ta.get(refs[0], timeout=10)
+
+
+def test_big_str_and_bytes_results_travel_through_the_store(target):
+    assert ta.get(target.blob.remote(3_000_000), timeout=30) == b"z" * 3_000_000
+
+
+def test_a_request_over_the_message_bound_is_refused_before_it_is_sent(target, monkeypatch):
+    from torchactors.actors import channel
+
+    monkeypatch.setattr(channel, "MAX_MESSAGE", 4096)
+    with pytest.raises(ValueError, match="more than a message holds"):
+        target.first.remote(0, b"q" * 10_000)
+    assert ta.get(target.first.remote(1, b"q" * 100), timeout=10) == 1     # the channel is fine

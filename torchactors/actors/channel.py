@@ -19,7 +19,8 @@ from typing import Any, Optional
 from torchactors.actors import protocol
 from torchactors.errors import ActorDiedError, GetTimeoutError
 from torchactors.runtime.job import Job
-from torchactors.runtime.transport import MAX_MESSAGE, AuthenticationError, Connection, ConnectionClosed, connect
+from torchactors.runtime.transport import (MAX_MESSAGE, AuthenticationError, Connection, ConnectionClosed,
+                                          ProtocolError, connect)
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef
 
@@ -378,7 +379,7 @@ class Channel:
                     if timeout is not None and not select.select([conn], [], [], timeout)[0]:
                         return 0
                     messages = conn.read_available()
-            except ConnectionClosed:
+            except (ConnectionClosed, ProtocolError):   # a broken actor is as good as a dead one
                 n = len(self.pendings)
                 self._fail_all()
                 return n

@@ -23,6 +23,7 @@ OK_VALUE, OK_REF, ERROR = 1, 2, 3               # reply kinds
 
 # Results of these types travel inside the reply; anything else is put into the actor's store.
 INLINE_TYPES = (type(None), bool, int, float, str, bytes, complex)
+INLINE_MAX = 1 << 20        # a str or bytes result longer than this goes through the store too
 
 
 def request(kind: int, seq: int, ack: int, method: str = "", body: bytes = b"") -> bytes:

@@ -90,7 +90,8 @@ def encode_result(result: Any) -> tuple[int, bytes, Optional[list]]:
     acknowledges the reply."""
     if result is None:
         return protocol.OK_VALUE, _NONE, None
-    if type(result) in protocol.INLINE_TYPES:
+    if type(result) in protocol.INLINE_TYPES and not (
+            isinstance(result, (str, bytes)) and len(result) > protocol.INLINE_MAX):
         return protocol.OK_VALUE, pickle.dumps(result, pickle.HIGHEST_PROTOCOL), None
     ref = store_core.current().put(result)
     with SerializationContext() as ctx:

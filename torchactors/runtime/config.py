@@ -413,7 +413,11 @@ def _compose(doc: _Doc, text: str) -> None:
     if node is None:
         raise _config_error(doc.file, "the job file is empty", line=1, allowed=TOP_KEYS)
     doc.lines[()] = node.start_mark.line + 1
-    doc.data = _Builder(doc).build(node, ())
+    try:
+        doc.data = _Builder(doc).build(node, ())
+    except RecursionError:      # merges nested in merges: deep without a long path
+        raise _config_error(doc.file, "mappings merged into mappings (<<) are nested too deeply", line=1,
+                            allowed=f"at most {MAX_DEPTH} levels of nesting") from None
 
 
 class _Builder:
@@ -439,7 +443,7 @@ class _Builder:
         if key in self.open:
             raise self.fail(None, path, f"{_dotted(path)} is an alias of a node that contains it (a recursive "
                             "alias)", allowed="aliases (*name) of anchors (&name) defined outside them")
-        if len(path) > MAX_DEPTH:
+        if len(self.open) >= MAX_DEPTH:   # lists and mappings being built, merged ones too
             raise self.fail(node, path, f"{_dotted(path)} is nested more than {MAX_DEPTH} levels deep",
                             allowed=f"at most {MAX_DEPTH} levels of lists and mappings")
         if key in self.seen:
