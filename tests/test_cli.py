@@ -538,3 +538,17 @@ def test_a_constructor_that_never_returns_fails_the_run_naming_the_role_after_st
     assert took < 40, took
     _assert_all_gone([proc.pid] + pids, shm0)
     assert _summary(tmp_path / "out")["stopped_by"] == "error"
+
+
+def test_run_with_an_unsafe_base_dir_exits_1_saying_what_to_do_without_a_traceback(jobdir, tmp_path):
+    """Needs the runtime's start only: the job directory is refused before any actor starts."""
+    base = tmp_path / f"torchactors-{os.getuid()}"
+    base.mkdir()
+    os.chmod(base, 0o777)
+    env = dict(_env(jobdir), XDG_RUNTIME_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", "job.yaml", "--out",
+                        str(tmp_path / "out")], cwd=jobdir, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"torchactors: job clitest not started: torchactors will not keep its job files in {base}" in r.stderr
+    assert "chmod 700" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(base) == []

@@ -142,3 +142,18 @@ def _fmt(n: int) -> str:
 
 __all__ = ["TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
            "ObjectFreedError", "StoreFullError", "ConfigError"]
+
+
+class UnsafeDirectoryError(TorchActorsError, PermissionError):
+    """The directory for job files could be changed by another user: refused, not used."""
+
+    _fields = ("path", "problem")
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(
+            f"torchactors will not keep its job files in {path}: it {problem}, so another user could "
+            f"replace or read them. Remove it if it is not yours (rm -rf {path}; as its owner or root), "
+            f"or chmod 700 it if it is yours, or point XDG_RUNTIME_DIR (or TMPDIR) at a directory "
+            f"only you can write")
+        self.path = path
+        self.problem = problem

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-from torchactors.errors import ConfigError
+from torchactors.errors import ConfigError, UnsafeDirectoryError
 from torchactors.runtime.config import load_config
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except StartTimeoutError as e:
         print(f"torchactors: job {cfg.job.name} failed: {e}", file=sys.stderr)
         return EXIT_START_TIMEOUT
+    except UnsafeDirectoryError as e:     # nothing started: what is wrong and what to do is all there is
+        print(f"torchactors: job {cfg.job.name} not started: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as e:
         traceback.print_exc()
         print(f"torchactors: job {cfg.job.name} failed: {type(e).__name__}: {e}", file=sys.stderr)

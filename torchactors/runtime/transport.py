@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import secrets
-import select
 import socket
 import struct
 import time

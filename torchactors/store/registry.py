@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Optional
 
+from torchactors.errors import UnsafeDirectoryError
+
 logger = logging.getLogger(__name__)
 
 MAX_PROCS = 1024          # process indices per job
@@ -58,8 +60,8 @@ def _base_dir() -> str:
 
 
 def check_private_dir(path: str) -> None:
-    """Raise PermissionError unless ``path`` is a real directory that only this user can
-    change, in a parent where nobody else can rename it away."""
+    """Raise UnsafeDirectoryError (a PermissionError) unless ``path`` is a real directory
+    that only this user can change, in a parent where nobody else can rename it away."""
     uid = os.getuid()
     st = os.lstat(path)
     parent = os.stat(os.path.dirname(path) or ".")
@@ -75,11 +77,7 @@ def check_private_dir(path: str) -> None:
         problem = "is in a directory that anyone can write and that has no sticky bit"
     else:
         return
-    raise PermissionError(
-        f"torchactors will not keep its job files in {path}: it {problem}, so another user could "
-        f"replace or read them. Remove it if it is not yours (rm -rf {path}; as its owner or root), "
-        f"or chmod 700 it if it is yours, or point XDG_RUNTIME_DIR (or TMPDIR) at a directory "
-        f"only you can write")
+    raise UnsafeDirectoryError(path, problem)
 
 
 def sweep_stale_jobs() -> int:
