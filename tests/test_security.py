@@ -242,6 +242,17 @@ def _closed_by_peer(sock: socket.socket, seconds: float = 10.0) -> bool:
         return False
 
 
+class Unloadable:
+    """Pickles fine; raises while being unpickled, as a class whose state check fails does."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ("bad state",))
+
+
+def _refuse_to_load(why: str):
+    raise ValueError(why)
+
+
 def _roundtrip(conn, msg: bytes) -> bytes:
     """Send one request on a raw authenticated connection and read one reply."""
     conn.send(msg)
@@ -267,6 +278,7 @@ MALFORMED = {
     "not a pickle at all": protocol.request(protocol.CALL, 1, 0, "echo", b"hello"),
     "truncated pickle": protocol.request(protocol.CALL, 1, 0, "echo", pickle.dumps(((1,), {}))[:-3]),
     "pickle of the wrong shape": protocol.request(protocol.CALL, 1, 0, "echo", pickle.dumps(5)),
+    "pickle of a wrong pair": protocol.request(protocol.CALL, 1, 0, "echo", pickle.dumps(([1], {}))),
 }
 
 
@@ -303,7 +315,8 @@ def test_well_formed_calls_that_fail_get_an_error_reply_on_a_connection_that_sta
     try:
         for i, (method, body) in enumerate([("no_such_method", protocol.EMPTY_ARGS),
                                             ("echo", pickle.dumps(((), {"nope": 1}))),
-                                            ("echo", pickle.dumps(((1, 2, 3), {})))], 1):
+                                            ("echo", pickle.dumps(((1, 2, 3), {}))),
+                                            ("echo", pickle.dumps(((Unloadable(),), {})))], 1):
             kind, seq, _, _ = protocol.parse_reply(_roundtrip(conn, protocol.request(protocol.CALL, i, 0, method, body)))
             assert (kind, seq) == (protocol.ERROR, i)
         kind, _, _, body = protocol.parse_reply(_roundtrip(conn, protocol.request(

@@ -45,7 +45,7 @@ REFUSAL_LOG_S = 5.0             # refused connections are logged at most this of
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # What pickle.loads raises for bytes that are not a pickle at all (a broken sender), as
 # opposed to a whole pickle whose class cannot be imported here (the caller's error).
-_NOT_A_PICKLE = (pickle.UnpicklingError, EOFError, ValueError)
+_NOT_A_PICKLE = (pickle.UnpicklingError, EOFError)
 
 
 def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -342,16 +342,16 @@ class ActorServer:
 
 
 def _load_args(body: memoryview) -> tuple[tuple, dict]:
-    """A call's ``(args, kwargs)``; ProtocolError for bytes that are no such pickle."""
+    """A call's ``(args, kwargs)``; ProtocolError for bytes that are no such pickle. Other
+    errors (a class that cannot be imported here, a ``__setstate__`` that raises) come from a
+    well-formed request and are the caller's, answered with an error reply."""
     try:
-        args, kwargs = pickle.loads(body)
+        obj = pickle.loads(body)
     except _NOT_A_PICKLE as e:
         raise ProtocolError(f"the arguments are not a pickle: {type(e).__name__}: {e}") from None
-    except TypeError as e:
-        raise ProtocolError(f"the arguments are not an (args, kwargs) pair: {e}") from None
-    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-        raise ProtocolError("the arguments are not an (args, kwargs) pair")
-    return args, kwargs
+    if not (type(obj) is tuple and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict):
+        raise ProtocolError(f"the arguments are a pickle of {type(obj).__name__}, not an (args, kwargs) pair")
+    return obj
 
 
 def serve(payload: bytes, ctx: ChildContext) -> None:
