@@ -457,3 +457,27 @@ def test_a_request_over_the_message_bound_is_refused_before_it_is_sent(target, m
     with pytest.raises(ValueError, match="more than a message holds"):
         target.first.remote(0, b"q" * 10_000)
     assert ta.get(target.first.remote(1, b"q" * 100), timeout=10) == 1     # the channel is fine
+
+
+def test_a_caller_that_stops_reading_does_not_stall_the_actor_for_others(target):
+    """The reverse of a stopped actor: a caller (with the secret) sends calls whose replies
+    fill its socket and reads none of them; the actor goes on serving everyone else, and the
+    replies arrive whole and in order once that caller reads."""
+    conn = connect(_socket_path(target), job_module.current().secret, timeout=10)
+    try:
+        n, size = 60, 600_000          # 36 MB of inline replies: far more than a socket holds
+        for i in range(1, n + 1):
+            conn.send(protocol.request(protocol.CALL, i, 0, "blob", pickle.dumps(((size,), {}))))
+        time.sleep(0.5)                # the actor has answered what it could and is stuck on the rest
+        t0 = time.monotonic()
+        assert ta.get(target.first.remote("others"), timeout=10) == "others"
+        assert time.monotonic() - t0 < 5
+        got = []
+        while len(got) < n:
+            assert select.select([conn], [], [], 10)[0], f"only {len(got)} of {n} replies came"
+            got += conn.read_available()
+        for i, msg in enumerate(got, 1):
+            kind, seq, _, body = protocol.parse_reply(msg)
+            assert (kind, seq) == (protocol.OK_VALUE, i) and pickle.loads(body) == b"z" * size
+    finally:
+        conn.close()

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -106,12 +107,14 @@ def remote_error(exc: BaseException, actor: str, method: str) -> ActorError:
 
 
 class _Peer:
-    """A caller's connection, with the refs sent to it that it has not acknowledged yet."""
+    """A caller's connection, with the refs sent to it that it has not acknowledged yet and
+    the replies its socket had no room for (a caller that is stopped or not reading)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.send_lock = threading.Lock()
         self.held: dict[int, list] = {}
+        self.outbox: deque[memoryview] = deque()
 
     def ack(self, upto: int) -> None:
         for seq in [s for s in self.held if s <= upto]:
@@ -171,10 +174,14 @@ class ActorServer:
                 events = poll(0)
             if not events:
                 events = poll(self._sleep_for(joining))
-            for fd, _ in events:
+            for fd, ev in events:
                 peer = peers.get(fd)
                 if peer is None:
                     self._join(fd, listen_fd, joining, peers)
+                    continue
+                if ev & select.EPOLLOUT:
+                    self._flush(fd, peer)
+                if not ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                     continue
                 try:
                     for msg in peer.conn.read_available():
@@ -202,8 +209,10 @@ class ActorServer:
     def _drop(self, fd: int, peers: dict[int, _Peer]) -> None:
         peer = peers.pop(fd)
         self.poller.unregister(fd)
-        peer.conn.close()
-        peer.held.clear()       # the caller is gone: nobody will read those replies
+        with peer.send_lock:
+            peer.conn.close()
+            peer.outbox.clear()
+            peer.held.clear()       # the caller is gone: nobody will read those replies
 
     def _join(self, fd: int, listen_fd: int, joining: dict[int, Handshake], peers: dict[int, _Peer]) -> None:
         """A new caller knocks (the listener) or answers (its handshake); an authenticated
@@ -332,13 +341,34 @@ class ActorServer:
         self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
 
     def _send(self, peer: _Peer, seq: int, msg: bytes, held: Optional[list]) -> None:
+        """Send a reply without ever blocking (any thread): a caller that does not read must
+        not stall the loop that serves the others. What its socket has no room for waits in
+        its outbox, in order, and the loop sends it when epoll says there is room."""
         with peer.send_lock:
+            if peer.conn.closed:
+                return
             if held:
                 peer.held[seq] = held
             try:
-                peer.conn.send(msg)
+                if peer.outbox:
+                    peer.outbox.extend(peer.conn.frame(msg))
+                    return
+                rest = peer.conn.send_some(msg)
+                if rest:
+                    peer.outbox.extend(rest)
+                    self.poller.modify(peer.conn.fileno(), select.EPOLLIN | select.EPOLLOUT)
             except OSError:
-                peer.held.pop(seq, None)    # the caller is gone
+                peer.held.pop(seq, None)    # the caller is gone; the loop sees the EOF
+
+    def _flush(self, fd: int, peer: _Peer) -> None:
+        """The loop thread, once a caller's socket has room: send what waits for it."""
+        with peer.send_lock:
+            try:
+                peer.conn.send_nowait(peer.outbox)
+            except OSError:
+                peer.outbox.clear()         # the caller is gone; the read side sees the EOF
+            if not peer.outbox and not peer.conn.closed:
+                self.poller.modify(fd, select.EPOLLIN)
 
 
 def _load_args(body: memoryview) -> tuple[tuple, dict]:
