@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import torchactors as ta
 from torchactors.actors import protocol
@@ -136,6 +137,52 @@ def test_base_dir_prepared_by_another_user_is_refused_and_nothing_is_written_thr
     assert stat.S_IMODE(os.lstat(ours).st_mode) == 0o700
     r = as_user(other_user, f"ls {ours} || touch {ours}/x")
     assert r.returncode != 0 and not (ours / "x").exists()
+
+
+PROBE = """
+import json, os, socket, sys
+out = {}
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(sys.argv[1])
+    out["socket"] = "connected"
+except OSError as e:
+    out["socket"] = type(e).__name__
+for name in ("job_dir", "memfd"):
+    try:
+        with open(sys.argv[2 if name == "job_dir" else 3], "rb") as f:
+            f.read(1)
+        out[name] = "read"
+    except OSError as e:
+        out[name] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def test_another_user_reaches_neither_the_sockets_nor_the_files_nor_the_memfds_of_a_job(other_user):
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs a system python3 the other user can run")
+    h = Echo.remote()
+    pid = ta.get(h.pid.remote())
+    ref = ta.put(torch.arange(1000.0))
+    job = job_module.current()
+    memfds = []
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            if "memfd:torchactors" in os.readlink(f"/proc/self/fd/{n}"):
+                memfds.append(f"/proc/{os.getpid()}/fd/{n}")
+        except OSError:
+            pass        # the listing's own fd, closed already
+    assert memfds
+    r = subprocess.run([python, "-c", PROBE, _socket_path(h), os.path.join(job.dir, "actors", h._actor_id + ".json"),
+                        memfds[0]], user=other_user.pw_uid, group=other_user.pw_gid, extra_groups=[], cwd="/",
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"socket": "PermissionError", "job_dir": "PermissionError",
+                                    "memfd": "PermissionError"}
+    assert ta.get(h.pid.remote()) == pid and float(ta.get(ref).sum()) == 499500.0
 
 
 def test_actor_restarts_and_lookups_ignore_links_and_fifos_planted_in_the_job_dir(tmp_path):
