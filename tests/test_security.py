@@ -1,5 +1,6 @@
-"""Other users and hostile neighbours: the base directory, the job files, floods of
-connections, malformed frames from a peer that holds the secret, a stopped actor."""
+"""Other users and hostile neighbours: the base directory, the job files, a real second OS
+user, floods of connections, malformed frames from a peer that holds the secret, a stopped
+actor and a caller that stops reading."""
 
 from __future__ import annotations
 
