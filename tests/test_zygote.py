@@ -128,6 +128,21 @@ def test_a_forked_actor_gets_its_env_thread_count_and_the_drivers_environment_at
     assert info["env"].get("OPENBLAS_NUM_THREADS") == os.environ.get("OPENBLAS_NUM_THREADS")
 
 
+def test_forked_actors_do_not_share_the_zygotes_random_state():
+    ta.init(num_threads=1)
+
+    @ta.actor(num_threads=1)
+    class Dice:
+        def roll(self) -> tuple:
+            import random
+
+            import numpy
+            return random.random(), float(numpy.random.rand())
+
+    rolls = ta.get([Dice.remote().roll.remote() for _ in range(3)], timeout=60)
+    assert len({r[0] for r in rolls}) == 3 and len({r[1] for r in rolls}) == 3, rolls
+
+
 DRIVER = textwrap.dedent("""
     import json, os, sys, time, torch
     import torchactors as ta

@@ -336,6 +336,11 @@ def _become_child(boot_fd: int, zygote_fds: tuple, zygote_pid: int) -> None:
             environ, boot = pickle.loads(f.read())
         os.environ.clear()
         os.environ.update(environ)
+        numpy_random = sys.modules.get("numpy.random")
+        if numpy_random is not None:
+            # Its global generator would be a copy of the zygote's: every actor would draw the
+            # same numbers (a spawned process seeds it afresh; Python's random reseeds on fork).
+            numpy_random.seed()
         child.run(boot)
         code = 0
     except SystemExit as e:
