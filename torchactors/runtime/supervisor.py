@@ -219,7 +219,10 @@ class Supervisor:
                     self._terminate([p])
                 req[2].set()
             elif req[0] == "zygote":
-                self._ready_zygote()
+                try:
+                    self._ready_zygote()
+                except OSError as e:
+                    logger.warning("could not start the zygote (the first start tries again): %s", e)
             elif req[0] == "shutdown":
                 self._stopping = True
                 self._terminate(list(self.procs.values()))
@@ -243,7 +246,7 @@ class Supervisor:
         try:
             popen = self._fork(env, boot) if spec.start_method == "zygote" else None
             if popen is None:
-                popen = _spawn(env, boot)
+                popen = _spawn_interpreter(env, boot)
         except (OSError, BrokenPipeError) as e:
             logger.error("could not start %s: %s", spec.key, e)
             self.job.write_status(spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
@@ -338,7 +341,8 @@ class Supervisor:
                 p.popen.kill()
             self._reap(p)
 
-def _spawn(env: dict, boot: dict) -> subprocess.Popen:
+
+def _spawn_interpreter(env: dict, boot: dict) -> subprocess.Popen:
     """A fresh interpreter that runs ``child.main`` with the boot record on its stdin."""
     popen = subprocess.Popen([sys.executable, "-c", "from torchactors.runtime.child import main; main()"],
                              stdin=subprocess.PIPE, env=env, close_fds=True,

@@ -12,11 +12,12 @@ a thread pool running (torch's OpenMP pool, OpenBLAS's) gives a child that crash
 
 The control socket (``SOCK_SEQPACKET``, one message per request or report) carries:
 
-- driver -> zygote: ``b"fork"`` with one fd, the read end of a pipe on which the driver then
+- driver -> zygote: ``b"fork <n>"`` with one fd, the read end of a pipe on which the driver then
   writes ``(environ, boot)``; the child reads it after the fork (so the user's classes are
   unpickled in the child, and the zygote never sees a secret or a payload);
-- zygote -> driver: ``("ready",)`` or ``("unsafe", why)`` once, then ``("forked", pid)`` with a
-  pidfd of the child (race-free: the zygote cannot have reaped it yet), ``("refused", why)``,
+- zygote -> driver: ``("ready",)`` or ``("unsafe", why)`` once, then ``("forked", n, pid)``
+  with a pidfd of the child (race-free: the zygote cannot have reaped it yet), ``("refused",
+  n, why)``,
   and ``("exit", pid, returncode)`` whenever it reaps a child. The children's exit statuses
   can only be waited by their parent, the zygote: this is how the supervisor learns them.
 
@@ -93,6 +94,7 @@ class Zygote:
         self.pid = self.popen.pid
         self.ready = False
         self.dead = False
+        self.requests = 0                   # fork requests sent; replies carry the number
         self.exits: dict[int, int] = {}     # reported, not yet collected by wait_exit
 
     def alive(self) -> bool:
@@ -100,26 +102,29 @@ class Zygote:
 
     def fork(self, environ: dict, boot: dict) -> "ForkedProcess":
         """A child forked from the zygote that runs ``child.run(boot)`` with ``environ`` as its
-        environment. Raises ZygoteError if the zygote is gone or refuses."""
-        if not self.ready:
-            msg, _ = self._next(READY_TIMEOUT)
-            if msg[0] == "unsafe":
-                self.close()
-                raise ZygoteUnsafe(msg[1])
-            self.ready = True
+        environment. Raises ZygoteError if the zygote is gone, late or refuses."""
+        self._wait_ready()
+        self.requests += 1
+        seq = self.requests
         boot_r, boot_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                socket.send_fds(self.sock, [b"fork"], [boot_r])
+                socket.send_fds(self.sock, [b"fork %d" % seq], [boot_r])
             except OSError as e:
                 self.dead = True
-                raise ZygoteError(f"the zygote is gone ({e})") from None
+                raise ZygoteError(f"the zygote (pid {self.pid}) is gone ({e})") from None
             finally:
                 os.close(boot_r)
-            msg, fds = self._next(ANSWER_TIMEOUT)
+            deadline = time.monotonic() + ANSWER_TIMEOUT
+            while True:
+                msg, fds = self._next(max(0.0, deadline - time.monotonic()))
+                if msg[1] == seq:
+                    break
+                for fd in fds:      # the late answer to a request that timed out: its child
+                    os.close(fd)    # finds no boot record and exits
             if msg[0] == "refused":
-                raise ZygoteUnsafe(msg[1])
-            proc = ForkedProcess(self, msg[1], fds[0])
+                raise ZygoteUnsafe(msg[2])
+            proc = ForkedProcess(self, msg[2], fds[0])
             try:
                 # The child reads this right after the fork; a child that died first is seen
                 # by its pidfd like any other death.
@@ -130,6 +135,13 @@ class Zygote:
             return proc
         finally:
             os.close(boot_w)
+
+    def _wait_ready(self) -> None:
+        if not self.ready:
+            msg, _ = self._next(READY_TIMEOUT)
+            if msg[0] == "unsafe":
+                raise ZygoteUnsafe(msg[1])
+            self.ready = True
 
     def wait_exit(self, pid: int) -> int:
         """The return code of child ``pid`` (negative: killed by that signal), once its death
@@ -152,7 +164,8 @@ class Zygote:
         return self.exits.pop(pid)
 
     def close(self) -> None:
-        """Stop the zygote (its children, if any are left, die with it by their PDEATHSIG)."""
+        """Stop the zygote (its children, if any are left, die with it by their PDEATHSIG).
+        Exit reports still unread are lost: ``wait_exit`` then says SIGKILL."""
         self.dead = True
         self.sock.close()
         self.popen.kill()
@@ -295,18 +308,19 @@ def _serve(sock: socket.socket) -> None:
         data, fds, _, _ = socket.recv_fds(sock, 64, 1)
         if not data:
             os._exit(0)     # the driver closed: its actors are stopped already
+        word, _, seq = data.decode("ascii", "replace").partition(" ")
         problem = fork_safety_problem()
-        if problem or data != b"fork" or len(fds) != 1:
+        if problem or word != "fork" or not seq.isdigit() or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            _send(sock, ("refused", problem or f"bad request {data!r}"))
+            _send(sock, ("refused", int(seq) if seq.isdigit() else -1, problem or f"bad request {data!r}"))
             continue
         pid = os.fork()
         if pid == 0:
             _become_child(fds[0], (sock.fileno(), wake_r, wake_w), me)
         os.close(fds[0])
         pidfd = os.pidfd_open(pid)
-        _send(sock, ("forked", pid), (pidfd,))
+        _send(sock, ("forked", int(seq), pid), (pidfd,))
         os.close(pidfd)
 
 
