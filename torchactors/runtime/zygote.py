@@ -317,7 +317,7 @@ def _serve(sock: socket.socket) -> None:
             continue
         pid = os.fork()
         if pid == 0:
-            _become_child(fds[0], (sock.fileno(), wake_r, wake_w), me)
+            _become_child(fds[0], sock, (wake_r, wake_w), me)
         os.close(fds[0])
         pidfd = os.pidfd_open(pid)
         _send(sock, ("forked", int(seq), pid), (pidfd,))
@@ -335,13 +335,14 @@ def _reap(sock: socket.socket) -> None:
         _send(sock, ("exit", pid, os.waitstatus_to_exitcode(status)))
 
 
-def _become_child(boot_fd: int, zygote_fds: tuple, zygote_pid: int) -> None:
+def _become_child(boot_fd: int, sock: socket.socket, zygote_fds: tuple, zygote_pid: int) -> None:
     """In the forked child: drop the zygote's fds and signal set-up, die with the zygote,
     take the driver's environment, run the target; never returns."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock.close()
         for fd in zygote_fds:
             os.close(fd)
         child.die_with_parent(zygote_pid)
