@@ -216,8 +216,10 @@ def test_a_killed_zygote_takes_its_actors_and_the_next_start_makes_a_new_one():
     h = Crashy.remote()
     first = ta.get(h.pid.remote(), timeout=60)
     old = zygote_pid()
+    assert torchactors_memfds_of({first})                   # its store, while it lives
     os.kill(old, signal.SIGKILL)
     assert wait_for(lambda: not process_alive(first), 2.0), "the actor outlived its zygote"
+    assert torchactors_memfds_of({first, old}) == []
     with pytest.raises(ta.ActorDiedError) as info:
         ta.get(h.pid.remote(), timeout=60)
     assert info.value.signal_name == "SIGKILL"
