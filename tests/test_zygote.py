@@ -353,3 +353,17 @@ def test_a_zygote_that_is_unsafe_to_fork_is_dropped_and_actors_are_spawned(tmp_p
     assert info["ppid"] == os.getpid()
     assert "cannot fork safely" in caplog.text and "2 Python threads" in caplog.text
     assert api.runtime().supervisor.zygote_pid is None
+
+
+def test_a_job_file_with_a_bad_restart_backoff_names_the_role_key_and_problem(tmp_path, monkeypatch):
+    (tmp_path / "zygjobmod.py").write_text(JOB_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ta.ConfigError) as info:
+        parse_config(textwrap.dedent("""
+            job: {name: zyg}
+            roles:
+              w: {class: zygjobmod:Who, restart_backoff: {fast: -1}}
+            program: zygjobmod:main
+        """), file="job.yaml")
+    text = str(info.value)
+    assert "job.yaml:4" in text and "roles.w.restart_backoff" in text and "fast must be an int >= 0" in text
