@@ -15,11 +15,10 @@ The control socket (``SOCK_SEQPACKET``, one message per request or report) carri
 - driver -> zygote: ``b"fork <n>"`` with one fd, the read end of a pipe on which the driver then
   writes ``(environ, boot)``; the child reads it after the fork (so the user's classes are
   unpickled in the child, and the zygote never sees a secret or a payload);
-- zygote -> driver: ``("ready",)`` or ``("unsafe", why)`` once, then ``("forked", n, pid)``
-  with a pidfd of the child (race-free: the zygote cannot have reaped it yet), ``("refused",
-  n, why)``,
-  and ``("exit", pid, returncode)`` whenever it reaps a child. The children's exit statuses
-  can only be waited by their parent, the zygote: this is how the supervisor learns them.
+- zygote -> driver: ``("ready",)`` or ``("unsafe", why)`` once; then per request
+  ``("forked", n, pid)`` with a pidfd of the child (race-free: the zygote cannot have reaped
+  it yet) or ``("refused", n, why)``; and ``("exit", pid, returncode)`` whenever it reaps a
+  child. Only a parent can wait for an exit status: this is how the supervisor learns them.
 
 Lifetimes: the zygote has ``PR_SET_PDEATHSIG`` to its driver's supervisor thread, each child
 to the zygote, so SIGKILL of the driver takes the zygote and then every actor with it. If
