@@ -188,6 +188,8 @@ class Zygote:
         except OSError as e:
             self.dead = True
             raise ZygoteError(f"the zygote (pid {self.pid}) is gone ({e})") from None
+        for fd in fds:
+            os.set_inheritable(fd, False)     # SCM_RIGHTS fds arrive inheritable
         if not data:
             self.dead = True
             raise ZygoteError(f"the zygote (pid {self.pid}) exited")
