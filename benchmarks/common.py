@@ -280,6 +280,28 @@ def memcpy(rec: Recorder, tensors: dict[int, torch.Tensor]) -> None:
         rec.time_op(key("memcpy", nbytes), t.clone, nbytes)
 
 
+# -- start-up workloads (actor_start[N], restart_latency, actor_pss) -----------------------------------
+
+START_NS = (1, 8, 32)       # actor_start[N]: from init to N actors answering a no-op call
+
+
+def start_ns(cfg: Config) -> tuple[int, ...]:
+    return START_NS[:2] if cfg.tiny else START_NS
+
+
+def startup_reps(cfg: Config) -> int:
+    """Each start-up sample starts a runtime from nothing: few, and one in a smoke run."""
+    return 1 if cfg.tiny else (cfg.reps or 3)
+
+
+def idle_pss(pids: list[int]) -> dict[str, Any]:
+    """PSS in bytes of each idle process (shared pages divided among their sharers)."""
+    import psutil
+
+    samples = [float(psutil.Process(pid).memory_full_info().pss) for pid in pids]
+    return {**summarize(samples, unit="B"), "processes": len(pids)}
+
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 

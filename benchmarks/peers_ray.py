@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import warnings
 
 import ray
 import torch
 
-from common import Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, touch
+from common import (Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, start_ns, startup_reps, summarize,
+                    touch)
 
 
 @ray.remote
@@ -70,12 +72,67 @@ def learner_step(pending: dict) -> None:
     touch(x)
 
 
+# -- start-up: actor_start[N] (ray.init + N actors), restart_latency ----------------------------------
+
+@ray.remote(max_restarts=10)
+class Idle:
+    def noop(self) -> None:
+        return None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _ray_init() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+
+
+def _startup(cfg: Config, rec: Recorder) -> None:
+    """actor_start[N]: ray.init() to N actors answering a no-op call (a fresh Ray each rep);
+    restart_latency: SIGKILL of an actor's process to its restarted process's next answer."""
+    reps = startup_reps(cfg)
+    for n in start_ns(cfg):
+        with rec.guard(f"actor_start[{n}]"):
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                _ray_init()
+                try:
+                    actors = [Idle.remote() for _ in range(n)]
+                    ray.get([a.noop.remote() for a in actors])
+                    samples.append(time.perf_counter() - t0)
+                finally:
+                    ray.shutdown()
+            rec.add(f"actor_start[{n}]", summarize(samples))
+    with rec.guard("restart_latency"):
+        _ray_init()
+        try:
+            a = Idle.remote()
+            pid = ray.get(a.pid.remote())
+            samples = []
+            for _ in range(3):
+                os.kill(pid, signal.SIGKILL)
+                t0 = time.perf_counter()
+                old = pid
+                while pid == old:
+                    try:
+                        pid = ray.get(a.pid.remote(), timeout=60)
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                        time.sleep(0.001)
+                samples.append(time.perf_counter() - t0)
+            rec.add("restart_latency", summarize(samples))
+        finally:
+            ray.shutdown()
+
+
 def run(cfg: Config, rec: Recorder) -> None:
     warnings.filterwarnings("ignore")
     zero_copy = os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "") not in ("", "0")
     rec.data["extra"]["zero_copy"] = zero_copy
     tensors = {n: make_tensor(n) for n in cfg.sizes}
     memcpy(rec, tensors)
+    if not zero_copy:       # zero-copy tensors change nothing in how Ray starts actors
+        _startup(cfg, rec)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR)

@@ -9,13 +9,16 @@ Run as `python -m peers_torchmp --config JSON --out FILE`.
 """
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import queue as queue_mod
+import time
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
-from common import Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, touch
+from common import (Config, Recorder, idle_pss, key, make_rollout_buffer, make_tensor, memcpy,
+                    start_ns, startup_reps, summarize, touch)
 
 
 def fresh_shared(t: torch.Tensor) -> torch.Tensor:
@@ -78,10 +81,69 @@ class _Learner:
                 p.terminate()
 
 
+# -- start-up: actor_start[N] with spawn, and with forkserver + set_forkserver_preload(["torch"]) -------
+
+def _idle(conn: Any) -> None:
+    """The 'actor' of actor_start: answers no-op requests until told to stop."""
+    while conn.recv() == "noop":
+        conn.send(None)
+
+
+def _start_procs(ctx: Any, n: int) -> tuple[list, list, float]:
+    """n processes answering a no-op request: (processes, pipes, seconds from nothing)."""
+    t0 = time.perf_counter()
+    pipes = [ctx.Pipe() for _ in range(n)]
+    procs = [ctx.Process(target=_idle, args=(child,), daemon=True) for _, child in pipes]
+    for p in procs:
+        p.start()
+    for parent, _ in pipes:
+        parent.send("noop")
+    for parent, _ in pipes:
+        parent.recv()
+    return procs, pipes, time.perf_counter() - t0
+
+
+def _stop_procs(procs: list, pipes: list) -> None:
+    for parent, child in pipes:
+        parent.send("exit")
+        parent.close()
+        child.close()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.terminate()
+
+
+def _startup(cfg: Config, rec: Recorder) -> None:
+    """actor_start[N] (spawn: each process imports torch) and actor_start_forkserver[N] (the
+    server imports torch once; each rep starts a fresh server, so its start is counted, as
+    torchactors' zygote is); actor_pss of idle processes of both (bytes)."""
+    reps = startup_reps(cfg)
+    for method, name in (("spawn", "actor_start"), ("forkserver", "actor_start_forkserver")):
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["torch"])
+        for n in start_ns(cfg):
+            with rec.guard(f"{name}[{n}]"):
+                samples = []
+                # spawn x32 costs a torch import per process (about 30 s here): one sample.
+                for _ in range(1 if method == "spawn" and n >= 32 else reps):
+                    procs, pipes, seconds = _start_procs(ctx, n)
+                    samples.append(seconds)
+                    if n == 8 and len(samples) == 1:
+                        rec.add(f"actor_pss[{method}]", idle_pss([p.pid for p in procs]), section="extra")
+                    _stop_procs(procs, pipes)
+                    if method == "forkserver":
+                        # A private helper CPython's own tests use: the next rep starts a new server.
+                        multiprocessing.forkserver._forkserver._stop()
+                rec.add(f"{name}[{n}]", summarize(samples))
+
+
 def run(cfg: Config, rec: Recorder) -> None:
     ctx = mp.get_context("spawn")
     tensors = {n: make_tensor(n) for n in cfg.sizes}
     memcpy(rec, tensors)
+    _startup(cfg, rec)
 
     requests, answers = ctx.Queue(), ctx.Queue()
     worker = ctx.Process(target=_worker, args=(requests, answers), daemon=True)

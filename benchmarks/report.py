@@ -9,12 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from common import fmt_size, key
+from common import START_NS, fmt_size, key
 
 SYSTEMS = ("torchactors", "ray", "ray-zerocopy", "ta-on-ray", "torchmp", "reference")
 SHORT = {"ray": "ray", "ray-zerocopy": "ray-zc", "ta-on-ray": "ta-ray", "torchmp": "torchmp", "reference": "ref"}
 SIZED = ("memcpy", "put_get", "xproc_get", "get_only")
 RATE_WORKLOADS = ("actor_learner",)
+STARTUP_WORKLOADS = tuple(f"{w}[{n}]" for n in START_NS
+                          for w in ("actor_start", "actor_start_forkserver", "actor_start_next")) + ("restart_latency",)
 
 Results = dict[str, dict[str, Any]]  # system label -> that system's JSON
 
@@ -32,7 +34,7 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def workload_names(sizes: list[int]) -> list[str]:
-    return [key(w, n) for w in SIZED for n in sizes] + ["actor_rtt", "actor_learner"]
+    return [key(w, n) for w in SIZED for n in sizes] + ["actor_rtt", "actor_learner"] + list(STARTUP_WORKLOADS)
 
 
 def build_rows(results: Results, sizes: list[int]) -> list[dict[str, Any]]:
@@ -156,6 +158,33 @@ TARGETS = [
 ]
 
 
+def _pss(results: Results, system: str, method: str) -> float | None:
+    r = results.get(system, {}).get("extra", {}).get(f"actor_pss[{method}]")
+    return None if not r else float(r["median"])
+
+
+# Start-up (issue 14): actor_start, restart_latency, idle memory.
+TARGETS.extend([
+    Target("actor_start[8] within 1.5x of forkserver + preload, server start included (ta/torchmp-fs)",
+           _ratio((TA, "actor_start[8]"), ("torchmp", "actor_start_forkserver[8]")), "<=", 1.5),
+    Target("each actor after the first ready within 50 ms (actor_start_next[8])",
+           _m(TA, "actor_start_next[8]"), "<=", 0.05, "s"),
+    Target("each actor after the first ready within 50 ms (actor_start_next[32])",
+           _m(TA, "actor_start_next[32]"), "<=", 0.05, "s"),
+    Target("restart_latency median of the first 3 restarts <= 0.2 s", _m(TA, "restart_latency"), "<=", 0.2, "s"),
+    Target("PSS of an idle actor at most half of a spawned one's (zygote/spawn, 8 actors)",
+           lambda r: _div(_pss(r, TA, "zygote"), _pss(r, TA, "spawn")), "<=", 0.5),
+])
+
+
+def render_pss(results: Results) -> str:
+    """Median PSS of an idle process, MB, for each system and start method measured."""
+    parts = [f"{system} {method} {_pss(results, system, method) / 2**20:.0f}"
+             for system in SYSTEMS for method in ("zygote", "spawn", "forkserver")
+             if _pss(results, system, method) is not None]
+    return "" if not parts else "PSS per idle actor process, MB (8 processes): " + ", ".join(parts)
+
+
 def check_targets(results: Results) -> list[dict[str, Any]]:
     return [t.check(results) for t in TARGETS]
 
@@ -192,5 +221,8 @@ def render(results: Results, sizes: list[int]) -> tuple[str, list[dict[str, Any]
     scaling = render_scaling(results)
     if scaling:
         parts.append(scaling)
+    pss = render_pss(results)
+    if pss:
+        parts.append(pss)
     parts.append(render_targets(checks, results))
     return "\n\n".join(parts), rows, checks

@@ -60,3 +60,16 @@ class Producer:
             raise RuntimeError("the runtime moved the rollout buffer into shared memory; "
                                "returned rollouts would alias it instead of copying it")
         return self.buf
+
+
+@ta.actor(num_threads=1)
+class Idle:
+    """The actor of actor_start, restart_latency and the idle-memory figure."""
+
+    def noop(self) -> None:
+        return None
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -8,15 +8,16 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import time
 from typing import Any
 
 import torch
 import torchactors as ta
 
-from common import (BACKEND_ENV, Config, Recorder, key, make_tensor, memcpy, scale, time_op, time_rate,
-                    touch)
-from ta_actors import Producer, Worker
+from common import (BACKEND_ENV, Config, Recorder, idle_pss, key, make_tensor, memcpy, scale,
+                    start_ns, startup_reps, summarize, time_op, time_rate, touch)
+from ta_actors import Idle, Producer, Worker
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,77 @@ def _scaling(cfg: Config, rec: Recorder) -> None:
             rec.flush()
 
 
+# -- start-up: actor_start[N], restart_latency, idle memory (each from a fresh ta.init()) -------------
+
+def _start_actors(n: int, start_method: str = "zygote") -> tuple[list, float, float]:
+    """ta.init() and n Idle actors answering a no-op call: (handles, seconds to the first
+    answer, seconds to the last), the runtime left running."""
+    t0 = time.perf_counter()
+    ta.init(num_threads=1, start_method=start_method)
+    handles = [Idle.remote() for _ in range(n)]
+    refs = [h.noop.remote() for h in handles]
+    ta.wait(refs, num_returns=1)
+    first = time.perf_counter() - t0
+    ta.get(refs)
+    return handles, first, time.perf_counter() - t0
+
+
+def _startup(cfg: Config, rec: Recorder) -> None:
+    """actor_start[N] and actor_start_next[N] (seconds per actor after the first);
+    restart_latency (SIGKILL to the next successful call, the first 3 restarts, default
+    back-off); actor_pss (PSS of an idle actor, forked and spawned, in bytes)."""
+    reps = startup_reps(cfg)
+    for n in start_ns(cfg):
+        with rec.guard(f"actor_start[{n}]"):
+            totals, nexts = [], []
+            for _ in range(reps):
+                _, first, last = _start_actors(n)
+                ta.shutdown()
+                totals.append(last)
+                if n > 1:
+                    nexts.append((last - first) / (n - 1))
+            rec.add(f"actor_start[{n}]", summarize(totals))
+            if nexts:
+                rec.add(f"actor_start_next[{n}]", summarize(nexts))
+
+    with rec.guard("restart_latency"):
+        ta.init(num_threads=1)
+        try:
+            h = Idle.options(max_restarts=10).remote()
+            pid = ta.get(h.pid.remote())
+            samples = []
+            for _ in range(3):      # the default back-off restarts the first 3 at once
+                os.kill(pid, signal.SIGKILL)
+                t0 = time.perf_counter()
+                old = pid
+                while pid == old:
+                    try:
+                        pid = ta.get(h.pid.remote(), timeout=60)
+                    except ta.ActorDiedError:
+                        time.sleep(0.001)
+                samples.append(time.perf_counter() - t0)
+            rec.add("restart_latency", summarize(samples))
+        finally:
+            ta.shutdown()
+
+    if cfg.tiny:
+        return
+    for method in ("zygote", "spawn"):
+        with rec.guard(f"actor_pss[{method}]"):
+            handles, _, _ = _start_actors(8, method)
+            try:
+                pss = idle_pss(ta.get([h.pid.remote() for h in handles]))
+                rec.add(f"actor_pss[{method}]", pss, section="extra")
+            finally:
+                ta.shutdown()
+
+
 def run(cfg: Config, rec: Recorder) -> None:
     tensors = {n: make_tensor(n) for n in cfg.sizes}
     memcpy(rec, tensors)
     backend = os.environ.get(BACKEND_ENV, "local")
+    if backend == "local":
+        _startup(cfg, rec)
     ta.init(backend=backend, num_threads=1)
     try:
         _core(cfg, rec, tensors)

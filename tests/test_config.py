@@ -135,10 +135,11 @@ def test_minimal_job_gets_every_default(job_file):
     assert cfg.to_dict() == {
         "job": {"name": "tiny", "seed": 0},
         "runtime": {"backend": "local", "address": None, "num_threads": None, "store_capacity": None,
-                    "start_method": "spawn"},
+                    "start_method": "zygote"},
         "roles": {"w": {"class": "cfgjobmod:Anything", "replicas": 1, "args": {}, "num_threads": None,
                         "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
-                        "env": {}, "ray_options": {}, "start_timeout": 120.0}},
+                        "env": {}, "ray_options": {}, "start_timeout": 120.0, "start_method": None,
+                        "restart_backoff": None}},
         "program": "cfgjobmod:main",
         "program_args": {},
         "stop": {"max_frames": None, "max_seconds": None, "target_return": None},
@@ -219,7 +220,7 @@ def test_store_capacity_must_be_a_positive_size(job_file, size):
 # --------------------------------------------------------------------------- mistakes in the file
 
 ROLE_ALLOWED = ("args, class, device, env, max_concurrency, max_restarts, max_task_retries, num_threads, "
-                "ray_options, replicas, start_timeout")
+                "ray_options, replicas, restart_backoff, start_method, start_timeout")
 
 
 def test_unknown_role_key_names_line_key_and_allowed_keys(job_file):
@@ -282,7 +283,7 @@ BAD_VALUES = [
     ("num_threads: 2", "num_threads: -2", "runtime.num_threads", "int >= 1"),
     ("store_capacity: 512MiB", "store_capacity: 4 lightyears", "runtime.store_capacity", "4GiB"),
     ("store_capacity: 512MiB", "store_capacity: -1", "runtime.store_capacity", "4GiB"),
-    ("store_capacity: 512MiB", "start_method: threads", "runtime.start_method", "spawn"),
+    ("store_capacity: 512MiB", "start_method: threads", "runtime.start_method", "zygote, spawn"),
     ("max_frames: 1000", "max_frames: 1.5", "stop.max_frames", "int >= 1"),
     ("max_frames: 1000", "max_seconds: 0", "stop.max_seconds", "number > 0"),
     ("max_frames: 1000", "max_seconds: soon", "stop.max_seconds", "number > 0"),
@@ -303,7 +304,7 @@ def test_bad_values_name_line_key_and_allowed(job_file, old, new, key, allowed):
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_fork_start_methods_are_refused_with_the_reason(job_file, method):
     text = GOOD.replace("  num_threads: 2", f"  start_method: {method}")
-    err = expect_error(job_file(text), line=5, key="runtime.start_method", allowed="spawn")
+    err = expect_error(job_file(text), line=5, key="runtime.start_method", allowed="zygote, spawn")
     assert "CUDA" in str(err) and "thread" in str(err)
 
 

@@ -23,7 +23,7 @@ from torchactors.actors.handle import ActorHandle, encode_args, new_actor_id, pu
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
-from torchactors.runtime.supervisor import ProcessSpec, Supervisor
+from torchactors.runtime.supervisor import Backoff, ProcessSpec, Supervisor, check_start_method
 from torchactors.store import core as store_core
 from torchactors.store import parse_size
 from torchactors.store.refs import ObjectRef
@@ -41,8 +41,9 @@ class _Owned:
 
 
 class Runtime:
-    def __init__(self, job: job_module.Job) -> None:
+    def __init__(self, job: job_module.Job, start_method: str = "zygote") -> None:
         self.job = job
+        self.start_method = start_method      # the default of actors that do not choose one
         self.store = store_core.current()
         self._supervisor: Optional[Supervisor] = None
         self.channels: dict[str, Channel] = {}
@@ -77,7 +78,8 @@ class Runtime:
         self.supervisor.start(ProcessSpec(
             key=actor_id, target="torchactors.actors.worker:serve", payload=pickle.dumps(spec),
             num_threads=threads, env=dict(options.get("env") or {}), max_restarts=options["max_restarts"],
-            device=options["device"]))
+            device=options["device"], start_method=options.get("start_method") or self.start_method,
+            backoff=Backoff.parse(options.get("restart_backoff"))))
         return handle
 
     def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
@@ -134,17 +136,24 @@ _lock = threading.Lock()
 
 
 def init(backend: str = "local", num_threads: Optional[int] = None, store_capacity: Any = None,
-         address: Optional[str] = None) -> Runtime:
+         address: Optional[str] = None, start_method: str = "zygote") -> Runtime:
     """Start torchactors in this process (optional: the first use does it with defaults).
 
     ``backend="local"``: actors are processes of this machine started by our supervisor.
     ``backend="ray"``: actors are Ray actors; ``address`` names the cluster (None starts a
-    local one, as ``ray.init()`` does)."""
+    local one, as ``ray.init()`` does).
+
+    ``start_method`` (local backend): how actor processes start unless they choose with the
+    actor option of that name. ``"zygote"`` forks them from a fresh interpreter that has
+    imported torch (started now, in the background: milliseconds per actor); ``"spawn"``
+    starts a fresh interpreter for each (a second each), needed for environment variables
+    that libraries read when they are imported."""
     global _runtime
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown backend {backend!r}; use 'local' or 'ray'")
     if address is not None and backend != "ray":
         raise ValueError("address is only used with backend='ray'")
+    check_start_method(start_method)
     with _lock:
         if _runtime is not None:
             if num_threads is not None:
@@ -159,7 +168,9 @@ def init(backend: str = "local", num_threads: Optional[int] = None, store_capaci
         else:
             job = job_module.Job.create(capacity)
             job_module.set_current(job)
-            _runtime = Runtime(job)
+            _runtime = Runtime(job, start_method)
+            if start_method == "zygote":
+                _runtime.supervisor.prestart()
         atexit.register(shutdown)
         return _runtime
 

@@ -329,9 +329,11 @@ class Channel:
         detail = f"its constructor raised:\n{error}" if error else ""
         if status.get("killed"):
             detail = "it was killed with ta.kill()" + (f"; {detail}" if detail else "")
+        # A newer incarnation alive already: restarted before we looked (restarts are fast).
+        restarted = status.get("state") == "alive" and status.get("incarnation", 0) > self.incarnation
         return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
                               status.get("restarts_left", 0) if not status.get("killed") else 0, detail,
-                              restarting=status.get("state") == "restarting")
+                              restarting=status.get("state") == "restarting" or restarted)
 
     # -- receiving ------------------------------------------------------------------------
 

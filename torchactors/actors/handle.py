@@ -16,12 +16,14 @@ from typing import Any, Callable, Optional
 from torchactors.actors import protocol
 from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
 from torchactors.runtime.child import DEVICE
+from torchactors.runtime.supervisor import Backoff, check_start_method
 from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
     "name": None, "env": None, "ray_options": None,
+    "start_method": None, "restart_backoff": None,     # None: the job's start method, Backoff's defaults
 }
 
 
@@ -40,6 +42,9 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"max_concurrency must be an int >= 1, not {o['max_concurrency']!r}")
     if o.get("ray_options") is not None and not isinstance(o["ray_options"], dict):
         raise ValueError(f"ray_options must be a dict of Ray actor options, not {o['ray_options']!r}")
+    if o.get("start_method") is not None:
+        check_start_method(o["start_method"])
+    Backoff.parse(o.get("restart_backoff"))
     device = o.get("device", "cpu")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")

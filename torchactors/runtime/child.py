@@ -1,7 +1,8 @@
-"""The first code a spawned process runs: join the job, then call the target.
+"""The first code of an actor process: join the job, then call the target.
 
-Box in the data flow: supervisor -> (fresh interpreter) -> here -> target(payload, ctx).
-The boot record arrives on stdin, so nothing secret is in argv or the environment.
+Box in the data flow: supervisor -> (fresh interpreter, or a fork of the zygote) -> here ->
+target(payload, ctx). The boot record arrives on stdin (spawned) or on a pipe (forked), so
+nothing secret is in argv or the environment.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class ChildContext:
     num_threads: int
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it exits (``PR_SET_PDEATHSIG``)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:      # the parent died before prctl took effect
@@ -50,12 +52,17 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(d.index)
 
 
-def enter_process(sys_path: list[str], num_threads: int, device: str) -> None:
-    """Make this process ready for an actor's code: the driver's import path, the torch
-    thread count and the current device (shared by our children and Ray-hosted actors)."""
+def use_path(sys_path: list[str]) -> None:
+    """Put the driver's import path in front of this process's."""
     for entry in reversed(sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+
+
+def enter_process(sys_path: list[str], num_threads: int, device: str) -> None:
+    """Make this process ready for an actor's code: the driver's import path, the torch
+    thread count and the current device (shared by our children and Ray-hosted actors)."""
+    use_path(sys_path)
     import torch
 
     torch.set_num_threads(num_threads)
@@ -63,9 +70,16 @@ def enter_process(sys_path: list[str], num_threads: int, device: str) -> None:
 
 
 def main() -> None:
+    """Entry point of a spawned process (``python -c``): the boot record is on stdin."""
     boot = pickle.loads(sys.stdin.buffer.read())
-    _die_with_parent(boot["parent_pid"])
+    die_with_parent(boot["parent_pid"])
     sys.stdin.close()
+    run(boot)
+
+
+def run(boot: dict) -> None:
+    """Set the process up as the boot record says, join the job and call the target (in a
+    spawned process and in a child of the zygote alike)."""
     os.chdir(boot["cwd"])
     logging.basicConfig(level=os.environ.get("TORCHACTORS_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s {boot['key']} %(levelname)s %(name)s: %(message)s")

@@ -30,6 +30,7 @@ import yaml
 
 from torchactors.errors import ConfigError
 from torchactors.runtime.child import DEVICE
+from torchactors.runtime.supervisor import START_METHODS, Backoff
 from torchactors.store import parse_size
 from torchactors.store.registry import MAX_PROCS
 
@@ -130,10 +131,20 @@ def _start_method(v: Any) -> str:
         raise _Invalid(f"{v!r} is not supported: fork copies the parent mid-flight, with any CUDA "
                        "context and the locks of running threads (torch's intra-op pool, the "
                        "runtime's transport threads), and the child can deadlock or crash; "
-                       "forkserver forks a server that imports torch too. Actors always spawn")
-    if v != "spawn":
+                       "forkserver forks a server that may have run torch code too. Use zygote (forks "
+                       "from a fresh interpreter that has imported torch, never initialized CUDA and "
+                       "runs one thread) or spawn")
+    if v not in START_METHODS:
         raise _Invalid()
     return v
+
+
+def _backoff(v: Any) -> Optional[dict]:
+    try:
+        Backoff.parse(v)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return None if v is None else dict(v)
 
 
 def _device(v: Any) -> str:
@@ -194,7 +205,7 @@ RUNTIME_KEYS: dict[str, Key] = {
     "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
     "store_capacity": Key(_optional(_size), None,
                           "null (runtime default) or a size: bytes as int, or a string like 4GiB, 512MiB"),
-    "start_method": Key(_start_method, "spawn", "spawn"),
+    "start_method": Key(_start_method, "zygote", ", ".join(START_METHODS)),
 }
 ROLE_KEYS: dict[str, Key] = {
     "class": Key(_import_ref("class"), _REQUIRED, "'module:Class', importable"),
@@ -209,6 +220,9 @@ ROLE_KEYS: dict[str, Key] = {
     "ray_options": Key(_kwargs, {}, "a mapping of Ray actor options (backend: ray only)"),
     "start_timeout": Key(_optional(_float(positive=True)), START_TIMEOUT_S,
                          "seconds > 0 the constructors may take, or null (wait for ever)"),
+    "start_method": Key(_optional(_start_method), None, "null (runtime.start_method) or " + ", ".join(START_METHODS)),
+    "restart_backoff": Key(_backoff, None, "null (the defaults) or a mapping with some of fast, initial, max, "
+                                           "reset_after"),
 }
 PROGRAM_KEY = Key(_import_ref("function"), _REQUIRED, "'module:function', importable, taking the job context")
 STOP_KEYS: dict[str, Key] = {
@@ -238,7 +252,7 @@ class RuntimeSection:
     address: Optional[str] = None
     num_threads: Optional[int] = None
     store_capacity: Union[str, int, None] = None
-    start_method: str = "spawn"
+    start_method: str = "zygote"
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,8 @@ class RoleConfig:
     env: dict = field(default_factory=dict)
     ray_options: dict = field(default_factory=dict)
     start_timeout: Optional[float] = START_TIMEOUT_S
+    start_method: Optional[str] = None
+    restart_backoff: Optional[dict] = None
 
 
 @dataclass(frozen=True)

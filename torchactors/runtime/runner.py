@@ -294,13 +294,17 @@ def _actor_class(ta: Any, role: RoleConfig) -> tuple[Any, frozenset[str]]:
     cls = plain_class(obj)
     if cls is None:
         log.warning("%s is an actor class whose plain class cannot be found; the options of role %s (num_threads, "
-                    "device, max_restarts, max_task_retries, max_concurrency, ray_options) are not applied",
+                    "device, max_restarts, max_task_retries, max_concurrency, ray_options, start_method, restart_backoff) are not applied",
                     role.class_path, role.name)
         return obj, frozenset()
     options = {"device": role.device, "max_restarts": role.max_restarts, "max_task_retries": role.max_task_retries,
                "max_concurrency": role.max_concurrency, "ray_options": role.ray_options}
     if role.num_threads is not None:
         options["num_threads"] = role.num_threads
+    if role.start_method is not None:
+        options["start_method"] = role.start_method
+    if role.restart_backoff is not None:
+        options["restart_backoff"] = role.restart_backoff
     return ta.actor(**options)(cls), runner_args(cls)
 
 
@@ -501,6 +505,8 @@ def run_job(config: JobConfig, out_dir: Union[str, Path, None] = None, *, grace_
 
         torch.manual_seed(config.job.seed)
         init_kwargs: dict[str, Any] = {"backend": config.runtime.backend, "num_threads": config.runtime.num_threads}
+        if config.runtime.backend == "local":
+            init_kwargs["start_method"] = config.runtime.start_method
         if config.runtime.store_capacity is not None:
             init_kwargs["store_capacity"] = config.runtime.store_capacity
         if config.runtime.address is not None:

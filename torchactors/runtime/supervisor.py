@@ -1,13 +1,17 @@
-"""The spawn supervisor: starts processes, watches their sentinels, restarts the fallen.
+"""The supervisor: starts processes, watches their sentinels, restarts the fallen.
 
 Box in the data flow: supervisor -> sentinel (pidfd) -> status file / restart. It starts any
-``module:function`` target in a fresh interpreter (the ``spawn`` start method: CUDA-safe, no
-inherited locks or threads), with its thread count, environment and ``PR_SET_PDEATHSIG`` so
-that children die with their parent. It knows nothing of actors.
+``module:function`` target with its thread count, environment and ``PR_SET_PDEATHSIG`` so that
+children die with their parent, in one of two ways (``ProcessSpec.start_method``):
+``"zygote"`` (the default) forks it from the driver's zygote, a fresh interpreter that has
+imported torch (runtime/zygote.py: milliseconds instead of a second); ``"spawn"`` starts a
+fresh interpreter (for environment variables that libraries read when they are imported).
+Both are CUDA-safe: neither is a fork of a process that may hold CUDA or running threads.
+It knows nothing of actors.
 
-All spawning happens on the supervisor's own long-lived thread: PDEATHSIG fires when the
+All starting happens on the supervisor's own long-lived thread: PDEATHSIG fires when the
 *thread* that forked the child exits, so children forked from a short-lived user thread would
-die with it.
+die with it. The zygote, started on that thread, is the parent of forked children.
 """
 
 from __future__ import annotations
@@ -23,14 +27,57 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 from torchactors.runtime.job import Job, describe
+from torchactors.runtime.zygote import ForkedProcess, Zygote, ZygoteError, ZygoteUnsafe
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_START = 0.2
-BACKOFF_MAX = 10.0
+START_METHODS = ("zygote", "spawn")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long a restart waits after a crash: the first ``fast`` restarts start at once;
+    each one after them waits ``initial`` seconds, doubling up to ``max``; a process that ran
+    ``reset_after`` seconds before it died starts the count afresh (a new failure, not a loop)."""
+
+    fast: int = 3
+    initial: float = 0.2
+    max: float = 10.0
+    reset_after: float = 30.0
+
+    @classmethod
+    def parse(cls, value: Any) -> "Backoff":
+        """The ``restart_backoff`` option: None (the defaults), a Backoff, or a dict of some of
+        its fields. Raises ValueError naming what is wrong."""
+        if value is None or isinstance(value, Backoff):
+            return value or cls()
+        fields = ", ".join(f"{k}: {v}" for k, v in vars(cls()).items())
+        if not isinstance(value, dict):
+            raise ValueError(f"restart_backoff must be a dict with some of {{{fields}}}, not {value!r}")
+        unknown = set(value) - set(vars(cls()))
+        if unknown:
+            raise ValueError(f"unknown restart_backoff key(s) {sorted(unknown)}; allowed: {{{fields}}}")
+        fast = value.get("fast", cls.fast)
+        if isinstance(fast, bool) or not isinstance(fast, int) or fast < 0:
+            raise ValueError(f"restart_backoff fast must be an int >= 0 (restarts without delay), not {fast!r}")
+        out = {"fast": fast}
+        for key in ("initial", "max", "reset_after"):
+            v = value.get(key, getattr(cls, key))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+                raise ValueError(f"restart_backoff {key} must be a number of seconds >= 0, not {v!r}")
+            out[key] = float(v)
+        if out["max"] < out["initial"]:
+            raise ValueError(f"restart_backoff max ({out['max']}) must be >= initial ({out['initial']})")
+        return cls(**out)
+
+
+def check_start_method(value: Any) -> str:
+    if value not in START_METHODS:
+        raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {value!r}")
+    return value
 
 
 @dataclass
@@ -42,18 +89,33 @@ class ProcessSpec:
     env: dict = field(default_factory=dict)
     max_restarts: int = 0
     device: str = "cpu"
+    start_method: str = "zygote"
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 class _Proc:
     def __init__(self, spec: ProcessSpec) -> None:
         self.spec = spec
         self.incarnation = -1
-        self.popen: Optional[subprocess.Popen] = None
+        self.popen: Union[subprocess.Popen, ForkedProcess, None] = None
         self.pidfd = -1
         self.restarts_left = spec.max_restarts
         self.restart_at: Optional[float] = None
-        self.backoff = BACKOFF_START
+        self.fast_left = spec.backoff.fast
+        self.delay = spec.backoff.initial
         self.started_at = 0.0
+        self.last_end: dict = {}      # exit_code and signal of the last incarnation that ended
+
+    def next_delay(self) -> float:
+        """Seconds until the restart after the death just seen (the back-off policy)."""
+        policy = self.spec.backoff
+        if time.monotonic() - self.started_at > policy.reset_after:
+            self.fast_left, self.delay = policy.fast, policy.initial
+        if self.fast_left > 0:
+            self.fast_left -= 1
+            return 0.0
+        delay, self.delay = self.delay, min(self.delay * 2, policy.max)
+        return delay
 
 
 class Supervisor:
@@ -63,6 +125,8 @@ class Supervisor:
         self._requests: "queue.Queue[tuple]" = queue.Queue()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
+        self._zygote: Optional[Zygote] = None
+        self._zygote_unsafe = False       # it refused once: spawn from then on
         self._thread = threading.Thread(target=self._run, name="torchactors-supervisor", daemon=True)
         self._thread.start()
 
@@ -79,6 +143,16 @@ class Supervisor:
         done = threading.Event()
         self._request(("kill", key, done))
         done.wait(wait)
+
+    def prestart(self) -> None:
+        """Start the zygote now, in the background, so that the first start finds it ready."""
+        self._request(("zygote",))
+
+    @property
+    def zygote_pid(self) -> Optional[int]:
+        """The pid of the zygote, if one is running."""
+        z = self._zygote
+        return z.pid if z is not None and z.alive() else None
 
     def restarts(self, key: str) -> int:
         p = self.procs.get(key)
@@ -144,9 +218,17 @@ class Supervisor:
                 if p is not None:
                     self._terminate([p])
                 req[2].set()
+            elif req[0] == "zygote":
+                try:
+                    self._ready_zygote()
+                except OSError as e:
+                    logger.warning("could not start the zygote (the first start tries again): %s", e)
             elif req[0] == "shutdown":
                 self._stopping = True
                 self._terminate(list(self.procs.values()))
+                if self._zygote is not None:
+                    self._zygote.close()
+                    self._zygote = None
                 req[1].set()
                 return False
 
@@ -162,13 +244,9 @@ class Supervisor:
                 "device": spec.device, "sys_path": list(sys.path), "parent_pid": os.getpid(),
                 "cwd": os.getcwd()}
         try:
-            popen = subprocess.Popen([sys.executable, "-c", "from torchactors.runtime.child import main; main()"],
-                                     stdin=subprocess.PIPE, env=env, close_fds=True,
-                                     # Own session: a terminal's Ctrl-C goes to the driver, which
-                                     # stops the actors itself (PDEATHSIG still ties them to it).
-                                     start_new_session=True)
-            popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
-            popen.stdin.close()
+            popen = self._fork(env, boot) if spec.start_method == "zygote" else None
+            if popen is None:
+                popen = _spawn_interpreter(env, boot)
         except (OSError, BrokenPipeError) as e:
             logger.error("could not start %s: %s", spec.key, e)
             self.job.write_status(spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
@@ -176,10 +254,12 @@ class Supervisor:
                                              "error": str(e)})
             return
         p.popen = popen
-        p.pidfd = os.pidfd_open(popen.pid)
+        p.pidfd = popen.pidfd if isinstance(popen, ForkedProcess) else os.pidfd_open(popen.pid)
         p.started_at = time.monotonic()
+        # With the previous incarnation's end: a caller that notices a death only after the
+        # (fast) restart still learns how its incarnation ended.
         self.job.write_status(spec.key, {"state": "alive", "incarnation": p.incarnation, "pid": popen.pid,
-                                         "restarts_left": p.restarts_left})
+                                         "restarts_left": p.restarts_left, **p.last_end})
         logger.debug("started %s incarnation %d as pid %d", spec.key, p.incarnation, popen.pid)
 
     def _reap(self, p: _Proc) -> None:
@@ -192,11 +272,9 @@ class Supervisor:
         restart = not killed and p.restarts_left > 0
         if restart:
             p.restarts_left -= 1
-            if time.monotonic() - p.started_at > 30:
-                p.backoff = BACKOFF_START      # it ran a good while: a fresh failure, not a crash loop
-            p.restart_at = time.monotonic() + p.backoff
-            p.backoff = min(p.backoff * 2, BACKOFF_MAX)
+            p.restart_at = time.monotonic() + p.next_delay()
         state = "restarting" if restart else "dead"
+        p.last_end = {"exit_code": exit_code, "signal": sig}
         self.job.write_status(p.spec.key, {"state": state, "incarnation": p.incarnation, "pid": p.popen.pid,
                                            "exit_code": exit_code, "signal": sig,
                                            "restarts_left": p.restarts_left, "killed": killed})
@@ -204,6 +282,39 @@ class Supervisor:
             logger.warning("%s (pid %d) %s; %s", p.spec.key, p.popen.pid,
                            f"killed by {sig}" if sig else f"exited with code {exit_code}",
                            f"restarting in {p.restart_at - time.monotonic():.1f}s" if restart else "not restarting")
+
+    def _ready_zygote(self) -> Optional[Zygote]:
+        """The running zygote, or a new one if there is none (or it died)."""
+        if self._zygote_unsafe:
+            return None
+        if self._zygote is not None and not self._zygote.alive():
+            self._zygote.close()
+            self._zygote = None
+        if self._zygote is None:
+            self._zygote = Zygote()
+        return self._zygote
+
+    def _fork(self, env: dict, boot: dict) -> Optional[ForkedProcess]:
+        """A child forked from the zygote; None if it must be spawned instead (the zygote
+        found itself unsafe to fork: a bug or a strange site set-up, logged once)."""
+        retried = False
+        while True:
+            zygote = self._ready_zygote()
+            if zygote is None:
+                return None
+            try:
+                return zygote.fork(env, boot)
+            except ZygoteUnsafe as e:
+                logger.error("the zygote cannot fork safely (%s); spawning every process of this job instead", e)
+                self._zygote_unsafe = True
+                zygote.close()
+                self._zygote = None
+                return None
+            except ZygoteError as e:
+                if retried:
+                    raise OSError(str(e)) from None
+                retried = True
+                logger.warning("%s; starting a new zygote", e)
 
     def _terminate(self, procs: list[_Proc], grace: float = 1.0) -> None:
         """Stop ``procs`` for good: SIGTERM them all at once, then SIGKILL whoever is still
@@ -229,6 +340,22 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
             self._reap(p)
+
+
+def _spawn_interpreter(env: dict, boot: dict) -> subprocess.Popen:
+    """A fresh interpreter that runs ``child.main`` with the boot record on its stdin."""
+    popen = subprocess.Popen([sys.executable, "-c", "from torchactors.runtime.child import main; main()"],
+                             stdin=subprocess.PIPE, env=env, close_fds=True,
+                             # Own session: a terminal's Ctrl-C goes to the driver, which
+                             # stops the actors itself (PDEATHSIG still ties them to it).
+                             start_new_session=True)
+    try:
+        popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
+        popen.stdin.close()
+    except BrokenPipeError:
+        pass        # it died already: its pidfd says so, like any other death
+    return popen
+
 
 def _sweep_torch_shm(pid: int) -> None:
     """Remove the CUDA IPC ref-counter files torch leaves in /dev/shm when a process that
