@@ -366,3 +366,20 @@ def test_atari_job_short_run(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["frames"] >= 3000 and s["updates"] > 0 and (out / "policy.pt").exists(), s
+
+
+# --------------------------------------------------------------------------- the benchmark's own plumbing
+
+
+def test_rl_fps_measures_the_raw_env_after_its_warmup():
+    """benchmarks/rl_fps.py, smallest run: the raw env limit in its own process group, rate after the warm-up."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import rl_fps
+    finally:
+        sys.path.pop(0)
+    row = rl_fps.run_one("raw", "CartPole-v1", seconds=2.0, warmup=1.5, venv_dir=Path("/nonexistent"), grace=40)
+    assert row["rc"] == 0 and not row["timed_out"] and row["fps"] > 1000, row
+    assert 1.0 <= row["seconds"] <= 2.5 and row["frames"] > 0
+    text = rl_fps.report([row, {**row, "system": "torchactors", "fps": row["fps"] / 2}])
+    assert "rl_fps[CartPole-v1]" in text and "0.50 of its raw env limit" in text
