@@ -172,8 +172,9 @@ def child_torchactors(w: dict, seconds: float, envpool: bool = False) -> None:
            f"roles.rollout.args.unroll_length={w['unroll']}", "stop.target_return=null", "stop.max_frames=null",
            f"stop.max_seconds={seconds}", "--out", str(out)]
     if envpool:
-        cmd += [f"{env_key}.vectorization=envpool", f"{env_key}.id={w['envpool_id']}", f"{env_key}.wrappers=[]",
-                f"{env_key}.kwargs={{num_threads: 1}}"]
+        for key in (env_key, "roles.learner.args.env"):  # the learner's spec too: its model follows its spaces
+            cmd += [f"{key}.vectorization=envpool", f"{key}.id={w['envpool_id']}", f"{key}.wrappers=[]",
+                    f"{key}.kwargs={{num_threads: 1}}"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:

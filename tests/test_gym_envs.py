@@ -228,6 +228,13 @@ def test_the_learner_env_is_checked_too(tmp_path):
     assert err.line == 14 and "roles.learner.args.env.num_envs" in str(err) and "int >= 1" in str(err)
 
 
+def test_roles_whose_envs_would_give_different_models_are_refused(tmp_path):
+    err = _error(_job(tmp_path), "roles.learner.args.env.id=Acrobot-v1")
+    assert err.line == 14  # the learner's env
+    assert "gives observations (6,)" in str(err) and "roles.rollout.args.env gives (4,)" in str(err)
+    assert "env: &env" in str(err)
+
+
 def test_missing_gymnasium_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # `import gymnasium` now fails as if not installed
     err = _error(_job(tmp_path))
@@ -277,7 +284,7 @@ def test_a_gym_rollout_travels_from_a_real_actor_into_the_learner(runtime):
     learner = ta.actor(num_threads=1)(Learner).remote(env=spec)
     try:
         ta.get(actor.set_weights.remote(learner.weights.remote(), 0))
-        last_obs, episodes, dones = None, 0, 0
+        last_obs, episodes, dones, version = None, 0, 0, 0
         for i in range(4):
             ref = actor.rollout.remote()
             u = ta.get(ref)
@@ -286,7 +293,7 @@ def test_a_gym_rollout_travels_from_a_real_actor_into_the_learner(runtime):
             assert u["actions"].dtype == torch.int64 and set(u["actions"].unique().tolist()) <= {0, 1}
             assert u["rewards"].dtype == torch.float32 and bool((u["rewards"] == 1).all())  # CartPole: 1 a step
             assert u["dones"].dtype == torch.bool and u["truncated"].dtype == torch.bool
-            assert u["version"] == (0 if i == 0 else stats["version"])
+            assert u["version"] == version  # the weights it was last sent
             # Observations stay within CartPole's bounds; consecutive unrolls continue the same episodes.
             assert float(u["obs"][..., 2].abs().max()) < 0.25
             if last_obs is not None:
@@ -300,7 +307,8 @@ def test_a_gym_rollout_travels_from_a_real_actor_into_the_learner(runtime):
             del u
             stats = ta.get(learner.update.remote(ref))
             assert math.isfinite(stats["loss"]) and stats["updates"] == i + 1
-            ta.get(actor.set_weights.remote(learner.weights.remote(), stats["version"]))
+            version = stats["version"]
+            ta.get(actor.set_weights.remote(learner.weights.remote(), version))
         assert episodes == dones >= 4  # a random policy ends CartPole episodes in ~20 steps
     finally:
         ta.kill(actor)
@@ -383,3 +391,12 @@ def test_rl_fps_measures_the_raw_env_after_its_warmup():
     assert 1.0 <= row["seconds"] <= 2.5 and row["frames"] > 0
     text = rl_fps.report([row, {**row, "system": "torchactors", "fps": row["fps"] / 2}])
     assert "rl_fps[CartPole-v1]" in text and "0.50 of its raw env limit" in text
+
+
+def test_the_builtin_cartpole_job_needs_no_gymnasium(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    cfg = load_config(REPO / "configs" / "impala_cartpole.yaml")
+    assert "env" not in cfg.roles["rollout"].args
+    actor = RolloutActor(num_envs=4, unroll_length=3)
+    assert actor.spaces is None and actor.rollout()["obs"].shape == (4, 4, 4)
+    assert isinstance(Learner().model, PolicyValueNet)

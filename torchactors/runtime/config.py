@@ -584,8 +584,9 @@ def _env_params(cls_ref: str) -> list[str]:
                                                      else repr(p.annotation))]
 
 
-def _check_env_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
-    """Check each env spec in ``args`` (defaults filled in place) by making one env from it."""
+def _check_env_args(doc: _Doc, role: str, cls_ref: str, args: dict, seen: dict) -> None:
+    """Check each env spec in ``args`` (defaults filled in place) by making one env from it; its
+    spaces must be those of the specs ``seen`` in earlier roles (the learner's model is the actors')."""
     for name in _env_params(cls_ref):
         if args.get(name) is None:
             continue
@@ -594,9 +595,16 @@ def _check_env_args(doc: _Doc, role: str, cls_ref: str, args: dict) -> None:
         from torchactors.rl.gym_env import EnvSpecError, check_spec  # imports gymnasium only if installed
 
         try:
-            check_spec(spec)
+            spaces = check_spec(spec)
         except EnvSpecError as e:
             raise doc.error(path + e.path, f"{_dotted(path)}: {e.message}", allowed=e.allowed) from None
+        for other, other_spaces in seen.items():
+            if other_spaces != spaces:
+                raise doc.error(path, f"{_dotted(path)} gives observations {spaces.obs_shape} {spaces.obs_dtype} and "
+                                f"{spaces.num_actions} actions, but {_dotted(other)} gives {other_spaces.obs_shape} "
+                                f"{other_spaces.obs_dtype} and {other_spaces.num_actions}: their models would differ",
+                                allowed="the same env in every role (write it once: env: &env {...}, then env: *env)")
+        seen[path] = spaces
 
 
 def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
@@ -626,6 +634,7 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
         raise doc.error(("roles",), f"roles must be a non-empty mapping of role name to role, got {_show(roles_raw)}",
                         allowed="role_name: {class: 'module:Class', ...}")
     roles = {}
+    env_spaces: dict = {}  # env spec path -> its spaces, so that the roles' models agree
     for name, body in roles_raw.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
             raise doc.error(("roles", name), f"role name '{name}' cannot name actors", allowed=_ROLE_NAME)
@@ -634,7 +643,7 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
                             allowed=sorted(ROLE_KEYS))
         role = _section(doc, ("roles", name), body, ROLE_KEYS)
         _check_args(doc, name, role["class"], role["args"])
-        _check_env_args(doc, name, role["class"], role["args"])
+        _check_env_args(doc, name, role["class"], role["args"], env_spaces)
         roles[name] = RoleConfig(name=name, class_path=role.pop("class"), **role)
 
     try:
