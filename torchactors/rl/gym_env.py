@@ -317,23 +317,23 @@ class GymVecEnv:
 
     def step(self, action: torch.Tensor) -> Step:
         """Step every copy with ``action`` [B]; finished copies are reset in the same step."""
+        import numpy as np
+
         obs, reward, terminated, truncated, info = self.env.step(action.numpy())
-        obs_t = torch.from_numpy(obs)
-        final = obs_t
+        final = obs
         mask = info.get("_final_obs")
-        if mask is not None and mask.any():
-            final = obs_t.clone()
-            for i in mask.nonzero()[0]:
-                final[i] = torch.from_numpy(info["final_obs"][i])
+        if mask is not None and mask.any():  # numpy here: a few torch ops cost more than the env step's copies
+            final = obs.copy()
+            final[mask] = np.stack(info["final_obs"][mask])
         if "_episode" in info:
             self._returns.append(info["episode"]["r"][info["_episode"]])
-        self._obs = obs_t
-        return Step(obs_t, torch.from_numpy(reward).float(), torch.from_numpy(terminated),
-                    torch.from_numpy(truncated), final)
+        self._obs = torch.from_numpy(obs)
+        return Step(self._obs, torch.from_numpy(reward.astype(np.float32, copy=False)), torch.from_numpy(terminated),
+                    torch.from_numpy(truncated), torch.from_numpy(final))
 
     def pop_episode_returns(self) -> torch.Tensor:
         """Returns (1-D float32) of the episodes completed since the last call, as gymnasium recorded them."""
-        import numpy as np
+        import numpy as np  # imported with gymnasium, which needs it
 
         out = torch.from_numpy(np.concatenate(self._returns)).float() if self._returns else torch.zeros(0)
         self._returns.clear()
