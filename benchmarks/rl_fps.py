@@ -372,6 +372,8 @@ def run_one(system: str, workload: str, seconds: float, warmup: float, venv_dir:
             if line.startswith(PROGRESS + " "):
                 _, t, f = line.split()
                 samples.append((float(t), int(f)))
+                if float(t) >= warmup + seconds:
+                    _kill_group(proc)  # measured enough; some systems take long to shut down (SF)
             else:
                 tail = (tail + [line.rstrip()])[-30:]
         rc = proc.wait()
@@ -380,8 +382,9 @@ def run_one(system: str, workload: str, seconds: float, warmup: float, venv_dir:
         _kill_group(proc)  # whatever it left running (SF's workers, collectors)
     wall = time.monotonic() - t0
     timed_out = wall >= limit
-    measured = [s for s in samples if s[0] >= warmup]
+    measured = [s for s in samples if warmup <= s[0] <= warmup + seconds + 5.0]
     row = {"system": system, "workload": workload, "rc": rc, "wall_s": round(wall, 1), "timed_out": timed_out,
+           "python": py,
            "samples": len(samples)}
     if len(measured) >= 2 and measured[-1][0] > measured[0][0]:
         (ta, fa), (tb, fb) = measured[0], measured[-1]
