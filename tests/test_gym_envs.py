@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -323,8 +324,14 @@ def test_async_vectorization_runs_the_copies_in_processes_of_the_actor(runtime):
         u = ta.get(actor.rollout.remote())
         assert u["obs"].shape == (41, 2, 4) and u["episode_returns"].numel() == int(u["dones"].sum()) > 0
         del u
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) >= 2, [p.cmdline() for p in workers]
     finally:
         ta.kill(actor)
+    # Orphaned workers would leave this process tree (re-parented), out of the leak check's sight.
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
 
 
 @needs_atari
