@@ -362,6 +362,7 @@ def run_one(system: str, workload: str, seconds: float, warmup: float, venv_dir:
     limit = seconds + warmup + grace
     samples: list[tuple[float, int]] = []
     tail: list[str] = []
+    stopped = False  # killed by us once its window was measured (then rc is -9 and that is fine)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -372,7 +373,8 @@ def run_one(system: str, workload: str, seconds: float, warmup: float, venv_dir:
             if line.startswith(PROGRESS + " "):
                 _, t, f = line.split()
                 samples.append((float(t), int(f)))
-                if float(t) >= warmup + seconds:
+                if float(t) >= warmup + seconds and not stopped:
+                    stopped = True
                     _kill_group(proc)  # measured enough; some systems take long to shut down (SF)
             else:
                 tail = (tail + [line.rstrip()])[-30:]
@@ -384,7 +386,7 @@ def run_one(system: str, workload: str, seconds: float, warmup: float, venv_dir:
     timed_out = wall >= limit
     measured = [s for s in samples if warmup <= s[0] <= warmup + seconds + 5.0]
     row = {"system": system, "workload": workload, "rc": rc, "wall_s": round(wall, 1), "timed_out": timed_out,
-           "python": py,
+           "python": py, "stopped_after_window": stopped,
            "samples": len(samples)}
     if len(measured) >= 2 and measured[-1][0] > measured[0][0]:
         (ta, fa), (tb, fb) = measured[0], measured[-1]

@@ -394,7 +394,7 @@ def test_rl_fps_measures_the_raw_env_after_its_warmup():
     finally:
         sys.path.pop(0)
     row = rl_fps.run_one("raw", "CartPole-v1", seconds=2.0, warmup=1.5, venv_dir=Path("/nonexistent"), grace=40)
-    assert row["rc"] == 0 and not row["timed_out"] and row["fps"] > 1000, row
+    assert (row["rc"] == 0 or row["stopped_after_window"]) and not row["timed_out"] and row["fps"] > 1000, row
     assert 1.0 <= row["seconds"] <= 2.5 and row["frames"] > 0
     text = rl_fps.report([row, {**row, "system": "torchactors", "fps": row["fps"] / 2}])
     assert "rl_fps[CartPole-v1]" in text and "0.50 of its raw env limit" in text
