@@ -335,9 +335,10 @@ def setup_venvs(venv_dir: Path, names: list[str]) -> None:
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS[name]], check=True)
-        module = {"sample_factory": "sample_factory", "torchrl": "torchrl"}[name]
-        subprocess.run([str(py), "-c", f"import {module}, gymnasium; print('{name}', {module}.__version__, "
-                        "'gymnasium', gymnasium.__version__)"], check=True)
+        dist, module = {"sample_factory": ("sample-factory", "sample_factory"), "torchrl": ("torchrl", "torchrl")}[name]
+        subprocess.run([str(py), "-c", f"import importlib.metadata as m, {module}, gymnasium, torch; "
+                        f"print('{name}', m.version('{dist}'), 'gymnasium', gymnasium.__version__, "
+                        "'torch', torch.__version__)"], check=True)
 
 
 def python_for(system: str, venv_dir: Path) -> str:
