@@ -2,9 +2,12 @@
 
 Roles (see ``configs/impala_cartpole.yaml``):
 
-- ``RolloutActor`` steps ``num_envs`` vectorized CartPoles with its copy of the policy and
+- ``RolloutActor`` steps ``num_envs`` vectorized CartPoles (or, given ``env``, any gymnasium
+  env through its vector API: ``torchactors.rl.gym_env``) with its copy of the policy and
   returns one unroll of ``unroll_length`` steps per ``rollout()`` call. Consecutive unrolls
-  continue the same episodes (obs[T] of one unroll is obs[0] of the next).
+  continue the same episodes (obs[T] of one unroll is obs[0] of the next). The env's spaces
+  choose the model (``torchactors.rl.model.build_model``); the learner is given the same
+  ``env`` so that it builds the same one.
 - ``Learner`` runs one actor-critic update with V-trace correction per ``update()`` call;
   V-trace makes the updates correct although the rollout actors act a few versions behind.
 - ``train(job)`` keeps one rollout in flight per actor, hands each finished unroll's ref to
@@ -35,7 +38,8 @@ import torch.nn.functional as F
 
 from torchactors.rl import vtrace
 from torchactors.rl.cartpole import VecCartPole
-from torchactors.rl.model import PolicyValueNet
+from torchactors.rl.gym_env import EnvSpec, GymVecEnv, check_spec
+from torchactors.rl.model import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ HIDDEN = 64
 POLL_S = 0.0
 
 class RolloutActor:
-    """Acts in ``num_envs`` CartPoles with the last weights it was sent; returns unrolls."""
+    """Acts in ``num_envs`` CartPoles (or the gymnasium ``env``) with the last weights it was
+    sent; returns unrolls. With ``env``, its ``num_envs`` counts and ``num_envs`` here is unused."""
 
     def __init__(
         self,
@@ -56,15 +61,17 @@ class RolloutActor:
         actor_index: int = 0,
         replica_index: int | None = None,
         hidden: int = HIDDEN,
+        env: EnvSpec | Mapping[str, Any] | None = None,
     ) -> None:
         if replica_index is not None:
             actor_index = replica_index
         self.actor_index = actor_index
         self.unroll_length = unroll_length
         env_seed = seed * 10_007 + actor_index * 7_919 + 1
-        self.env = VecCartPole(num_envs, seed=env_seed)
+        self.env = VecCartPole(num_envs, seed=env_seed) if env is None else GymVecEnv(env, seed=env_seed)
+        self.spaces = getattr(self.env, "spaces", None)  # None: the built-in CartPole
         self.generator = torch.Generator().manual_seed(env_seed + 1)
-        self.model = PolicyValueNet(hidden=hidden)
+        self.model = build_model(self.spaces, hidden=hidden)
         self.model.requires_grad_(False)
         self.version = -1
         self.obs = self.env.reset()
@@ -84,13 +91,15 @@ class RolloutActor:
     def rollout(self) -> dict[str, Any]:
         """Step every env ``unroll_length`` times with the current policy; tensors are [T(+1), B, ...]."""
         T, B = self.unroll_length, self.env.num_envs
-        obs = torch.empty(T + 1, B, 4)
+        shape, dtype, A = ((4,), torch.float32, 2) if self.spaces is None else (
+            self.spaces.obs_shape, self.spaces.obs_dtype, self.spaces.num_actions)
+        obs = torch.empty(T + 1, B, *shape, dtype=dtype)
         actions = torch.empty(T, B, dtype=torch.int64)
         rewards = torch.empty(T, B)
         dones = torch.empty(T, B, dtype=torch.bool)
         truncated = torch.empty(T, B, dtype=torch.bool)
-        final_obs = torch.empty(T, B, 4)
-        logits = torch.empty(T, B, 2)
+        final_obs = torch.empty(T, B, *shape, dtype=dtype)
+        logits = torch.empty(T, B, A)
         obs[0] = self.obs
         policy = self.model.policy
         for t in range(T):
@@ -142,6 +151,10 @@ class Learner:
     balanced for a long time knocked it over (return 500 -> 9, never recovered) in 2 of 5
     seeds; scaled, all 5 stayed near 500. Adam at ``lr=3e-3`` reaches 195 sooner but
     collapses the same way; ``1e-3`` still reaches 195 in ~120 k frames.
+
+    ``env`` is the rollout actors' env spec (its spaces choose the same model as theirs; None:
+    the built-in CartPole). ``reward_clip`` clips rewards to [-c, c] before scaling (Atari's
+    usual 1.0); episode returns are counted by the actors, unclipped.
     """
 
     def __init__(
@@ -154,9 +167,12 @@ class Learner:
         max_grad_norm: float = 0.5,
         reward_scale: float = 0.1,
         hidden: int = HIDDEN,
+        env: EnvSpec | Mapping[str, Any] | None = None,
+        reward_clip: float | None = None,
     ) -> None:
         torch.manual_seed(seed)
-        self.model = PolicyValueNet(hidden=hidden)
+        self.model = build_model(None if env is None else check_spec(env), hidden=hidden)
+        self.reward_clip = reward_clip
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, eps=1e-5)
         self.gamma = gamma
         self.entropy_cost = entropy_cost
@@ -174,7 +190,10 @@ class Learner:
         logits, values = self.model(batch["obs"])
         target_logits, bootstrap, values = logits[:T], values[T], values[:T]
         discounts = (~batch["dones"]).float() * self.gamma
-        rewards = batch["rewards"] * self.reward_scale
+        rewards = batch["rewards"]
+        if self.reward_clip is not None:
+            rewards = rewards.clamp(-self.reward_clip, self.reward_clip)
+        rewards = rewards * self.reward_scale
         truncated = batch["truncated"]
         if truncated.any():
             # A time-limit cut is not an end: bootstrap from the state it was cut in. Treating it

@@ -679,6 +679,69 @@ def _check_program(doc: _Doc, ref: str, args: dict) -> None:
             raise doc.error(("program_args", k), f"{ref} takes no argument '{k}' (program_args)", allowed=allowed)
 
 
+# --------------------------------------------------------------------------- gymnasium env specs
+# A constructor parameter annotated with ``torchactors.rl.gym_env.EnvSpec`` (``RolloutActor``'s and
+# ``Learner``'s ``env``) takes an ``env:`` mapping. Its keys are checked here like any section;
+# then ``gym_env.check_spec`` makes one env from it, so that a wrong id, bad kwargs, an unknown
+# wrapper, an unsupported space or a missing optional package fails at validate time, at its line.
+
+
+def _wrappers(v: Any) -> list:
+    if not isinstance(v, list):
+        raise _Invalid()
+    for i, w in enumerate(v):
+        ok = isinstance(w, str) or (isinstance(w, dict) and len(w) == 1 and isinstance(next(iter(w)), str)
+                                    and isinstance(next(iter(w.values())), (dict, type(None))))
+        if not ok:
+            raise _Invalid(f"item {i} is {w!r}")
+    return copy.deepcopy(v)
+
+
+ENV_KEYS: dict[str, Key] = {
+    "id": Key(_text, _REQUIRED, "a registered gymnasium id, e.g. CartPole-v1, BreakoutNoFrameskip-v4 "
+              "(or an envpool task with vectorization: envpool)"),
+    "num_envs": Key(_int(1), 1, "int >= 1: copies of the env in each actor"),
+    "vectorization": Key(_choice("sync", "async", "envpool"), "sync", "sync, async, envpool"),
+    "kwargs": Key(_kwargs, {}, "a mapping of keyword arguments for gymnasium.make (or envpool's config)"),
+    "wrappers": Key(_wrappers, [], "a list of wrapper names (a class of gymnasium.wrappers, or 'module:Class'), "
+                    "each alone or as {Name: {keyword: value}}"),
+}
+
+
+def _env_params(cls_ref: str) -> list[str]:
+    """The constructor parameters of the role's class that take an env spec."""
+    cls = plain_class(import_string(cls_ref))
+    try:
+        params = inspect.signature(cls).parameters if cls is not None else {}
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in params.items() if re.search(r"\bEnvSpec\b", p.annotation if isinstance(p.annotation, str)
+                                                     else repr(p.annotation))]
+
+
+def _check_env_args(doc: _Doc, role: str, cls_ref: str, args: dict, seen: dict) -> None:
+    """Check each env spec in ``args`` (defaults filled in place) by making one env from it; its
+    spaces must be those of the specs ``seen`` in earlier roles (the learner's model is the actors')."""
+    for name in _env_params(cls_ref):
+        if args.get(name) is None:
+            continue
+        path = ("roles", role, "args", name)
+        args[name] = spec = _section(doc, path, args[name], ENV_KEYS)
+        from torchactors.rl.gym_env import EnvSpecError, check_spec  # imports gymnasium only if installed
+
+        try:
+            spaces = check_spec(spec)
+        except EnvSpecError as e:
+            raise doc.error(path + e.path, f"{_dotted(path)}: {e.message}", allowed=e.allowed) from None
+        for other, other_spaces in seen.items():
+            if other_spaces != spaces:
+                raise doc.error(path, f"{_dotted(path)} gives observations {spaces.obs_shape} {spaces.obs_dtype} and "
+                                f"{spaces.num_actions} actions, but {_dotted(other)} gives {other_spaces.obs_shape} "
+                                f"{other_spaces.obs_dtype} and {other_spaces.num_actions}: their models would differ",
+                                allowed="the same env in every role (write it once: env: &env {...}, then env: *env)")
+        seen[path] = spaces
+
+
 def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
     data = doc.data
     if not isinstance(data, dict):
@@ -706,6 +769,7 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
         raise doc.error(("roles",), f"roles must be a non-empty mapping of role name to role, got {_show(roles_raw)}",
                         allowed="role_name: {class: 'module:Class', ...}")
     roles = {}
+    env_spaces: dict = {}  # env spec path -> its spaces, so that the roles' models agree
     for name, body in roles_raw.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
             raise doc.error(("roles", name), f"role name '{name}' cannot name actors", allowed=_ROLE_NAME)
@@ -714,6 +778,7 @@ def _validate(doc: _Doc, overrides: Sequence[str]) -> JobConfig:
                             allowed=sorted(ROLE_KEYS))
         role = _section(doc, ("roles", name), body, ROLE_KEYS)
         _check_args(doc, name, role["class"], role["args"])
+        _check_env_args(doc, name, role["class"], role["args"], env_spaces)
         roles[name] = RoleConfig(name=name, class_path=role.pop("class"), **role)
         total = sum(r.replicas for r in roles.values())
         if total > MAX_PROCESSES:
