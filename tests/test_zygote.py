@@ -128,6 +128,34 @@ def test_a_forked_actor_gets_its_env_thread_count_and_the_drivers_environment_at
     assert info["env"].get("OPENBLAS_NUM_THREADS") == os.environ.get("OPENBLAS_NUM_THREADS")
 
 
+@ta.actor
+class Talker:
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        print(text, file=sys.stderr, flush=True)
+
+
+def test_a_forked_actor_writes_to_the_drivers_stdout_and_stderr_as_they_are_now(tmp_path):
+    ta.init()
+    api.runtime().supervisor.prestart()         # the zygote starts with this process's fds 1 and 2
+    time.sleep(0.5)
+    out_file, err_file = tmp_path / "out", tmp_path / "err"
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(out_file, "wb") as out, open(err_file, "wb") as err:
+            os.dup2(out.fileno(), 1)            # then they are redirected, as a notebook or a
+            os.dup2(err.fileno(), 2)            # test runner does; a spawned actor would follow
+            h = Talker.remote()
+            ta.get(h.say.remote("hello from a forked actor"), timeout=30)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+    assert "hello from a forked actor" in out_file.read_text()
+    assert "hello from a forked actor" in err_file.read_text()
+
+
 def test_forked_actors_do_not_share_the_zygotes_random_state():
     ta.init(num_threads=1)
 

@@ -108,7 +108,9 @@ class Zygote:
         boot_r, boot_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                socket.send_fds(self.sock, [b"fork %d" % seq], [boot_r])
+                # The driver's stdout and stderr as they are now, as a spawned child would
+                # inherit them: the zygote's own may have been redirected since it started.
+                socket.send_fds(self.sock, [b"fork %d" % seq], [boot_r, 1, 2])
             except OSError as e:
                 self.dead = True
                 raise ZygoteError(f"the zygote (pid {self.pid}) is gone ({e})") from None
@@ -306,20 +308,21 @@ def _serve(sock: socket.socket) -> None:
             _reap(sock)
         if sock not in ready:
             continue
-        data, fds, _, _ = socket.recv_fds(sock, 64, 1)
+        data, fds, _, _ = socket.recv_fds(sock, 64, 3)
         if not data:
             os._exit(0)     # the driver closed: its actors are stopped already
         word, _, seq = data.decode("ascii", "replace").partition(" ")
         problem = fork_safety_problem()
-        if problem or word != "fork" or not seq.isdigit() or len(fds) != 1:
+        if problem or word != "fork" or not seq.isdigit() or len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             _send(sock, ("refused", int(seq) if seq.isdigit() else -1, problem or f"bad request {data!r}"))
             continue
         pid = os.fork()
         if pid == 0:
-            _become_child(fds[0], sock, (wake_r, wake_w), me)
-        os.close(fds[0])
+            _become_child(fds, sock, (wake_r, wake_w), me)
+        for fd in fds:
+            os.close(fd)
         pidfd = os.pidfd_open(pid)
         _send(sock, ("forked", int(seq), pid), (pidfd,))
         os.close(pidfd)
@@ -336,16 +339,22 @@ def _reap(sock: socket.socket) -> None:
         _send(sock, ("exit", pid, os.waitstatus_to_exitcode(status)))
 
 
-def _become_child(boot_fd: int, sock: socket.socket, zygote_fds: tuple, zygote_pid: int) -> None:
-    """In the forked child: drop the zygote's fds and signal set-up, die with the zygote,
-    take the driver's environment, run the target; never returns."""
+def _become_child(fds: list[int], sock: socket.socket, zygote_fds: tuple, zygote_pid: int) -> None:
+    """In the forked child: drop the zygote's fds and signal set-up, take the driver's stdout
+    and stderr, die with the zygote, take the driver's environment, run the target; never
+    returns. ``fds``: the boot record's pipe, the driver's stdout, its stderr."""
     code = 1
+    boot_fd, out_fd, err_fd = fds
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock.close()
         for fd in zygote_fds:
             os.close(fd)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        os.close(out_fd)
+        os.close(err_fd)
         child.die_with_parent(zygote_pid)
         os.setsid()
         with os.fdopen(boot_fd, "rb") as f:
