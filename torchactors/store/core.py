@@ -28,7 +28,7 @@ import torch
 from torchactors.errors import ObjectFreedError, OwnerDiedError, StoreFullError
 from torchactors.store import cuda, registry, serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
-from torchactors.store.segments import MappingCache, Segment, SegmentPool, size_class
+from torchactors.store.segments import MappingCache, Segment, SegmentPool, shared_file, size_class
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Store:
         """Copy ``obj``'s tensor bytes once into shared memory and return its ref."""
         if isinstance(obj, ObjectRef):
             return obj
-        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.layout == torch.strided:
+        if isinstance(obj, torch.Tensor) and serialize.is_plain(obj):
             serialize.check_shareable(obj)
             putter = self.single_putters.get(obj.device.type)
             if putter is not None:
@@ -152,45 +152,40 @@ class Store:
         if t.numel() == 0:
             return None, 0, 0, None, ("t", t.dtype, shape, stride, 0, 0) + flags, False
         if storage.is_shared():
-            shared = self._register_shared(storage)
-            if shared is not None:
-                seg, keep = shared
+            shared = shared_file(storage)
+            if shared is not None:      # aliased: peers open torch's fd, the owner reads the storage
                 meta = ("t", t.dtype, shape, stride, t.storage_offset(), storage.nbytes()) + flags
-                return seg, 0, 0, keep, meta, True
-        # Copy only the byte span the view covers, not the whole storage it may be a slice of.
+                return shared, 0, 0, storage, meta, True
+        # Copy the storage from its start to the end of the view, so that the view comes back
+        # with its own strides and storage offset (not what lies beyond it).
+        offset = t.storage_offset()
         if t.is_contiguous():
-            nbytes = t.numel() * es
+            nbytes = (offset + t.numel()) * es
         else:
-            extent = 1
+            extent = offset + 1
             for n, st in zip(shape, stride):
                 extent += (n - 1) * st
             nbytes = extent * es
         seg, off, cls = self._allocate(nbytes, timeout)
-        ctypes.memmove(seg.base + off, storage.data_ptr() + t.storage_offset() * es, nbytes)
-        meta = ("t", t.dtype, shape, stride, 0, nbytes) + flags
+        ctypes.memmove(seg.base + off, storage.data_ptr(), nbytes)
+        meta = ("t", t.dtype, shape, stride, offset, nbytes) + flags
         return seg, off, cls, None, meta, False
-
-    def _register_shared(self, storage: torch.UntypedStorage) -> Optional[tuple[Segment, Any]]:
-        """A storage torch already shares through an fd: the object aliases it, no copy."""
-        try:
-            fd, size = storage._share_fd_cpu_()[:2]
-        except (RuntimeError, AttributeError, TypeError):
-            return None
-        return Segment(0, os.fstat(fd).st_size, fd=fd, populate=False), storage
 
     def _put_structure(self, obj: Any, timeout: Optional[float]) -> tuple:
         with SerializationContext() as ctx:
             skeleton, layout = serialize.dumps_for_store(obj)
-        keep = (ctx.refs + layout.keep) or None
+        # Aliased shared storages first: the owner's get finds storage i at keep[i].
+        keep = (layout.shared_storages + ctx.refs + layout.keep) or None
+        shared = layout.shared_locs()
         if layout.nbytes == 0 and len(skeleton) <= INLINE_LIMIT:
-            return None, 0, 0, keep, ("v", skeleton), False
+            return None, 0, 0, keep, ("v", skeleton, shared), False
         total = layout.nbytes + len(skeleton)
         seg, off, cls = self._allocate(total, timeout)
         for storage, rel in zip(layout.storages, layout.offsets):
             if storage.nbytes():        # an empty storage may have no data pointer at all
                 ctypes.memmove(seg.base + off + rel, storage.data_ptr(), storage.nbytes())
         seg.mm[off + layout.nbytes:off + total] = skeleton
-        return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton)), False
+        return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton), shared), False
 
     def _register(self, seg: Optional[Segment], offset: int, cls: int, keep: Any, meta: tuple,
                   external: bool) -> ObjectRef:
@@ -252,17 +247,35 @@ class Store:
             value = self.getters[ref.meta[0]](ref, self._segment_of(ref) if ref.loc is not None else None)
         return copy_module.deepcopy(value) if copy else value
 
-    def _segment_of(self, ref: ObjectRef) -> Segment:
+    def _segment_of(self, ref: ObjectRef) -> Any:
+        """The segment ``ref``'s bytes are in (in the owner, the storage itself for an aliased
+        shared tensor)."""
         live = self.check_live(ref)
         if ref.owner == self.index:
-            return live.seg
-        fd, inode = ref.loc[0], ref.loc[1]
+            return live.keep if live.external else live.seg
+        return self._map(ref, live, ref.loc[0], ref.loc[1])
+
+    def _map(self, ref: ObjectRef, peer: Any, fd: int, inode: int) -> Segment:
         seg = self.maps.map(ref.owner_pid, fd, inode)
         if seg is None:
-            if not live.alive():
+            if not peer.alive():
                 raise _owner_died(ref)
             raise ObjectFreedError(ref.id, "its memory was returned to the system")
         return seg
+
+    def _shared_storages(self, ref: ObjectRef) -> Optional[Callable[[int], torch.UntypedStorage]]:
+        """For a stored structure: index -> the shared storage it aliases."""
+        locs = ref.meta[-1]
+        if not locs:
+            return None
+        live = self.check_live(ref)
+        if ref.owner == self.index:
+            return live.keep.__getitem__
+
+        def shared(i: int) -> torch.UntypedStorage:
+            fd, inode, size = locs[i]
+            return make_storage(self._map(ref, live, fd, inode), 0, size, ref)
+        return shared
 
     def check_live(self, ref: ObjectRef) -> Any:
         """Raise ObjectFreedError / OwnerDiedError unless ``ref``'s object is live; returns its
@@ -292,6 +305,8 @@ class Store:
         _, dtype, shape, stride, offset, nbytes, requires_grad, is_param = ref.meta
         if seg is None:
             t = torch.empty_strided(shape, stride, dtype=dtype)
+        elif isinstance(seg, torch.UntypedStorage):
+            t = torch.empty(0, dtype=dtype).set_(seg, offset, shape, stride)
         else:
             flat = torch.frombuffer(pinned_buffer(seg, ref.loc[2], nbytes, ref), dtype=dtype)
             if offset == 0 and stride == _contiguous_strides(shape):
@@ -302,12 +317,12 @@ class Store:
 
     def _get_pickled(self, ref: ObjectRef, seg: Segment) -> Any:
         base = ref.loc[2]
-        _, nbytes, nskel = ref.meta
-        with serialize.BlockReader(lambda rel, n: make_storage(seg, base + rel, n, ref)):
+        _, nbytes, nskel, _ = ref.meta
+        with serialize.BlockReader(lambda rel, n: make_storage(seg, base + rel, n, ref), self._shared_storages(ref)):
             return pickle.loads(seg.mm[base + nbytes:base + nbytes + nskel])
 
     def _get_inline(self, ref: ObjectRef, seg: Optional[Segment]) -> Any:
-        with serialize.BlockReader(lambda rel, n: torch.UntypedStorage(0)):
+        with serialize.BlockReader(lambda rel, n: torch.UntypedStorage(0), self._shared_storages(ref)):
             return pickle.loads(ref.meta[1])
 
     # -- free and reclaim -----------------------------------------------------------------

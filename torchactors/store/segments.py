@@ -75,6 +75,29 @@ class Segment:
         self.fd = -1
 
 
+class SharedFile:
+    """A storage torch already shares through an fd (``share_memory_()``): peers open that fd
+    as they open a segment's, and the owner reads the storage itself. No mapping, no new fd."""
+
+    __slots__ = ("fd", "inode", "size")
+
+    def __init__(self, fd: int, inode: int, size: int) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.size = size
+
+
+def shared_file(storage: torch.UntypedStorage) -> Optional[SharedFile]:
+    """The fd torch shares ``storage`` through (the storage keeps it open), or None."""
+    if not storage.is_shared() or storage.device.type != "cpu":
+        return None
+    try:
+        fd, size = storage._share_fd_cpu_()[:2]
+        return SharedFile(fd, os.fstat(fd).st_ino, size)
+    except (RuntimeError, AttributeError, TypeError, OSError):
+        return None
+
+
 class SegmentPool:
     """The owner's allocator: arenas of power-of-two blocks for small objects, pooled
     dedicated segments for large ones. Freed blocks are kept for reuse (already faulted in),
