@@ -64,10 +64,13 @@ def parse_size(value: Any) -> int:
 class _Entry:
     """An object this process owns."""
 
-    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external")
+    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external", "loc", "meta")
 
-    def __init__(self, gen: int, seg: Optional[Segment], offset: int, cls: int, keep: Any, external: bool) -> None:
+    def __init__(self, gen: int, seg: Optional[Segment], offset: int, cls: int, keep: Any, external: bool,
+                 loc: Optional[tuple], meta: tuple) -> None:
         self.gen = gen
+        self.loc = loc              # the ref's loc and meta as put: a ref that differs is not this object's
+        self.meta = meta
         self.seg = seg
         self.offset = offset
         self.cls = cls
@@ -109,12 +112,25 @@ def _owner_died(ref: ObjectRef) -> OwnerDiedError:
     return OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
 
 
+def _where(loc: Optional[tuple], meta: tuple) -> tuple:
+    """What the header table publishes of an object's place: fd, offset, nbytes, skeleton
+    length (-1, 0, 0, 0 for an object with no bytes)."""
+    if loc is None:
+        return (-1, 0, 0, 0)
+    return (loc[0], loc[2], loc[3], meta[2] if meta[0] == "p" else 0)
+
+
+def _malformed(ref: Any, what: str) -> ValueError:
+    return ValueError(f"{ref!r} is not a ref this store made ({what}); refs cannot be built or edited by hand")
+
+
 class Store:
     def __init__(self, job_dir: Optional[str] = None, index: Optional[int] = None,
                  capacity: Optional[int] = None) -> None:
         self.own_job_dir = job_dir is None
         self.job_dir = job_dir or registry.create_job_dir()
         self.membership = registry.Membership(self.job_dir, index)
+        self.job = os.path.basename(self.job_dir)      # named in every ref: refs of other jobs are refused
         self.index = self.membership.index
         self.pid = os.getpid()
         self.pool = SegmentPool(capacity or default_capacity())
@@ -197,15 +213,14 @@ class Store:
                 if not self.free_slots:
                     raise StoreFullError(0, self.pool.used, self.pool.capacity,
                                          f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can")
+            loc = None
+            if seg is not None:
+                loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2])
             slot = self.free_slots.pop()
-            hdr = self.membership.header.cells
-            gen = hdr[slot * registry.HEADER_CELL] + 1
-            self.membership.set_header(slot, gen, registry.STATE_LIVE)
-            self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external)
-        loc = None
-        if seg is not None:
-            loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2])
-        return ObjectRef(self.index, slot, gen, self.pid, loc, meta)
+            gen = self.membership.next_gen(slot)
+            self.membership.set_live(slot, gen, _where(loc, meta))
+            self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external, loc, meta)
+        return ObjectRef(self.index, slot, gen, self.pid, loc, meta, self.job)
 
     def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
         with self.lock:
@@ -244,7 +259,16 @@ class Store:
             if isinstance(value, ObjectRef):
                 value = self.get(value)
         else:
-            value = self.getters[ref.meta[0]](ref, self._segment_of(ref) if ref.loc is not None else None)
+            getter = self.getters.get(ref.meta[0]) if type(ref.meta) is tuple and ref.meta else None
+            if getter is None:
+                raise _malformed(ref, f"unknown kind of object {ref.meta!r:.80}")
+            if ref.loc is not None:
+                seg = self._segment_of(ref)
+            else:
+                seg = None
+                if ref.meta[0] != "c":      # CUDA objects check themselves (their export's life)
+                    self.check_live(ref)
+            value = getter(ref, seg)
         return copy_module.deepcopy(value) if copy else value
 
     def _segment_of(self, ref: ObjectRef) -> Any:
@@ -279,19 +303,26 @@ class Store:
 
     def check_live(self, ref: ObjectRef) -> Any:
         """Raise ObjectFreedError / OwnerDiedError unless ``ref``'s object is live; returns its
-        ``_Entry`` in the owner, else the owner's ``Peer``."""
-        if ref.owner == self.index:
+        ``_Entry`` in the owner, else the owner's ``Peer``. A ref of another job, or one that
+        does not match the live object it names (a forged or edited ref), never reads it."""
+        self._check_names(ref)
+        m = self.membership
+        if ref.owner == self.index and ref.owner_pid == self.pid:
             entry = self.entries.get(ref.slot)
             if entry is None or entry.gen != ref.gen:
                 raise ObjectFreedError(ref.id)
+            if (ref.loc is not entry.loc and ref.loc != entry.loc) or (ref.meta is not entry.meta
+                                                                      and ref.meta != entry.meta):
+                raise _malformed(ref, "its place or layout differs from the object's")
             if self.membership.freed_by_peer(self.index, ref.slot, ref.gen):
                 with self.lock:
                     if self.entries.get(ref.slot) is entry:
                         self._release(ref.slot, entry, registry.STATE_FREED)
                 raise ObjectFreedError(ref.id)
             return entry
-        m = self.membership
-        peer = m.peer(ref.owner)
+        if ref.owner == self.index:         # an earlier process at this index
+            raise _owner_died(ref)
+        peer = m.peer(ref.owner, ref.owner_pid)
         if peer.pid != ref.owner_pid or not peer.alive():
             self.maps.forget(ref.owner_pid)
             raise _owner_died(ref)
@@ -299,7 +330,22 @@ class Store:
         cells = peer.header.cells
         if cells[i] != ref.gen or cells[i + 1] != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
             raise ObjectFreedError(ref.id)
+        try:
+            where = _where(ref.loc, ref.meta)
+        except (TypeError, IndexError):
+            raise _malformed(ref, "its place is not (fd, inode, offset, nbytes)") from None
+        if tuple(cells[i + 2:i + 6]) != where or (ref.meta[0] == "p" and ref.meta[1] + ref.meta[2] != ref.loc[3]):
+            raise _malformed(ref, "its place or size differs from the object's")
         return peer
+
+    def _check_names(self, ref: ObjectRef) -> None:
+        """``ref`` is of this job and names a slot that can exist."""
+        if ref.job != self.job:
+            raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid}) of job {ref.job or '?'!r}, "
+                                         f"not of this job {self.job!r} (a ref only works in the job that made it)")
+        if type(ref.owner) is not int or type(ref.slot) is not int or type(ref.gen) is not int \
+                or not self.membership.valid(ref.owner, ref.slot):
+            raise _malformed(ref, f"owner {ref.owner!r}, slot {ref.slot!r} out of range")
 
     def _get_cpu_tensor(self, ref: ObjectRef, seg: Optional[Segment]) -> torch.Tensor:
         _, dtype, shape, stride, offset, nbytes, requires_grad, is_param = ref.meta
@@ -336,6 +382,7 @@ class Store:
             return
         if ref._pending is not None:
             ref = ref._pending.materialize()
+        self._check_names(ref)
         if ref.owner != self.index:
             self.membership.mark_freed(ref.owner, ref.slot, ref.gen)
             return

@@ -5,8 +5,13 @@ job directory, and two memfd tables that only it writes:
 
 - a *hold table*: for every (owner index, slot) the number of ``ObjectRef``s this process
   holds (``live``) and how many it ever acquired (``acquired``, monotonic);
-- a *header table*: for each slot this process owns, the object's generation and state, so
-  a reader can tell a freed object from a live one.
+- a *header table*: for each slot this process owns, the object's generation, state and
+  where its bytes are (fd, offset, size, skeleton length), so a reader can tell a freed
+  object from a live one, and a ref that does not match the object it names from one that does.
+
+Indices are reused: a process claims the lowest index no live process holds. Generations of
+a process start at a random base, so a ref of an earlier process at the same index (a stale
+ref) never names an object of the new one.
 
 An owner decides an object is unreferenced by reading its column in every live peer's
 hold table. Since each cell has one writer, no atomics are needed; the ``acquired`` counter
@@ -34,7 +39,7 @@ logger = logging.getLogger(__name__)
 MAX_PROCS = 1024          # process indices per job
 MAX_SLOTS = 1 << 16       # live objects per owner
 HOLD_CELL = 3             # int64 cells per (owner, slot): live, acquired, freed generation
-HEADER_CELL = 2           # int64 cells per slot: generation, state
+HEADER_CELL = 6           # int64 cells per slot: generation, state, fd, offset, nbytes, skeleton length
 FREE_EPOCH = 0            # header slot 0 is not an object: cell 0 counts free() calls made here
 
 STATE_EMPTY, STATE_LIVE, STATE_FREED = 0, 1, 2
@@ -116,6 +121,16 @@ class Peer:
         self.pidfd = pidfd
         self.dead = False
 
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        for t in (self.holds, self.header):
+            if t is not None:
+                t.close()
+        self.holds = self.header = None
+        self.dead = True
+
     def alive(self) -> bool:
         if self.dead:
             return False
@@ -139,6 +154,7 @@ class Membership:
         self.holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL)
         self.header = _Table(MAX_SLOTS * HEADER_CELL)
         self.index = self._claim_index(index)
+        self.gen_base = secrets.randbits(40) << 16     # this incarnation's generations start here
         self.peers: dict[int, Peer] = {}
         self._peers_mtime = 0
         self._procs_dir = os.path.join(job_dir, "procs")
@@ -149,25 +165,67 @@ class Membership:
         self._owner_base = self.index * MAX_SLOTS * HOLD_CELL
 
     def _claim_index(self, hint: Optional[int]) -> int:
+        """The lowest free index from ``hint`` on; an index whose process died is free again."""
         procs = os.path.join(self.job_dir, "procs")
         info = json.dumps({"pid": os.getpid(), "holds_fd": self.holds.fd, "header_fd": self.header.fd})
-        start = hint if hint is not None else 0
-        for index in range(start, MAX_PROCS):
-            path = os.path.join(procs, str(index))
-            try:
-                fd = os.open(path + ".tmp" + str(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(info)
-            try:
-                os.link(path + ".tmp" + str(os.getpid()), path)   # atomic claim, complete content
-            except FileExistsError:
-                continue
-            finally:
-                os.unlink(path + ".tmp" + str(os.getpid()))
-            return index
-        raise RuntimeError(f"job {self.job_dir} has used all {MAX_PROCS} process indices")
+        tmp = os.path.join(procs, f".claim-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(info)
+        try:
+            start = hint if hint is not None else 0
+            for index in range(start, MAX_PROCS):
+                path = os.path.join(procs, str(index))
+                try:
+                    os.link(tmp, path)      # atomic claim, complete content
+                    return index
+                except FileExistsError:
+                    pass
+                if self._take_over(path):
+                    try:
+                        os.link(tmp, path)
+                        return index
+                    except FileExistsError:
+                        pass
+        finally:
+            os.unlink(tmp)
+        raise RuntimeError(f"job {self.job_dir} has {MAX_PROCS} live processes, the most it can hold")
+
+    @staticmethod
+    def _take_over(path: str) -> bool:
+        """Free ``path``'s index if its process is dead (a SIGKILLed process leaves its file).
+        The rename succeeds for one claimer only."""
+        try:
+            with open(path) as f:
+                pid = json.load(f)["pid"]
+        except (OSError, ValueError, KeyError):
+            return False
+        if _pid_alive(pid):
+            return False
+        dead = f"{path}.dead-{os.getpid()}"
+        try:
+            os.rename(path, dead)
+        except OSError:
+            return False
+        try:
+            with open(dead) as f:
+                if json.load(f)["pid"] != pid:      # a live claimer got there in between: give it back
+                    os.rename(dead, path)
+                    return False
+        except (OSError, ValueError, KeyError):
+            pass
+        try:
+            os.unlink(dead)
+        except OSError:
+            pass
+        return True
+
+    def valid(self, owner: int, slot: int) -> bool:
+        """Does (owner, slot) name a cell of the hold tables?"""
+        return 0 <= owner < MAX_PROCS and 0 < slot < MAX_SLOTS
+
+    def next_gen(self, slot: int) -> int:
+        last = self.header.cells[slot * HEADER_CELL]
+        return (last if last > self.gen_base else self.gen_base) + 1
 
     # -- this process's own counters -------------------------------------------------
 
@@ -250,6 +308,14 @@ class Membership:
         self.header.cells[i] = generation
         self.header.cells[i + 1] = state
 
+    def set_live(self, slot: int, generation: int, where: tuple) -> None:
+        """Publish a new object: where its bytes are first, then its generation and state."""
+        i = slot * HEADER_CELL
+        cells = self.header.cells
+        cells[i + 2], cells[i + 3], cells[i + 4], cells[i + 5] = where
+        cells[i] = generation
+        cells[i + 1] = STATE_LIVE
+
     # -- peers ---------------------------------------------------------------------------
 
     def refresh_peers(self) -> None:
@@ -270,13 +336,22 @@ class Membership:
                 if not name.isdigit():
                     continue
                 index = int(name)
-                if index == self.index or index in self.peers:
+                known = self.peers.get(index)
+                if index == self.index or (known is not None and known.alive()):
                     continue
-                self.peers[index] = self._open_peer(index)
+                peer = self._open_peer(index)
+                if known is None or peer.pid != known.pid:     # new, or a new process at a reused index
+                    if known is not None:
+                        known.close()
+                    self.peers[index] = peer
+                else:
+                    peer.close()
 
-    def peer(self, index: int) -> Peer:
+    def peer(self, index: int, pid: int = 0) -> Peer:
+        """The process at ``index``; when ``pid`` is given and is not the one we know there, look
+        again (a process that joined at a reused index)."""
         p = self.peers.get(index)
-        if p is None:
+        if p is None or (pid and p.pid != pid):
             self._peers_mtime = 0
             self.refresh_peers()
             p = self.peers.get(index)
@@ -333,14 +408,7 @@ class Membership:
             pass
         with self.lock:
             for p in self.peers.values():
-                if p.pidfd >= 0:
-                    os.close(p.pidfd)
-                    p.pidfd = -1
-                for t in (p.holds, p.header):
-                    if t is not None:
-                        t.close()
-                p.holds = p.header = None
-                p.dead = True
+                p.close()
         with self.count_lock:
             self._busy = True       # late ObjectRef.__del__ calls are queued, never applied
             self.holds.close()

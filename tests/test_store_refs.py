@@ -1,0 +1,135 @@
+"""Refs that are not what they claim: of another job, of a dead process, forged or edited.
+
+Whatever a ref says, ``get`` returns the object it names or raises a clear error
+(``OwnerDiedError``, ``ObjectFreedError``, ``ValueError`` for a malformed ref) — never the
+bytes of another object.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchactors as ta
+from torchactors import store
+from torchactors.errors import ObjectFreedError, OwnerDiedError
+from torchactors.store.refs import ObjectRef
+
+from conftest import StoreProcess
+
+ERRORS = (OwnerDiedError, ObjectFreedError, ValueError)
+
+
+def forge(ref: ObjectRef, **fields) -> ObjectRef:
+    """A ref rebuilt as unpickling would, with some fields changed (what a forger can do)."""
+    fn, args = ref.__reduce__()
+    names = ["owner", "slot", "gen", "owner_pid", "loc", "meta", "job"]
+    args = dict(zip(names, args))
+    args.update(fields)
+    return fn(*[args[n] for n in names])
+
+
+def get_never_other_bytes(ref: ObjectRef, own: torch.Tensor) -> None:
+    """get raises one of the clear errors, or returns exactly ``own``."""
+    try:
+        got = store.get(ref)
+    except ERRORS:
+        return
+    assert isinstance(got, torch.Tensor) and torch.equal(got, own), got
+
+
+def test_a_ref_of_another_job_is_refused_not_read_as_this_jobs_object(tmp_path):
+    code = ("import pickle, sys, torch; from torchactors import store; "
+            "r = store.put(torch.full((4,), 42.0)); sys.stdout.buffer.write(pickle.dumps(r))")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    blob = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env).stdout
+    mine = store.put(torch.full((4,), -1.0))     # this job's object, likely at the same slot
+    foreign = pickle.loads(blob)
+    with pytest.raises(OwnerDiedError, match="not of this job"):
+        store.get(foreign)
+    with pytest.raises(OwnerDiedError):
+        store.free(foreign)
+    assert store.get(mine).tolist() == [-1.0] * 4
+
+
+def test_unpickling_a_foreign_ref_counts_nothing_and_starts_no_store():
+    code = ("import pickle, sys, torch; from torchactors import store; from torchactors.store import core; "
+            "r = store.put(torch.ones(2)); blob = pickle.dumps(r); core.current().close(); core._set(None); "
+            "back = pickle.loads(blob); sys.stdout.write(str(core.active() is None and not back._counted))")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env, text=True).stdout
+    assert out == "True"
+
+
+def test_a_ref_of_a_closed_store_is_refused_by_the_next_one():
+    ta.shutdown()
+    old_ref = store.put(torch.full((4,), 42.0))
+    blob = pickle.dumps(old_ref)
+    del old_ref
+    store.current().close()
+    mine = store.put(torch.full((4,), -1.0))     # a new store, a new job
+    with pytest.raises(OwnerDiedError):
+        store.get(pickle.loads(blob))
+    assert store.get(mine).tolist() == [-1.0] * 4
+
+
+@pytest.mark.parametrize("field", ["offset", "size", "fd", "slot", "gen", "other", "meta_split"])
+def test_an_edited_ref_to_an_object_of_this_process_never_returns_other_bytes(field):
+    a = store.put(torch.arange(64.0))
+    b = store.put(torch.full((64,), -7.0))      # a neighbour in the same arena
+    c = store.put({"x": torch.ones(8), "y": [1, 2]})
+    fd, inode, off, n = a.loc
+    edits = {"offset": dict(loc=(fd, inode, off + 256, n)), "size": dict(loc=(fd, inode, off, n + 256)),
+             "fd": dict(loc=(fd + 1, inode, off, n)), "slot": dict(slot=b.slot), "gen": dict(gen=a.gen + 1),
+             "other": dict(slot=b.slot, gen=b.gen)}
+    if field == "meta_split":
+        meta = c.meta
+        with pytest.raises(ValueError):
+            store.get(forge(c, meta=(meta[0], meta[1] - 64, meta[2] + 64, meta[3])))
+        return
+    get_never_other_bytes(forge(a, **edits[field]), torch.arange(64.0))
+    assert store.get(b).tolist() == [-7.0] * 64
+
+
+@pytest.mark.parametrize("fields", [dict(slot=-3), dict(slot=1 << 20), dict(owner=5000), dict(owner=-1),
+                                    dict(meta=("zz",)), dict(meta=None), dict(loc=(1, 2)), dict(gen="x")])
+def test_a_malformed_ref_raises_value_error_not_an_internal_error(fields):
+    ref = store.put(torch.arange(8.0))
+    bad = forge(ref, **fields)
+    with pytest.raises(ERRORS):
+        store.get(bad)
+    assert store.get(ref).tolist() == list(range(8))
+
+
+@ta.actor(num_threads=1)
+class Owner(StoreProcess):
+    def put_two(self) -> dict:
+        a = store.put(torch.arange(64.0))
+        b = store.put(torch.full((64,), -7.0))
+        self.held += [a, b]
+        return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def owner():
+    ta.init(num_threads=1)
+    h = Owner.remote()
+    ta.get(h.pid.remote())
+    yield h
+    ta.kill(h)
+
+
+def test_an_edited_ref_to_another_processs_object_never_returns_other_bytes(owner):
+    refs = ta.get(owner.put_two.remote())
+    a, b = refs["a"], refs["b"]
+    assert store.get(a).tolist() == list(range(64))
+    fd, inode, off, n = a.loc
+    for edit in (dict(loc=(fd, inode, off + 256, n)), dict(loc=(fd, inode, off, n + 256)), dict(slot=b.slot),
+                 dict(gen=a.gen + 1), dict(gen=a.gen - 1), dict(owner_pid=os.getpid()), dict(slot=b.slot, gen=b.gen)):
+        get_never_other_bytes(forge(a, **edit), torch.arange(64.0))
+    assert store.get(b).tolist() == [-7.0] * 64
