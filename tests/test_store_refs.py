@@ -83,9 +83,9 @@ def test_an_edited_ref_to_an_object_of_this_process_never_returns_other_bytes(fi
     a = store.put(torch.arange(64.0))
     b = store.put(torch.full((64,), -7.0))      # a neighbour in the same arena
     c = store.put({"x": torch.ones(8), "y": [1, 2]})
-    fd, inode, off, n = a.loc
-    edits = {"offset": dict(loc=(fd, inode, off + 256, n)), "size": dict(loc=(fd, inode, off, n + 256)),
-             "fd": dict(loc=(fd + 1, inode, off, n)), "slot": dict(slot=b.slot), "gen": dict(gen=a.gen + 1),
+    fd, inode, off, n, *win = a.loc
+    edits = {"offset": dict(loc=(fd, inode, off + 256, n, *win)), "size": dict(loc=(fd, inode, off, n + 256, *win)),
+             "fd": dict(loc=(fd + 1, inode, off, n, *win)), "slot": dict(slot=b.slot), "gen": dict(gen=a.gen + 1),
              "other": dict(slot=b.slot, gen=b.gen)}
     if field == "meta_split":
         meta = c.meta
@@ -128,8 +128,8 @@ def test_an_edited_ref_to_another_processs_object_never_returns_other_bytes(owne
     refs = ta.get(owner.put_two.remote())
     a, b = refs["a"], refs["b"]
     assert store.get(a).tolist() == list(range(64))
-    fd, inode, off, n = a.loc
-    for edit in (dict(loc=(fd, inode, off + 256, n)), dict(loc=(fd, inode, off, n + 256)), dict(slot=b.slot),
+    fd, inode, off, n, *win = a.loc
+    for edit in (dict(loc=(fd, inode, off + 256, n, *win)), dict(loc=(fd, inode, off, n + 256, *win)), dict(slot=b.slot),
                  dict(gen=a.gen + 1), dict(gen=a.gen - 1), dict(owner_pid=os.getpid()), dict(slot=b.slot, gen=b.gen)):
         get_never_other_bytes(forge(a, **edit), torch.arange(64.0))
     assert store.get(b).tolist() == [-7.0] * 64

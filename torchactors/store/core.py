@@ -27,12 +27,14 @@ import torch
 
 from torchactors.errors import ObjectFreedError, OwnerDiedError, StoreFullError
 from torchactors.store import cuda, registry, serialize
+from torchactors.store.watcher import Watcher
 from torchactors.store.refs import ObjectRef, SerializationContext
 from torchactors.store.segments import MappingCache, Segment, SegmentPool, shared_file, size_class
 
 logger = logging.getLogger(__name__)
 
 INLINE_LIMIT = 1024     # skeletons up to this size, with no tensor bytes, ride inside the ref
+HOLDING_RECLAIM = 16    # unreferenced-here objects that hold refs/storages before a put reclaims
 
 
 def default_capacity() -> int:
@@ -117,7 +119,7 @@ def _where(loc: Optional[tuple], meta: tuple) -> tuple:
     length (-1, 0, 0, 0 for an object with no bytes)."""
     if loc is None:
         return (-1, 0, 0, 0)
-    return (loc[0], loc[2], loc[3], meta[2] if meta[0] == "p" else 0)
+    return (loc[0], loc[4] + loc[2], loc[3], meta[2] if meta[0] == "p" else 0)
 
 
 def _malformed(ref: Any, what: str) -> ValueError:
@@ -142,6 +144,8 @@ class Store:
         self._free_epochs: tuple = ()
         self.lock = threading.RLock()
         self.closed = False
+        self.watcher = Watcher(self)
+        self._holding = 0           # objects holding refs or storages that lost their last local ref
         self.single_putters: dict[str, Callable[[torch.Tensor], tuple]] = {"cpu": self._put_cpu_tensor}
         self.getters: dict[str, Callable[[ObjectRef, Optional[Segment]], Any]] = {
             "t": self._get_cpu_tensor, "p": self._get_pickled, "v": self._get_inline}
@@ -215,11 +219,16 @@ class Store:
                                          f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can")
             loc = None
             if seg is not None:
-                loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2])
+                loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2],
+                       seg.file_off, seg.size)
             slot = self.free_slots.pop()
             gen = self.membership.next_gen(slot)
             self.membership.set_live(slot, gen, _where(loc, meta))
             self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external, loc, meta)
+            if keep is not None:
+                self.watcher.start()
+                if self._holding >= HOLDING_RECLAIM:    # a loop of such puts: reclaim as it goes
+                    self._reclaim()
         return ObjectRef(self.index, slot, gen, self.pid, loc, meta, self.job)
 
     def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
@@ -277,10 +286,13 @@ class Store:
         live = self.check_live(ref)
         if ref.owner == self.index:
             return live.keep if live.external else live.seg
-        return self._map(ref, live, ref.loc[0], ref.loc[1])
+        fd, inode, offset, nbytes, file_off, size = ref.loc
+        if not 0 <= offset <= offset + nbytes <= size:
+            raise _malformed(ref, "its bytes are not inside its segment")
+        return self._map(ref, live, fd, inode, file_off, size)
 
-    def _map(self, ref: ObjectRef, peer: Any, fd: int, inode: int) -> Segment:
-        seg = self.maps.map(ref.owner_pid, fd, inode)
+    def _map(self, ref: ObjectRef, peer: Any, fd: int, inode: int, file_off: int, size: int) -> Segment:
+        seg = self.maps.map(ref.owner_pid, fd, inode, file_off, size)
         if seg is None:
             if not peer.alive():
                 raise _owner_died(ref)
@@ -298,7 +310,7 @@ class Store:
 
         def shared(i: int) -> torch.UntypedStorage:
             fd, inode, size = locs[i]
-            return make_storage(self._map(ref, live, fd, inode), 0, size, ref)
+            return make_storage(self._map(ref, live, fd, inode, 0, size), 0, size, ref)
         return shared
 
     def check_live(self, ref: ObjectRef) -> Any:
@@ -323,18 +335,29 @@ class Store:
         if ref.owner == self.index:         # an earlier process at this index
             raise _owner_died(ref)
         peer = m.peer(ref.owner, ref.owner_pid)
+        if peer.error is not None and peer.pid == ref.owner_pid and peer.alive():
+            with m.lock:
+                m.retry_unmapped()
+            peer = m.peer(ref.owner, ref.owner_pid)
+            if peer.error is not None and peer.alive():
+                raise peer.error        # alive but unreadable here: never taken for dead
         if peer.pid != ref.owner_pid or not peer.alive():
             self.maps.forget(ref.owner_pid)
             raise _owner_died(ref)
         i = ref.slot * registry.HEADER_CELL
-        cells = peer.header.cells
-        if cells[i] != ref.gen or cells[i + 1] != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
+        header = peer.header
+        try:
+            gen, state = header.cells[i], header.cells[i + 1]
+            where_cells = tuple(header.cells[i + 2:i + 6])
+        except (AttributeError, ValueError):        # the watcher just dropped its tables: it died
+            raise _owner_died(ref) from None
+        if gen != ref.gen or state != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
             raise ObjectFreedError(ref.id)
         try:
             where = _where(ref.loc, ref.meta)
         except (TypeError, IndexError):
-            raise _malformed(ref, "its place is not (fd, inode, offset, nbytes)") from None
-        if tuple(cells[i + 2:i + 6]) != where or (ref.meta[0] == "p" and ref.meta[1] + ref.meta[2] != ref.loc[3]):
+            raise _malformed(ref, "its place is not (fd, inode, offset, nbytes, file offset, size)") from None
+        if where_cells != where or (ref.meta[0] == "p" and ref.meta[1] + ref.meta[2] != ref.loc[3]):
             raise _malformed(ref, "its place or size differs from the object's")
         return peer
 
@@ -406,8 +429,10 @@ class Store:
         """Return the blocks of objects no live process references (and of objects other
         processes freed) to the pool."""
         with self.lock:
+            self._holding = 0
             self.membership.refresh_peers()
-            self.membership.drop_dead_peers()
+            for pid in self.membership.drop_dead_peers():
+                self.maps.forget(pid)
             epochs = self.membership.free_epochs()
             if epochs != self._free_epochs:
                 self._free_epochs = epochs
@@ -438,6 +463,27 @@ class Store:
         left = self.membership.unhold(ref.owner, ref.slot)
         if ref.owner == self.index and left <= 0:
             self.candidates.add(ref.slot)
+            entry = self.entries.get(ref.slot)
+            if entry is not None and entry.keep is not None:
+                self._holding += 1
+                self.watcher.nudge()
+
+    def background_reclaim(self) -> bool:
+        """The watcher's round: reclaim; True while objects holding something still wait."""
+        with self.lock:
+            if self.closed:
+                return False
+            self._reclaim()
+            entries = self.entries
+            return any(entries[s].keep is not None for s in list(self.candidates) if s in entries)
+
+    def drop_dead_peers(self) -> None:
+        """Drop the tables and cached mappings of peers that died (the watcher calls this)."""
+        with self.lock:
+            if self.closed:
+                return
+            for pid in self.membership.drop_dead_peers():
+                self.maps.forget(pid)
 
     # -- wait and stats -------------------------------------------------------------------
 
@@ -482,6 +528,7 @@ class Store:
             if self.closed:
                 return
             self.closed = True
+            self.watcher.close()
             self.entries.clear()
             self.pool.close()
             self.maps.clear()

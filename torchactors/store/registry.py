@@ -22,9 +22,10 @@ is how everything a killed process held is released at once. x86-64 store orderi
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
-import mmap
 import os
 import secrets
 import select
@@ -33,6 +34,8 @@ import tempfile
 import threading
 import time
 from typing import Optional
+
+from torchactors.store.segments import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -83,52 +86,87 @@ def create_job_dir() -> str:
     return path
 
 
-class _Table:
-    """A memfd of int64 cells, written by its creator and read by peers."""
+def _table_error(index: int, pid: int, e: OSError) -> Exception:
+    from torchactors.store.segments import fd_limit_error, map_error
+    size = (MAX_SLOTS * HOLD_CELL + MAX_SLOTS * HEADER_CELL) * 8
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        err = fd_limit_error(size, 0, 0)
+    else:
+        err = map_error(size, 0, 0, e.errno or errno.ENOMEM)
+    err.args = (f"cannot read the tables of process {index} (pid {pid}), which is alive: {err.args[0]}",)
+    return err
 
-    def __init__(self, ncells: int, fd: Optional[int] = None) -> None:
+
+class _Table:
+    """A memfd of int64 cells, written by its creator and read by peers (a window of it:
+    ``first`` cell on). Mapped with libc (no descriptor kept); the mapping goes with the last
+    reference to ``cells``, so a reader racing a ``close`` reads valid memory, never freed."""
+
+    def __init__(self, ncells: int, fd: Optional[int] = None, first: int = 0) -> None:
         self.owned = fd is None
         if fd is None:
             fd = os.memfd_create(f"torchactors-table-{os.getpid()}", os.MFD_CLOEXEC)
-            os.fchmod(fd, 0o600)
-            os.ftruncate(fd, ncells * 8)      # sparse: only touched pages use memory
+            try:
+                os.fchmod(fd, 0o600)
+                os.ftruncate(fd, ncells * 8)      # sparse: only touched pages use memory
+            except BaseException:
+                os.close(fd)
+                raise
         self.fd = fd
-        self.mm = mmap.mmap(fd, ncells * 8, prot=mmap.PROT_READ | (mmap.PROT_WRITE if self.owned else 0))
-        self.cells = memoryview(self.mm).cast("q")
+        try:
+            mapping = Mapping(fd, ncells * 8, first * 8, populate=False, writable=self.owned)
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
+        self.cells = mapping.buffer(ctypes.c_int64)
         if not self.owned:
             os.close(fd)
             self.fd = -1
 
     def close(self) -> None:
-        self.cells.release()
-        self.mm.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
 class Peer:
-    """Another process of the job as this process sees it: its tables and its liveness."""
+    """Another process of the job as this process sees it: its header table, the window of
+    its hold table that counts this process's objects (``holds``), other owners' windows
+    when needed, and its liveness. ``error`` is set when its tables could not be mapped: it
+    may be alive, so nothing it might hold is released, and reads of its objects raise it."""
 
-    __slots__ = ("index", "pid", "holds", "header", "pidfd", "dead")
+    __slots__ = ("index", "pid", "holds", "header", "pidfd", "dead", "holds_fd", "columns", "error")
 
     def __init__(self, index: int, pid: int, holds: Optional[_Table], header: Optional[_Table],
-                 pidfd: int) -> None:
+                 pidfd: int, holds_fd: int = -1) -> None:
         self.index = index
         self.pid = pid
         self.holds = holds
         self.header = header
         self.pidfd = pidfd
         self.dead = False
+        self.holds_fd = holds_fd                # the number in the peer's own fd table
+        self.columns: dict[int, _Table] = {}    # owner index -> window of the peer's hold table
+        self.error: Optional[Exception] = None
+
+    def column(self, owner: int) -> Optional[_Table]:
+        """The peer's hold counts of ``owner``'s objects (mapped on first use), or None."""
+        table = self.columns.get(owner)
+        if table is None and not self.dead and self.holds is not None:
+            try:
+                fd = os.open(f"/proc/{self.pid}/fd/{self.holds_fd}", os.O_RDONLY | os.O_CLOEXEC)
+                table = self.columns[owner] = _Table(MAX_SLOTS * HOLD_CELL, fd=fd, first=owner * MAX_SLOTS * HOLD_CELL)
+            except OSError:
+                return None
+        return table
 
     def close(self) -> None:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        for t in (self.holds, self.header):
-            if t is not None:
-                t.close()
         self.holds = self.header = None
+        self.columns = {}
         self.dead = True
 
     def alive(self) -> bool:
@@ -277,25 +315,23 @@ class Membership:
         return self.holds.cells[i] == generation or self.freed_by_peer(owner, slot, generation)
 
     def freed_by_peer(self, owner: int, slot: int, generation: int) -> bool:
-        i = (owner * MAX_SLOTS + slot) * HOLD_CELL + 2
+        i = slot * HOLD_CELL + 2
         for p in list(self.peers.values()):
-            holds = p.holds
-            if holds is not None and not p.dead:
-                try:
-                    if holds.cells[i] == generation and p.alive():
-                        return True
-                except ValueError:      # its tables were just closed: it died
-                    pass
+            if not p.dead:
+                column = p.holds if owner == self.index else p.column(owner)
+                if column is not None and column.cells[i] == generation and p.alive():
+                    return True
         return False
 
-    def drop_dead_peers(self) -> None:
-        """Unmap the tables of peers that died: their holds no longer count."""
+    def drop_dead_peers(self) -> list[int]:
+        """Unmap the tables of peers that died (their holds no longer count); their pids."""
+        dead = []
         with self.lock:
             for p in self.peers.values():
                 if p.holds is not None and not p.alive():
-                    tables, p.holds, p.header = (p.holds, p.header), None, None
-                    for t in tables:
-                        t.close()
+                    p.close()
+                    dead.append(p.pid)
+        return dead
 
     def free_epochs(self) -> tuple:
         """A fingerprint of every peer's free() count: changes when someone frees something.
@@ -373,31 +409,48 @@ class Membership:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = -1
+        flags = os.O_RDONLY | os.O_CLOEXEC
         try:
-            flags = os.O_RDONLY | os.O_CLOEXEC
-            holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL, fd=os.open(f"/proc/{pid}/fd/{info['holds_fd']}", flags))
+            holds = _Table(MAX_SLOTS * HOLD_CELL, fd=os.open(f"/proc/{pid}/fd/{info['holds_fd']}", flags),
+                           first=self._owner_base)
             header = _Table(MAX_SLOTS * HEADER_CELL, fd=os.open(f"/proc/{pid}/fd/{info['header_fd']}", flags))
-        except (OSError, ValueError):
-            if pidfd >= 0:
-                os.close(pidfd)
-            p = Peer(index, pid, None, None, -1)
-            p.dead = True
+        except OSError as e:
+            p = Peer(index, pid, None, None, pidfd)
+            if e.errno in (errno.ENOENT, errno.ESRCH, errno.EACCES) or not p.alive():
+                p.close()                   # it is gone (its fds with it)
+            else:
+                p.error = _table_error(index, pid, e)
+                logger.warning("%s", p.error)
             return p
-        return Peer(index, pid, holds, header, pidfd)
+        return Peer(index, pid, holds, header, pidfd, info["holds_fd"])
+
+    def retry_unmapped(self) -> None:
+        """Peers whose tables could not be mapped: try again (memory may have been freed)."""
+        for index, p in list(self.peers.items()):
+            if p.error is not None and p.alive():
+                again = self._open_peer(index)
+                if again.error is None:
+                    p.close()
+                    self.peers[index] = again
 
     def unreferenced(self, slots: list[int]) -> list[int]:
         """Of our own ``slots``, those no live process holds a ref to (see module docstring).
         Call ``refresh_peers`` first."""
-        tables = [self.holds.cells] + [p.holds.cells for p in list(self.peers.values())
-                                       if p.holds is not None and p.alive()]
+        peers = [p for p in list(self.peers.values()) if p.alive()]
+        if any(p.error is not None for p in peers):
+            self.retry_unmapped()
+            if any(p.error is not None and p.alive() for p in list(self.peers.values())):
+                return []       # a live peer we cannot read may hold any of them: release nothing
+            peers = [p for p in list(self.peers.values()) if p.alive()]
         base = self._owner_base
+        tables = [(self.holds.cells, base)] + [(p.holds.cells, 0) for p in peers if p.holds is not None]
         out = []
         for slot in slots:
-            i = base + slot * HOLD_CELL
-            before = [t[i + 1] for t in tables]
-            if any(t[i] for t in tables):
+            offs = slot * HOLD_CELL
+            before = [t[b + offs + 1] for t, b in tables]
+            if any(t[b + offs] for t, b in tables):
                 continue
-            if [t[i + 1] for t in tables] == before:
+            if [t[b + offs + 1] for t, b in tables] == before:
                 out.append(slot)
         return out
 

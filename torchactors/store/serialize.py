@@ -95,6 +95,8 @@ class StoreLayout:
     def add_shared(self, storage: torch.UntypedStorage) -> Optional[int]:
         """Index of ``storage`` among the object's aliased shared storages, or None when it
         is not shared through an fd (then its bytes are copied with ``add``)."""
+        if not storage.nbytes():
+            return None
         key = storage.data_ptr()
         i = self._shared_index.get(key)
         if i is None:
