@@ -114,6 +114,10 @@ def _owner_died(ref: ObjectRef) -> OwnerDiedError:
     return OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
 
 
+def meta_nbytes(meta: tuple) -> int:
+    return meta[5] if meta[0] == "t" else meta[1] + meta[2] if meta[0] == "p" else 0
+
+
 def _where(loc: Optional[tuple], meta: tuple) -> tuple:
     """What the header table publishes of an object's place: fd, offset, nbytes, skeleton
     length (-1, 0, 0, 0 for an object with no bytes)."""
@@ -145,6 +149,7 @@ class Store:
         self.lock = threading.RLock()
         self.closed = False
         self.watcher = Watcher(self)
+        self.membership.on_new_peer = self.watcher.event.set
         self._holding = 0           # objects holding refs or storages that lost their last local ref
         self.single_putters: dict[str, Callable[[torch.Tensor], tuple]] = {"cpu": self._put_cpu_tensor}
         self.getters: dict[str, Callable[[ObjectRef, Optional[Segment]], Any]] = {
@@ -215,12 +220,14 @@ class Store:
             if not self.free_slots:
                 self._reclaim()
                 if not self.free_slots:
-                    raise StoreFullError(0, self.pool.used, self.pool.capacity,
-                                         f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can")
+                    if seg is not None and not external:
+                        self.pool.release(seg, offset, cls)
+                    raise StoreFullError(0 if seg is None else meta_nbytes(meta), self.pool.used, self.pool.capacity,
+                                         f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can; "
+                                         f"put many tensors as one structure (one object) instead")
             loc = None
             if seg is not None:
-                loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2],
-                       seg.file_off, seg.size)
+                loc = (seg.fd, seg.inode, offset, meta_nbytes(meta), seg.file_off, seg.size)
             slot = self.free_slots.pop()
             gen = self.membership.next_gen(slot)
             self.membership.set_live(slot, gen, _where(loc, meta))
@@ -234,6 +241,9 @@ class Store:
     def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
         with self.lock:
             cls = size_class(nbytes)
+            if cls > self.pool.capacity:        # would never fit: no point waiting
+                raise StoreFullError(nbytes, self.pool.used, self.pool.capacity,
+                                     "the object is bigger than the whole store")
             # Reclaim before taking new memory: small blocks are carved from the open arena
             # while it has room (reclaiming in batches), large ones reuse pooled segments.
             if self.candidates and not self.pool.has_free(cls) and not self.pool.can_carve(cls):
@@ -246,7 +256,7 @@ class Store:
                 if found is not None:
                     break
                 if deadline is None or time.monotonic() >= deadline:
-                    raise StoreFullError(cls, self.pool.used, self.pool.capacity)
+                    raise StoreFullError(nbytes, self.pool.used, self.pool.capacity)
                 self.lock.release()
                 try:
                     time.sleep(0.002)
@@ -292,6 +302,7 @@ class Store:
         return self._map(ref, live, fd, inode, file_off, size)
 
     def _map(self, ref: ObjectRef, peer: Any, fd: int, inode: int, file_off: int, size: int) -> Segment:
+        self.watcher.start()        # from now on, a dead owner's windows are dropped at once
         seg = self.maps.map(ref.owner_pid, fd, inode, file_off, size)
         if seg is None:
             if not peer.alive():
@@ -363,7 +374,7 @@ class Store:
 
     def _check_names(self, ref: ObjectRef) -> None:
         """``ref`` is of this job and names a slot that can exist."""
-        if ref.job != self.job:
+        if ref.job != self.job and ref.job:        # a ref built by hand names no job: checked as ours
             raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid}) of job {ref.job or '?'!r}, "
                                          f"not of this job {self.job!r} (a ref only works in the job that made it)")
         if type(ref.owner) is not int or type(ref.slot) is not int or type(ref.gen) is not int \

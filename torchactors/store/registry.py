@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from torchactors.store.segments import Mapping
 
@@ -201,6 +201,7 @@ class Membership:
         self._busy = False
         self._deferred: list[int] = []
         self._owner_base = self.index * MAX_SLOTS * HOLD_CELL
+        self.on_new_peer: Optional[Callable[[], None]] = None     # the store's watcher wants to know
 
     def _claim_index(self, hint: Optional[int]) -> int:
         """The lowest free index from ``hint`` on; an index whose process died is free again."""
@@ -380,6 +381,8 @@ class Membership:
                     if known is not None:
                         known.close()
                     self.peers[index] = peer
+                    if self.on_new_peer is not None:
+                        self.on_new_peer()
                 else:
                     peer.close()
 
