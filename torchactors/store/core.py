@@ -34,7 +34,6 @@ from torchactors.store.segments import MappingCache, Segment, SegmentPool, share
 logger = logging.getLogger(__name__)
 
 INLINE_LIMIT = 1024     # skeletons up to this size, with no tensor bytes, ride inside the ref
-HOLDING_RECLAIM = 16    # unreferenced-here objects that hold refs/storages before a put reclaims
 
 
 def default_capacity() -> int:
@@ -225,16 +224,20 @@ class Store:
                     raise StoreFullError(0 if seg is None else meta_nbytes(meta), self.pool.used, self.pool.capacity,
                                          f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can; "
                                          f"put many tensors as one structure (one object) instead")
-            loc = None
-            if seg is not None:
-                loc = (seg.fd, seg.inode, offset, meta_nbytes(meta), seg.file_off, seg.size)
             slot = self.free_slots.pop()
             gen = self.membership.next_gen(slot)
-            self.membership.set_live(slot, gen, _where(loc, meta))
+            if seg is None:
+                loc = None
+                self.membership.set_live(slot, gen, -1, 0, 0, 0)
+            else:
+                nbytes = meta[5] if meta[0] == "t" else meta[1] + meta[2]
+                loc = (seg.fd, seg.inode, offset, nbytes, seg.file_off, seg.size)
+                self.membership.set_live(slot, gen, seg.fd, seg.file_off + offset, nbytes,
+                                         meta[2] if meta[0] == "p" else 0)
             self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external, loc, meta)
             if keep is not None:
                 self.watcher.start()
-                if self._holding >= HOLDING_RECLAIM:    # a loop of such puts: reclaim as it goes
+                if self._holding:       # a loop of such puts (results holding refs): reclaim as it goes
                     self._reclaim()
         return ObjectRef(self.index, slot, gen, self.pid, loc, meta, self.job)
 
@@ -328,7 +331,8 @@ class Store:
         """Raise ObjectFreedError / OwnerDiedError unless ``ref``'s object is live; returns its
         ``_Entry`` in the owner, else the owner's ``Peer``. A ref of another job, or one that
         does not match the live object it names (a forged or edited ref), never reads it."""
-        self._check_names(ref)
+        if ref.job is not self.job:     # made here, its fields are ours; else check them first
+            self._check_names(ref)
         m = self.membership
         if ref.owner == self.index and ref.owner_pid == self.pid:
             entry = self.entries.get(ref.slot)
@@ -345,6 +349,7 @@ class Store:
             return entry
         if ref.owner == self.index:         # an earlier process at this index
             raise _owner_died(ref)
+        self._check_names(ref)
         peer = m.peer(ref.owner, ref.owner_pid)
         if peer.error is not None and peer.pid == ref.owner_pid and peer.alive():
             with m.lock:

@@ -345,13 +345,11 @@ class Membership:
         self.header.cells[i] = generation
         self.header.cells[i + 1] = state
 
-    def set_live(self, slot: int, generation: int, where: tuple) -> None:
-        """Publish a new object: where its bytes are first, then its generation and state."""
+    def set_live(self, slot: int, generation: int, fd: int, offset: int, nbytes: int, nskel: int) -> None:
+        """Publish a new object: its generation, state and where its bytes are (see the
+        module docstring). Readers only see it once they hold its ref, after this returns."""
         i = slot * HEADER_CELL
-        cells = self.header.cells
-        cells[i + 2], cells[i + 3], cells[i + 4], cells[i + 5] = where
-        cells[i] = generation
-        cells[i + 1] = STATE_LIVE
+        self.header.cells[i:i + HEADER_CELL] = (generation, STATE_LIVE, fd, offset, nbytes, nskel)
 
     # -- peers ---------------------------------------------------------------------------
 
