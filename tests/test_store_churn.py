@@ -261,3 +261,48 @@ def test_an_argument_too_big_for_the_store_raises_store_full_not_type_error():
         assert info.value.requested == 40 * MiB
     finally:
         st.close()
+
+
+# -- soaks with real actors (slow) ----------------------------------------------------------------
+
+@ta.actor(num_threads=1, max_restarts=1000)
+class Flaky(StoreProcess):
+    def rollout(self, n: int) -> torch.Tensor:
+        return torch.full((n,), float(os.getpid()))
+
+
+def foreign_windows() -> int:
+    """Mappings in this process of other processes' store segments."""
+    own = f"memfd:torchactors-{os.getpid()}-"
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "memfd:torchactors-" in line and own not in line and "table" not in line)
+
+
+def restarted(h, old_pid: int) -> bool:
+    try:
+        return ta.get(h.pid.remote(), timeout=60) != old_pid
+    except ta.ActorDiedError:          # still restarting
+        return False
+
+
+def kill_cycles(cycles: int) -> None:
+    h = Flaky.remote()
+    assert ta.get(h.rollout.remote(16)).numel() == 16
+    store.stats()
+    fds0, maps0, shm0 = open_fds(), foreign_windows(), shmem_mib()
+    for _ in range(cycles):
+        pid = ta.get(h.pid.remote(), timeout=60)
+        got = ta.get(h.rollout.remote(MiB))              # 4 MiB result, read here
+        assert got[0].item() == float(pid)
+        del got
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: restarted(h, pid), 60.0)
+    assert wait_for(lambda: foreign_windows() <= maps0 + 1, 3.0), (maps0, foreign_windows())
+    assert wait_for(lambda: open_fds() <= fds0 + 2, 3.0), (fds0, open_fds())
+    assert shmem_mib() < shm0 + 64 + 32, (shm0, shmem_mib())       # within one arena (others' noise aside)
+    ta.kill(h)
+
+
+@pytest.mark.slow
+def test_50_sigkill_and_restart_cycles_leave_fds_mappings_and_shmem_at_the_baseline(borrower):
+    kill_cycles(50)
