@@ -108,6 +108,12 @@ def test_a_malformed_ref_raises_value_error_not_an_internal_error(fields):
 
 @ta.actor(num_threads=1)
 class Owner(StoreProcess):
+    def put_shared(self) -> dict:
+        shared = torch.full((64,), 3.0).share_memory_()
+        s = store.put({"x": shared, "y": torch.arange(4.0)})
+        self.held += [s, shared]
+        return {"s": s}
+
     def put_two(self) -> dict:
         a = store.put(torch.arange(64.0))
         b = store.put(torch.full((64,), -7.0))
@@ -130,6 +136,21 @@ def test_an_edited_ref_to_another_processs_object_never_returns_other_bytes(owne
     assert store.get(a).tolist() == list(range(64))
     fd, inode, off, n, *win = a.loc
     for edit in (dict(loc=(fd, inode, off + 256, n, *win)), dict(loc=(fd, inode, off, n + 256, *win)), dict(slot=b.slot),
-                 dict(gen=a.gen + 1), dict(gen=a.gen - 1), dict(owner_pid=os.getpid()), dict(slot=b.slot, gen=b.gen)):
+                 dict(gen=a.gen + 1), dict(gen=a.gen - 1), dict(owner_pid=os.getpid()), dict(slot=b.slot, gen=b.gen),
+                 dict(loc=(fd, inode, off, n, win[0] + 4096, win[1])), dict(loc=(fd, inode, off, n, win[0], win[1] * 4)),
+                 dict(loc=(fd, inode, off + 256, n, win[0] - 256, win[1])), dict(loc=(fd, inode + 1, off, n, *win)),
+                 dict(meta=("t", torch.float64) + a.meta[2:]), dict(job="another-job")):
         get_never_other_bytes(forge(a, **edit), torch.arange(64.0))
     assert store.get(b).tolist() == [-7.0] * 64
+
+
+def test_an_edited_list_of_aliased_storages_never_maps_another_file_of_the_owner(owner):
+    refs = ta.get(owner.put_two.remote())
+    s = ta.get(owner.put_shared.remote())["s"]
+    assert store.get(s)["x"].tolist() == [3.0] * 64
+    arena_fd, arena_inode = refs["a"].loc[:2]
+    meta = s.meta
+    forged = forge(s, meta=meta[:3] + (((arena_fd, arena_inode, 4096),),))
+    with pytest.raises(ERRORS):
+        got = store.get(forged)
+        assert got["x"].tolist() == [3.0] * 64       # only ever its own bytes

@@ -21,6 +21,7 @@ import os
 import pickle
 import threading
 import time
+import zlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -29,7 +30,7 @@ from torchactors.errors import ObjectFreedError, OwnerDiedError, StoreFullError
 from torchactors.store import cuda, registry, serialize
 from torchactors.store.watcher import Watcher
 from torchactors.store.refs import ObjectRef, SerializationContext
-from torchactors.store.segments import MappingCache, Segment, SegmentPool, shared_file, size_class
+from torchactors.store.segments import PAGE, MappingCache, Segment, SegmentPool, shared_file, size_class
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,29 @@ def meta_nbytes(meta: tuple) -> int:
     return meta[5] if meta[0] == "t" else meta[1] + meta[2] if meta[0] == "p" else 0
 
 
+_DTYPE_CODES = {d: i for i, d in enumerate(sorted((v for v in vars(torch).values() if isinstance(v, torch.dtype)),
+                                                   key=str))}
+
+
+def _signature(meta: tuple) -> int:
+    """A number the same in every process for the same meta (ints and tuples of them hash
+    alike everywhere; dtypes go by a fixed code), so a reader can tell an edited meta."""
+    kind = meta[0]
+    if kind == "t":
+        return hash((_DTYPE_CODES.get(meta[1], -1),) + meta[2:])
+    if kind == "p":
+        return hash(meta[1:])
+    if kind == "v":
+        return hash((zlib.crc32(meta[1]),) + meta[2:])
+    return 0
+
+
 def _where(loc: Optional[tuple], meta: tuple) -> tuple:
-    """What the header table publishes of an object's place: fd, offset, nbytes, skeleton
-    length (-1, 0, 0, 0 for an object with no bytes)."""
+    """What the header table publishes of an object: fd, file offset, nbytes, signature of
+    its meta (fd -1, offset and nbytes 0 for an object with no bytes)."""
     if loc is None:
-        return (-1, 0, 0, 0)
-    return (loc[0], loc[4] + loc[2], loc[3], meta[2] if meta[0] == "p" else 0)
+        return (-1, 0, 0, _signature(meta))
+    return (loc[0], loc[4] + loc[2], loc[3], _signature(meta))
 
 
 def _malformed(ref: Any, what: str) -> ValueError:
@@ -228,12 +246,11 @@ class Store:
             gen = self.membership.next_gen(slot)
             if seg is None:
                 loc = None
-                self.membership.set_live(slot, gen, -1, 0, 0, 0)
+                self.membership.set_live(slot, gen, -1, 0, 0, _signature(meta))
             else:
                 nbytes = meta[5] if meta[0] == "t" else meta[1] + meta[2]
                 loc = (seg.fd, seg.inode, offset, nbytes, seg.file_off, seg.size)
-                self.membership.set_live(slot, gen, seg.fd, seg.file_off + offset, nbytes,
-                                         meta[2] if meta[0] == "p" else 0)
+                self.membership.set_live(slot, gen, seg.fd, seg.file_off + offset, nbytes, _signature(meta))
             self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external, loc, meta)
             if keep is not None:
                 self.watcher.start()
@@ -300,8 +317,8 @@ class Store:
         if ref.owner == self.index:
             return live.keep if live.external else live.seg
         fd, inode, offset, nbytes, file_off, size = ref.loc
-        if not 0 <= offset <= offset + nbytes <= size:
-            raise _malformed(ref, "its bytes are not inside its segment")
+        if not 0 <= offset <= offset + nbytes <= size or file_off % PAGE or size % PAGE or file_off < 0:
+            raise _malformed(ref, "its bytes are not inside a segment")
         return self._map(ref, live, fd, inode, file_off, size)
 
     def _map(self, ref: ObjectRef, peer: Any, fd: int, inode: int, file_off: int, size: int) -> Segment:
@@ -374,7 +391,7 @@ class Store:
         except (TypeError, IndexError):
             raise _malformed(ref, "its place is not (fd, inode, offset, nbytes, file offset, size)") from None
         if where_cells != where or (ref.meta[0] == "p" and ref.meta[1] + ref.meta[2] != ref.loc[3]):
-            raise _malformed(ref, "its place or size differs from the object's")
+            raise _malformed(ref, "its place, size or layout differs from the object's")
         return peer
 
     def _check_names(self, ref: ObjectRef) -> None:

@@ -6,7 +6,7 @@ job directory, and two memfd tables that only it writes:
 - a *hold table*: for every (owner index, slot) the number of ``ObjectRef``s this process
   holds (``live``) and how many it ever acquired (``acquired``, monotonic);
 - a *header table*: for each slot this process owns, the object's generation, state and
-  where its bytes are (fd, offset, size, skeleton length), so a reader can tell a freed
+  where its bytes are (fd, offset, size, a signature of its layout), so a reader can tell a freed
   object from a live one, and a ref that does not match the object it names from one that does.
 
 Indices are reused: a process claims the lowest index no live process holds. Generations of
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 MAX_PROCS = 1024          # process indices per job
 MAX_SLOTS = 1 << 16       # live objects per owner
 HOLD_CELL = 3             # int64 cells per (owner, slot): live, acquired, freed generation
-HEADER_CELL = 6           # int64 cells per slot: generation, state, fd, offset, nbytes, skeleton length
+HEADER_CELL = 6           # int64 cells per slot: generation, state, fd, offset, nbytes, meta signature
 FREE_EPOCH = 0            # header slot 0 is not an object: cell 0 counts free() calls made here
 
 STATE_EMPTY, STATE_LIVE, STATE_FREED = 0, 1, 2
@@ -345,11 +345,11 @@ class Membership:
         self.header.cells[i] = generation
         self.header.cells[i + 1] = state
 
-    def set_live(self, slot: int, generation: int, fd: int, offset: int, nbytes: int, nskel: int) -> None:
+    def set_live(self, slot: int, generation: int, fd: int, offset: int, nbytes: int, signature: int) -> None:
         """Publish a new object: its generation, state and where its bytes are (see the
         module docstring). Readers only see it once they hold its ref, after this returns."""
         i = slot * HEADER_CELL
-        self.header.cells[i:i + HEADER_CELL] = (generation, STATE_LIVE, fd, offset, nbytes, nskel)
+        self.header.cells[i:i + HEADER_CELL] = (generation, STATE_LIVE, fd, offset, nbytes, signature)
 
     # -- peers ---------------------------------------------------------------------------
 

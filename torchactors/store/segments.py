@@ -390,7 +390,10 @@ class MappingCache:
                 try:
                     seg = Segment(0, size, local, inode, file_off, populate=False)
                 except OSError as e:
-                    raise map_error(size, 0, 0, e.errno) from None
+                    if e.errno == errno.ENOMEM:
+                        raise map_error(size, 0, 0, e.errno) from None
+                    raise ValueError(f"cannot map {size} bytes at offset {file_off} of process {pid}'s fd {fd}: "
+                                     f"{e.strerror}") from None
             finally:
                 os.close(local)     # the mapping needs no descriptor
             seg.fd = fd
