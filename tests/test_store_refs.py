@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from torchactors import store
 from torchactors.errors import ObjectFreedError, OwnerDiedError
 from torchactors.store.refs import ObjectRef
 
-from conftest import StoreProcess
+from conftest import StoreProcess, wait_for
 
 ERRORS = (OwnerDiedError, ObjectFreedError, ValueError)
 
@@ -108,6 +109,11 @@ def test_a_malformed_ref_raises_value_error_not_an_internal_error(fields):
 
 @ta.actor(num_threads=1)
 class Owner(StoreProcess):
+    def put_small(self) -> dict:
+        s = store.put({"k": [1, 2]})
+        self.held.append(s)
+        return {"s": s}
+
     def put_shared(self) -> dict:
         shared = torch.full((64,), 3.0).share_memory_()
         s = store.put({"x": shared, "y": torch.arange(4.0)})
@@ -154,3 +160,16 @@ def test_an_edited_list_of_aliased_storages_never_maps_another_file_of_the_owner
     with pytest.raises(ERRORS):
         got = store.get(forged)
         assert got["x"].tolist() == [3.0] * 64       # only ever its own bytes
+
+
+def test_a_small_value_with_no_bytes_outlives_its_owner_but_not_its_free(owner):
+    small = ta.get(owner.put_small.remote())["s"]
+    assert small.loc is None and store.get(small) == {"k": [1, 2]}
+    store.free(small)
+    with pytest.raises(ObjectFreedError):
+        store.get(small)
+    again = ta.get(owner.put_small.remote())["s"]
+    pid = ta.get(owner.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}/stat") or "Z" in open(f"/proc/{pid}/stat").read().split()[2], 10)
+    assert store.get(again) == {"k": [1, 2]}          # self-contained: nothing of the dead owner is read

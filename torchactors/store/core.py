@@ -306,7 +306,7 @@ class Store:
             else:
                 seg = None
                 if ref.meta[0] != "c":      # CUDA objects check themselves (their export's life)
-                    self.check_live(ref)
+                    self._check_inline(ref)
             value = getter(ref, seg)
         return copy_module.deepcopy(value) if copy else value
 
@@ -317,7 +317,7 @@ class Store:
         if ref.owner == self.index:
             return live.keep if live.external else live.seg
         fd, inode, offset, nbytes, file_off, size = ref.loc
-        if not 0 <= offset <= offset + nbytes <= size or file_off % PAGE or size % PAGE or file_off < 0:
+        if not 0 <= offset <= offset + nbytes <= size or file_off % PAGE or file_off < 0:
             raise _malformed(ref, "its bytes are not inside a segment")
         return self._map(ref, live, fd, inode, file_off, size)
 
@@ -393,6 +393,15 @@ class Store:
         if where_cells != where or (ref.meta[0] == "p" and ref.meta[1] + ref.meta[2] != ref.loc[3]):
             raise _malformed(ref, "its place, size or layout differs from the object's")
         return peer
+
+    def _check_inline(self, ref: ObjectRef) -> None:
+        """An object with no bytes rides whole inside its ref: freed or edited is refused, but
+        it outlives its owner (nothing of the owner is read), as a small result must."""
+        try:
+            self.check_live(ref)
+        except OwnerDiedError:
+            if (ref.job and ref.job != self.job) or (ref.meta[0] == "v" and ref.meta[2]):
+                raise               # another job's, or it aliases shared storages of the dead owner
 
     def _check_names(self, ref: ObjectRef) -> None:
         """``ref`` is of this job and names a slot that can exist."""
