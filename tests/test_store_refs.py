@@ -20,6 +20,8 @@ import torchactors as ta
 from torchactors import store
 from torchactors.errors import ObjectFreedError, OwnerDiedError
 from torchactors.store.refs import ObjectRef
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import StoreProcess, wait_for
 
@@ -162,6 +164,40 @@ def test_an_edited_list_of_aliased_storages_never_maps_another_file_of_the_owner
         assert got["x"].tolist() == [3.0] * 64       # only ever its own bytes
 
 
+EDITS = st.fixed_dictionaries({}, optional={
+    "slot": st.integers(-5, 70_000), "gen": st.integers(-1, 1 << 60), "owner": st.integers(-2, 2000),
+    "offset": st.integers(-4096, 1 << 27), "nbytes": st.integers(-1, 1 << 27), "fd": st.integers(-1, 64),
+    "file_off": st.integers(-1, 1 << 28), "size": st.integers(0, 1 << 28), "dtype": st.sampled_from(
+        [torch.float64, torch.uint8, torch.int32]), "shape": st.lists(st.integers(0, 1 << 20), max_size=3)})
+
+
+def apply_edits(ref: ObjectRef, edits: dict) -> ObjectRef:
+    fd, inode, off, n, file_off, size = ref.loc
+    loc = (edits.get("fd", fd), inode, edits.get("offset", off), edits.get("nbytes", n),
+           edits.get("file_off", file_off), edits.get("size", size))
+    meta = ref.meta
+    if "dtype" in edits:
+        meta = (meta[0], edits["dtype"]) + meta[2:]
+    if "shape" in edits:
+        shape = tuple(edits["shape"])
+        meta = meta[:2] + (shape, tuple(1 for _ in shape)) + meta[4:]
+    fields = {k: edits[k] for k in ("slot", "gen", "owner") if k in edits}
+    return forge(ref, loc=loc, meta=meta, **fields)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(edits=EDITS)
+def test_any_edit_of_a_ref_gives_its_own_value_or_a_clear_error(owner, edits):
+    refs = getattr(test_any_edit_of_a_ref_gives_its_own_value_or_a_clear_error, "refs", None)
+    if refs is None:
+        refs = test_any_edit_of_a_ref_gives_its_own_value_or_a_clear_error.refs = {
+            "local": (store.put(torch.arange(64.0)), store.put(torch.full((64,), -7.0))),
+            "remote": (lambda r: (r["a"], r["b"]))(ta.get(owner.put_two.remote()))}
+    for a, _ in refs.values():
+        get_never_other_bytes(apply_edits(a, edits), torch.arange(64.0))
+
+
+# Kills the module's owner actor: keep it last.
 def test_a_small_value_with_no_bytes_outlives_its_owner_but_not_its_free(owner):
     small = ta.get(owner.put_small.remote())["s"]
     assert small.loc is None and store.get(small) == {"k": [1, 2]}
