@@ -306,3 +306,16 @@ def kill_cycles(cycles: int) -> None:
 @pytest.mark.slow
 def test_50_sigkill_and_restart_cycles_leave_fds_mappings_and_shmem_at_the_baseline(borrower):
     kill_cycles(50)
+
+
+def test_more_tensor_arguments_than_a_process_can_own_raise_store_full_naming_the_figures():
+    from torchactors.actors.handle import encode_args
+    st = core.Store(capacity=256 * MiB)
+    try:
+        args = tuple(torch.full((2,), float(i)) for i in range(70_000))
+        with pytest.raises(StoreFullError) as info:
+            encode_args(args, {}, st.put)
+        err = info.value
+        assert err.requested == 8 and err.capacity == 256 * MiB and "objects" in str(err)
+    finally:
+        st.close()

@@ -484,13 +484,18 @@ def _put_message_tensors(tensors: list[torch.Tensor], put: Callable[[Any], Any])
             key = ("own", i)
         groups.setdefault(key, []).append(i)
     parts: list = [None] * len(tensors)
-    for members in groups.values():
-        if len(members) == 1:
-            parts[members[0]] = put(tensors[members[0]])
-        else:
-            ref = put([tensors[i] for i in members])
-            for j, i in enumerate(members):
-                parts[i] = (ref, j)
+    try:
+        for members in groups.values():
+            if len(members) == 1:
+                parts[members[0]] = put(tensors[members[0]])
+            else:
+                ref = put([tensors[i] for i in members])
+                for j, i in enumerate(members):
+                    parts[i] = (ref, j)
+                del ref
+    except BaseException:
+        parts.clear()       # the traceback keeps this frame: let what was put go now
+        raise
     return parts
 
 
