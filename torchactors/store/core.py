@@ -28,9 +28,9 @@ import torch
 
 from torchactors.errors import ObjectFreedError, OwnerDiedError, StoreFullError
 from torchactors.store import cuda, registry, serialize
-from torchactors.store.watcher import Watcher
 from torchactors.store.refs import ObjectRef, SerializationContext
 from torchactors.store.segments import PAGE, MappingCache, Segment, SegmentPool, shared_file, size_class
+from torchactors.store.watcher import Watcher
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def _owner_died(ref: ObjectRef) -> OwnerDiedError:
 
 
 def meta_nbytes(meta: tuple) -> int:
+    """Bytes of an object in its block: a tensor's span, or a structure's storages + skeleton."""
     return meta[5] if meta[0] == "t" else meta[1] + meta[2] if meta[0] == "p" else 0
 
 
@@ -248,7 +249,7 @@ class Store:
                 loc = None
                 self.membership.set_live(slot, gen, -1, 0, 0, _signature(meta))
             else:
-                nbytes = meta[5] if meta[0] == "t" else meta[1] + meta[2]
+                nbytes = meta_nbytes(meta)
                 loc = (seg.fd, seg.inode, offset, nbytes, seg.file_off, seg.size)
                 self.membership.set_live(slot, gen, seg.fd, seg.file_off + offset, nbytes, _signature(meta))
             self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external, loc, meta)
