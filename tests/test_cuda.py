@@ -166,7 +166,8 @@ def test_store_registers_the_cuda_putter_getter_and_reducer():
         assert "cuda" in s.single_putters and "c" in s.getters
         assert serialize.REDUCERS["cuda"] is cuda.reduce_cuda_tensor
         # Dispatch is by tensor_kind: a strided tensor on a CUDA device picks the CUDA reducer.
-        fake_cuda = type("FakeCudaTensor", (), {"layout": torch.strided, "device": torch.device("cuda", 0)})()
+        fake_cuda = type("FakeCudaTensor", (), {"layout": torch.strided, "device": torch.device("cuda", 0),
+                                                     "is_nested": False, "is_quantized": False})()
         assert serialize.REDUCERS[serialize.tensor_kind(fake_cuda)] is cuda.reduce_cuda_tensor
         # Structures still round-trip through the wrapped "p" and "v" getters.
         small = s.put({"a": [1, 2], "m": torch.empty(3, device="meta")})

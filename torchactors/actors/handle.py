@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from torchactors.actors import protocol
 from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
+from torchactors.errors import StoreFullError
 from torchactors.runtime.child import DEVICE
 from torchactors.runtime.supervisor import Backoff, check_start_method
 from torchactors.store import serialize
@@ -158,6 +159,8 @@ def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef]) -> t
     with SerializationContext() as ctx:
         try:
             body = serialize.dumps_message((args, kwargs), put)
+        except StoreFullError:
+            raise                           # the store is full, not the argument bad
         except Exception as e:
             raise _name_bad_argument(args, kwargs, put, e) from e
     return body, ctx.refs

@@ -21,6 +21,7 @@ import os
 import pickle
 import threading
 import time
+import zlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -28,7 +29,8 @@ import torch
 from torchactors.errors import ObjectFreedError, OwnerDiedError, StoreFullError
 from torchactors.store import cuda, registry, serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
-from torchactors.store.segments import MappingCache, Segment, SegmentPool, size_class
+from torchactors.store.segments import PAGE, MappingCache, Segment, SegmentPool, shared_file, size_class
+from torchactors.store.watcher import Watcher
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +66,13 @@ def parse_size(value: Any) -> int:
 class _Entry:
     """An object this process owns."""
 
-    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external")
+    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external", "loc", "meta")
 
-    def __init__(self, gen: int, seg: Optional[Segment], offset: int, cls: int, keep: Any, external: bool) -> None:
+    def __init__(self, gen: int, seg: Optional[Segment], offset: int, cls: int, keep: Any, external: bool,
+                 loc: Optional[tuple], meta: tuple) -> None:
         self.gen = gen
+        self.loc = loc              # the ref's loc and meta as put: a ref that differs is not this object's
+        self.meta = meta
         self.seg = seg
         self.offset = offset
         self.cls = cls
@@ -109,12 +114,47 @@ def _owner_died(ref: ObjectRef) -> OwnerDiedError:
     return OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid})")
 
 
+def meta_nbytes(meta: tuple) -> int:
+    """Bytes of an object in its block: a tensor's span, or a structure's storages + skeleton."""
+    return meta[5] if meta[0] == "t" else meta[1] + meta[2] if meta[0] == "p" else 0
+
+
+_DTYPE_CODES = {d: i for i, d in enumerate(sorted((v for v in vars(torch).values() if isinstance(v, torch.dtype)),
+                                                   key=str))}
+
+
+def _signature(meta: tuple) -> int:
+    """A number the same in every process for the same meta (ints and tuples of them hash
+    alike everywhere; dtypes go by a fixed code), so a reader can tell an edited meta."""
+    kind = meta[0]
+    if kind == "t":
+        return hash((_DTYPE_CODES.get(meta[1], -1),) + meta[2:])
+    if kind == "p":
+        return hash(meta[1:])
+    if kind == "v":
+        return hash((zlib.crc32(meta[1]),) + meta[2:])
+    return 0
+
+
+def _where(loc: Optional[tuple], meta: tuple) -> tuple:
+    """What the header table publishes of an object: fd, file offset, nbytes, signature of
+    its meta (fd -1, offset and nbytes 0 for an object with no bytes)."""
+    if loc is None:
+        return (-1, 0, 0, _signature(meta))
+    return (loc[0], loc[4] + loc[2], loc[3], _signature(meta))
+
+
+def _malformed(ref: Any, what: str) -> ValueError:
+    return ValueError(f"{ref!r} is not a ref this store made ({what}); refs cannot be built or edited by hand")
+
+
 class Store:
     def __init__(self, job_dir: Optional[str] = None, index: Optional[int] = None,
                  capacity: Optional[int] = None) -> None:
         self.own_job_dir = job_dir is None
         self.job_dir = job_dir or registry.create_job_dir()
         self.membership = registry.Membership(self.job_dir, index)
+        self.job = os.path.basename(self.job_dir)      # named in every ref: refs of other jobs are refused
         self.index = self.membership.index
         self.pid = os.getpid()
         self.pool = SegmentPool(capacity or default_capacity())
@@ -126,6 +166,9 @@ class Store:
         self._free_epochs: tuple = ()
         self.lock = threading.RLock()
         self.closed = False
+        self.watcher = Watcher(self)
+        self.membership.on_new_peer = self.watcher.event.set
+        self._holding = 0           # objects holding refs or storages that lost their last local ref
         self.single_putters: dict[str, Callable[[torch.Tensor], tuple]] = {"cpu": self._put_cpu_tensor}
         self.getters: dict[str, Callable[[ObjectRef, Optional[Segment]], Any]] = {
             "t": self._get_cpu_tensor, "p": self._get_pickled, "v": self._get_inline}
@@ -137,7 +180,7 @@ class Store:
         """Copy ``obj``'s tensor bytes once into shared memory and return its ref."""
         if isinstance(obj, ObjectRef):
             return obj
-        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.layout == torch.strided:
+        if isinstance(obj, torch.Tensor) and serialize.is_plain(obj):
             serialize.check_shareable(obj)
             putter = self.single_putters.get(obj.device.type)
             if putter is not None:
@@ -152,45 +195,40 @@ class Store:
         if t.numel() == 0:
             return None, 0, 0, None, ("t", t.dtype, shape, stride, 0, 0) + flags, False
         if storage.is_shared():
-            shared = self._register_shared(storage)
-            if shared is not None:
-                seg, keep = shared
+            shared = shared_file(storage)
+            if shared is not None:      # aliased: peers open torch's fd, the owner reads the storage
                 meta = ("t", t.dtype, shape, stride, t.storage_offset(), storage.nbytes()) + flags
-                return seg, 0, 0, keep, meta, True
-        # Copy only the byte span the view covers, not the whole storage it may be a slice of.
+                return shared, 0, 0, storage, meta, True
+        # Copy the storage from its start to the end of the view, so that the view comes back
+        # with its own strides and storage offset (not what lies beyond it).
+        offset = t.storage_offset()
         if t.is_contiguous():
-            nbytes = t.numel() * es
+            nbytes = (offset + t.numel()) * es
         else:
-            extent = 1
+            extent = offset + 1
             for n, st in zip(shape, stride):
                 extent += (n - 1) * st
             nbytes = extent * es
         seg, off, cls = self._allocate(nbytes, timeout)
-        ctypes.memmove(seg.base + off, storage.data_ptr() + t.storage_offset() * es, nbytes)
-        meta = ("t", t.dtype, shape, stride, 0, nbytes) + flags
+        ctypes.memmove(seg.base + off, storage.data_ptr(), nbytes)
+        meta = ("t", t.dtype, shape, stride, offset, nbytes) + flags
         return seg, off, cls, None, meta, False
-
-    def _register_shared(self, storage: torch.UntypedStorage) -> Optional[tuple[Segment, Any]]:
-        """A storage torch already shares through an fd: the object aliases it, no copy."""
-        try:
-            fd, size = storage._share_fd_cpu_()[:2]
-        except (RuntimeError, AttributeError, TypeError):
-            return None
-        return Segment(0, os.fstat(fd).st_size, fd=fd, populate=False), storage
 
     def _put_structure(self, obj: Any, timeout: Optional[float]) -> tuple:
         with SerializationContext() as ctx:
             skeleton, layout = serialize.dumps_for_store(obj)
-        keep = (ctx.refs + layout.keep) or None
+        # Aliased shared storages first: the owner's get finds storage i at keep[i].
+        keep = (layout.shared_storages + ctx.refs + layout.keep) or None
+        shared = layout.shared_locs()
         if layout.nbytes == 0 and len(skeleton) <= INLINE_LIMIT:
-            return None, 0, 0, keep, ("v", skeleton), False
+            return None, 0, 0, keep, ("v", skeleton, shared), False
         total = layout.nbytes + len(skeleton)
         seg, off, cls = self._allocate(total, timeout)
         for storage, rel in zip(layout.storages, layout.offsets):
             if storage.nbytes():        # an empty storage may have no data pointer at all
                 ctypes.memmove(seg.base + off + rel, storage.data_ptr(), storage.nbytes())
         seg.mm[off + layout.nbytes:off + total] = skeleton
-        return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton)), False
+        return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton), shared), False
 
     def _register(self, seg: Optional[Segment], offset: int, cls: int, keep: Any, meta: tuple,
                   external: bool) -> ObjectRef:
@@ -200,21 +238,33 @@ class Store:
             if not self.free_slots:
                 self._reclaim()
                 if not self.free_slots:
-                    raise StoreFullError(0, self.pool.used, self.pool.capacity,
-                                         f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can")
+                    if seg is not None and not external:
+                        self.pool.release(seg, offset, cls)
+                    raise StoreFullError(0 if seg is None else meta_nbytes(meta), self.pool.used, self.pool.capacity,
+                                         f"this process owns {registry.MAX_SLOTS - 1} objects, the most it can; "
+                                         f"put many tensors as one structure (one object) instead")
             slot = self.free_slots.pop()
-            hdr = self.membership.header.cells
-            gen = hdr[slot * registry.HEADER_CELL] + 1
-            self.membership.set_header(slot, gen, registry.STATE_LIVE)
-            self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external)
-        loc = None
-        if seg is not None:
-            loc = (seg.fd, seg.inode, offset, meta[5] if meta[0] == "t" else meta[1] + meta[2])
-        return ObjectRef(self.index, slot, gen, self.pid, loc, meta)
+            gen = self.membership.next_gen(slot)
+            if seg is None:
+                loc = None
+                self.membership.set_live(slot, gen, -1, 0, 0, _signature(meta))
+            else:
+                nbytes = meta_nbytes(meta)
+                loc = (seg.fd, seg.inode, offset, nbytes, seg.file_off, seg.size)
+                self.membership.set_live(slot, gen, seg.fd, seg.file_off + offset, nbytes, _signature(meta))
+            self.entries[slot] = _Entry(gen, seg, offset, cls, keep, external, loc, meta)
+            if keep is not None:
+                self.watcher.start()
+                if self._holding:       # a loop of such puts (results holding refs): reclaim as it goes
+                    self._reclaim()
+        return ObjectRef(self.index, slot, gen, self.pid, loc, meta, self.job)
 
     def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
         with self.lock:
             cls = size_class(nbytes)
+            if cls > self.pool.capacity:        # would never fit: no point waiting
+                raise StoreFullError(nbytes, self.pool.used, self.pool.capacity,
+                                     "the object is bigger than the whole store")
             # Reclaim before taking new memory: small blocks are carved from the open arena
             # while it has room (reclaiming in batches), large ones reuse pooled segments.
             if self.candidates and not self.pool.has_free(cls) and not self.pool.can_carve(cls):
@@ -227,7 +277,7 @@ class Store:
                 if found is not None:
                     break
                 if deadline is None or time.monotonic() >= deadline:
-                    raise StoreFullError(cls, self.pool.used, self.pool.capacity)
+                    raise StoreFullError(nbytes, self.pool.used, self.pool.capacity)
                 self.lock.release()
                 try:
                     time.sleep(0.002)
@@ -249,49 +299,126 @@ class Store:
             if isinstance(value, ObjectRef):
                 value = self.get(value)
         else:
-            value = self.getters[ref.meta[0]](ref, self._segment_of(ref) if ref.loc is not None else None)
+            getter = self.getters.get(ref.meta[0]) if type(ref.meta) is tuple and ref.meta else None
+            if getter is None:
+                raise _malformed(ref, f"unknown kind of object {ref.meta!r:.80}")
+            if ref.loc is not None:
+                seg = self._segment_of(ref)
+            else:
+                seg = None
+                if ref.meta[0] != "c":      # CUDA objects check themselves (their export's life)
+                    self._check_inline(ref)
+            value = getter(ref, seg)
         return copy_module.deepcopy(value) if copy else value
 
-    def _segment_of(self, ref: ObjectRef) -> Segment:
+    def _segment_of(self, ref: ObjectRef) -> Any:
+        """The segment ``ref``'s bytes are in (in the owner, the storage itself for an aliased
+        shared tensor)."""
         live = self.check_live(ref)
         if ref.owner == self.index:
-            return live.seg
-        fd, inode = ref.loc[0], ref.loc[1]
-        seg = self.maps.map(ref.owner_pid, fd, inode)
+            return live.keep if live.external else live.seg
+        fd, inode, offset, nbytes, file_off, size = ref.loc
+        if not 0 <= offset <= offset + nbytes <= size or file_off % PAGE or file_off < 0:
+            raise _malformed(ref, "its bytes are not inside a segment")
+        return self._map(ref, live, fd, inode, file_off, size)
+
+    def _map(self, ref: ObjectRef, peer: Any, fd: int, inode: int, file_off: int, size: int) -> Segment:
+        self.watcher.start()        # from now on, a dead owner's windows are dropped at once
+        seg = self.maps.map(ref.owner_pid, fd, inode, file_off, size)
         if seg is None:
-            if not live.alive():
+            if not peer.alive():
                 raise _owner_died(ref)
             raise ObjectFreedError(ref.id, "its memory was returned to the system")
         return seg
 
+    def _shared_storages(self, ref: ObjectRef) -> Optional[Callable[[int], torch.UntypedStorage]]:
+        """For a stored structure: index -> the shared storage it aliases."""
+        locs = ref.meta[-1]
+        if not locs:
+            return None
+        live = self.check_live(ref)
+        if ref.owner == self.index:
+            return live.keep.__getitem__
+
+        def shared(i: int) -> torch.UntypedStorage:
+            fd, inode, size = locs[i]
+            return make_storage(self._map(ref, live, fd, inode, 0, size), 0, size, ref)
+        return shared
+
     def check_live(self, ref: ObjectRef) -> Any:
         """Raise ObjectFreedError / OwnerDiedError unless ``ref``'s object is live; returns its
-        ``_Entry`` in the owner, else the owner's ``Peer``."""
-        if ref.owner == self.index:
+        ``_Entry`` in the owner, else the owner's ``Peer``. A ref of another job, or one that
+        does not match the live object it names (a forged or edited ref), never reads it."""
+        if ref.job is not self.job:     # made here, its fields are ours; else check them first
+            self._check_names(ref)
+        m = self.membership
+        if ref.owner == self.index and ref.owner_pid == self.pid:
             entry = self.entries.get(ref.slot)
             if entry is None or entry.gen != ref.gen:
                 raise ObjectFreedError(ref.id)
+            if (ref.loc is not entry.loc and ref.loc != entry.loc) or (ref.meta is not entry.meta
+                                                                      and ref.meta != entry.meta):
+                raise _malformed(ref, "its place or layout differs from the object's")
             if self.membership.freed_by_peer(self.index, ref.slot, ref.gen):
                 with self.lock:
                     if self.entries.get(ref.slot) is entry:
                         self._release(ref.slot, entry, registry.STATE_FREED)
                 raise ObjectFreedError(ref.id)
             return entry
-        m = self.membership
-        peer = m.peer(ref.owner)
+        if ref.owner == self.index:         # an earlier process at this index
+            raise _owner_died(ref)
+        self._check_names(ref)
+        peer = m.peer(ref.owner, ref.owner_pid)
+        if peer.error is not None and peer.pid == ref.owner_pid and peer.alive():
+            with m.lock:
+                m.retry_unmapped()
+            peer = m.peer(ref.owner, ref.owner_pid)
+            if peer.error is not None and peer.alive():
+                raise peer.error        # alive but unreadable here: never taken for dead
         if peer.pid != ref.owner_pid or not peer.alive():
             self.maps.forget(ref.owner_pid)
             raise _owner_died(ref)
         i = ref.slot * registry.HEADER_CELL
-        cells = peer.header.cells
-        if cells[i] != ref.gen or cells[i + 1] != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
+        header = peer.header
+        try:
+            gen, state = header.cells[i], header.cells[i + 1]
+            where_cells = tuple(header.cells[i + 2:i + 6])
+        except (AttributeError, ValueError):        # the watcher just dropped its tables: it died
+            raise _owner_died(ref) from None
+        if gen != ref.gen or state != registry.STATE_LIVE or m.freed_anywhere(ref.owner, ref.slot, ref.gen):
             raise ObjectFreedError(ref.id)
+        try:
+            where = _where(ref.loc, ref.meta)
+        except (TypeError, IndexError):
+            raise _malformed(ref, "its place is not (fd, inode, offset, nbytes, file offset, size)") from None
+        if where_cells != where or (ref.meta[0] == "p" and ref.meta[1] + ref.meta[2] != ref.loc[3]):
+            raise _malformed(ref, "its place, size or layout differs from the object's")
         return peer
+
+    def _check_inline(self, ref: ObjectRef) -> None:
+        """An object with no bytes rides whole inside its ref: freed or edited is refused, but
+        it outlives its owner (nothing of the owner is read), as a small result must."""
+        try:
+            self.check_live(ref)
+        except OwnerDiedError:
+            if (ref.job and ref.job != self.job) or (ref.meta[0] == "v" and ref.meta[2]):
+                raise               # another job's, or it aliases shared storages of the dead owner
+
+    def _check_names(self, ref: ObjectRef) -> None:
+        """``ref`` is of this job and names a slot that can exist."""
+        if ref.job != self.job and ref.job:        # a ref built by hand names no job: checked as ours
+            raise OwnerDiedError(ref.id, f"process {ref.owner} (pid {ref.owner_pid}) of job {ref.job or '?'!r}, "
+                                         f"not of this job {self.job!r} (a ref only works in the job that made it)")
+        if type(ref.owner) is not int or type(ref.slot) is not int or type(ref.gen) is not int \
+                or not self.membership.valid(ref.owner, ref.slot):
+            raise _malformed(ref, f"owner {ref.owner!r}, slot {ref.slot!r} out of range")
 
     def _get_cpu_tensor(self, ref: ObjectRef, seg: Optional[Segment]) -> torch.Tensor:
         _, dtype, shape, stride, offset, nbytes, requires_grad, is_param = ref.meta
         if seg is None:
             t = torch.empty_strided(shape, stride, dtype=dtype)
+        elif isinstance(seg, torch.UntypedStorage):
+            t = torch.empty(0, dtype=dtype).set_(seg, offset, shape, stride)
         else:
             flat = torch.frombuffer(pinned_buffer(seg, ref.loc[2], nbytes, ref), dtype=dtype)
             if offset == 0 and stride == _contiguous_strides(shape):
@@ -302,12 +429,12 @@ class Store:
 
     def _get_pickled(self, ref: ObjectRef, seg: Segment) -> Any:
         base = ref.loc[2]
-        _, nbytes, nskel = ref.meta
-        with serialize.BlockReader(lambda rel, n: make_storage(seg, base + rel, n, ref)):
+        _, nbytes, nskel, _ = ref.meta
+        with serialize.BlockReader(lambda rel, n: make_storage(seg, base + rel, n, ref), self._shared_storages(ref)):
             return pickle.loads(seg.mm[base + nbytes:base + nbytes + nskel])
 
     def _get_inline(self, ref: ObjectRef, seg: Optional[Segment]) -> Any:
-        with serialize.BlockReader(lambda rel, n: torch.UntypedStorage(0)):
+        with serialize.BlockReader(lambda rel, n: torch.UntypedStorage(0), self._shared_storages(ref)):
             return pickle.loads(ref.meta[1])
 
     # -- free and reclaim -----------------------------------------------------------------
@@ -321,6 +448,7 @@ class Store:
             return
         if ref._pending is not None:
             ref = ref._pending.materialize()
+        self._check_names(ref)
         if ref.owner != self.index:
             self.membership.mark_freed(ref.owner, ref.slot, ref.gen)
             return
@@ -344,8 +472,10 @@ class Store:
         """Return the blocks of objects no live process references (and of objects other
         processes freed) to the pool."""
         with self.lock:
+            self._holding = 0
             self.membership.refresh_peers()
-            self.membership.drop_dead_peers()
+            for pid in self.membership.drop_dead_peers():
+                self.maps.forget(pid)
             epochs = self.membership.free_epochs()
             if epochs != self._free_epochs:
                 self._free_epochs = epochs
@@ -376,6 +506,27 @@ class Store:
         left = self.membership.unhold(ref.owner, ref.slot)
         if ref.owner == self.index and left <= 0:
             self.candidates.add(ref.slot)
+            entry = self.entries.get(ref.slot)
+            if entry is not None and entry.keep is not None:
+                self._holding += 1
+                self.watcher.nudge()
+
+    def background_reclaim(self) -> bool:
+        """The watcher's round: reclaim; True while objects holding something still wait."""
+        with self.lock:
+            if self.closed:
+                return False
+            self._reclaim()
+            entries = self.entries
+            return any(entries[s].keep is not None for s in list(self.candidates) if s in entries)
+
+    def drop_dead_peers(self) -> None:
+        """Drop the tables and cached mappings of peers that died (the watcher calls this)."""
+        with self.lock:
+            if self.closed:
+                return
+            for pid in self.membership.drop_dead_peers():
+                self.maps.forget(pid)
 
     # -- wait and stats -------------------------------------------------------------------
 
@@ -420,6 +571,7 @@ class Store:
             if self.closed:
                 return
             self.closed = True
+            self.watcher.close()
             self.entries.clear()
             self.pool.close()
             self.maps.clear()

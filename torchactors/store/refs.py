@@ -42,16 +42,17 @@ class ObjectRef:
     single tensor's dtype/shape/stride, or the length of a pickled skeleton after the bytes.
     """
 
-    __slots__ = ("owner", "slot", "gen", "owner_pid", "loc", "meta", "_pending", "_counted", "__weakref__")
+    __slots__ = ("owner", "slot", "gen", "owner_pid", "loc", "meta", "job", "_pending", "_counted", "__weakref__")
 
     def __init__(self, owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple],
-                 meta: Any, count: bool = True) -> None:
+                 meta: Any, job: str = "", count: bool = True) -> None:
         self.owner = owner
         self.slot = slot
         self.gen = gen
         self.owner_pid = owner_pid
         self.loc = loc
         self.meta = meta
+        self.job = job              # the job whose store made it: a ref means nothing elsewhere
         self._pending = None
         self._counted = False
         if count:
@@ -96,7 +97,7 @@ class ObjectRef:
         ctx = getattr(_local, "ctx", None)
         if ctx is not None:
             ctx.refs.append(ref)
-        return (_rebuild_ref, (ref.owner, ref.slot, ref.gen, ref.owner_pid, ref.loc, ref.meta))
+        return (_rebuild_ref, (ref.owner, ref.slot, ref.gen, ref.owner_pid, ref.loc, ref.meta, ref.job))
 
     def __del__(self) -> None:
         if self._counted:
@@ -119,5 +120,12 @@ def _core():
     return _core_module
 
 
-def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple], meta: Any) -> ObjectRef:
-    return ObjectRef(owner, slot, gen, owner_pid, loc, meta)
+def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple], meta: Any,
+                 job: str = "") -> ObjectRef:
+    """Unpickling: count the ref only in a store of its own job, and only when it names a cell
+    of the hold table; any other ref is kept uncounted, and ``get`` says what is wrong with it.
+    Creates no store: a ref read before any store exists cannot be of the job one would start."""
+    store = _core().active()
+    count = (store is not None and job == store.job and type(owner) is int and type(slot) is int
+             and store.membership.valid(owner, slot))
+    return ObjectRef(owner, slot, gen, owner_pid, loc, meta, job, count=count)

@@ -5,8 +5,13 @@ job directory, and two memfd tables that only it writes:
 
 - a *hold table*: for every (owner index, slot) the number of ``ObjectRef``s this process
   holds (``live``) and how many it ever acquired (``acquired``, monotonic);
-- a *header table*: for each slot this process owns, the object's generation and state, so
-  a reader can tell a freed object from a live one.
+- a *header table*: for each slot this process owns, the object's generation, state and
+  where its bytes are (fd, offset, size, a signature of its layout), so a reader can tell a freed
+  object from a live one, and a ref that does not match the object it names from one that does.
+
+Indices are reused: a process claims the lowest index no live process holds. Generations of
+a process start at a random base, so a ref of an earlier process at the same index (a stale
+ref) never names an object of the new one.
 
 An owner decides an object is unreferenced by reading its column in every live peer's
 hold table. Since each cell has one writer, no atomics are needed; the ``acquired`` counter
@@ -17,9 +22,10 @@ is how everything a killed process held is released at once. x86-64 store orderi
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
-import mmap
 import os
 import secrets
 import select
@@ -28,7 +34,9 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
+
+from torchactors.store.segments import Mapping
 
 from torchactors.errors import UnsafeDirectoryError
 
@@ -37,7 +45,7 @@ logger = logging.getLogger(__name__)
 MAX_PROCS = 1024          # process indices per job
 MAX_SLOTS = 1 << 16       # live objects per owner
 HOLD_CELL = 3             # int64 cells per (owner, slot): live, acquired, freed generation
-HEADER_CELL = 2           # int64 cells per slot: generation, state
+HEADER_CELL = 6           # int64 cells per slot: generation, state, fd, offset, nbytes, meta signature
 FREE_EPOCH = 0            # header slot 0 is not an object: cell 0 counts free() calls made here
 
 STATE_EMPTY, STATE_LIVE, STATE_FREED = 0, 1, 2
@@ -118,43 +126,88 @@ def create_job_dir() -> str:
     return path
 
 
-class _Table:
-    """A memfd of int64 cells, written by its creator and read by peers."""
+def _table_error(index: int, pid: int, e: OSError) -> Exception:
+    from torchactors.store.segments import fd_limit_error, map_error
+    size = (MAX_SLOTS * HOLD_CELL + MAX_SLOTS * HEADER_CELL) * 8
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        err = fd_limit_error(size, 0, 0)
+    else:
+        err = map_error(size, 0, 0, e.errno or errno.ENOMEM)
+    err.args = (f"cannot read the tables of process {index} (pid {pid}), which is alive: {err.args[0]}",)
+    return err
 
-    def __init__(self, ncells: int, fd: Optional[int] = None) -> None:
+
+class _Table:
+    """A memfd of int64 cells, written by its creator and read by peers (a window of it:
+    ``first`` cell on). Mapped with libc (no descriptor kept); the mapping goes with the last
+    reference to ``cells``, so a reader racing a ``close`` reads valid memory, never freed."""
+
+    def __init__(self, ncells: int, fd: Optional[int] = None, first: int = 0) -> None:
         self.owned = fd is None
         if fd is None:
             fd = os.memfd_create(f"torchactors-table-{os.getpid()}", os.MFD_CLOEXEC)
-            os.fchmod(fd, 0o600)
-            os.ftruncate(fd, ncells * 8)      # sparse: only touched pages use memory
+            try:
+                os.fchmod(fd, 0o600)
+                os.ftruncate(fd, ncells * 8)      # sparse: only touched pages use memory
+            except BaseException:
+                os.close(fd)
+                raise
         self.fd = fd
-        self.mm = mmap.mmap(fd, ncells * 8, prot=mmap.PROT_READ | (mmap.PROT_WRITE if self.owned else 0))
-        self.cells = memoryview(self.mm).cast("q")
+        try:
+            mapping = Mapping(fd, ncells * 8, first * 8, populate=False, writable=self.owned)
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
+        self.cells = mapping.buffer(ctypes.c_int64)
         if not self.owned:
             os.close(fd)
             self.fd = -1
 
     def close(self) -> None:
-        self.cells.release()
-        self.mm.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
 class Peer:
-    """Another process of the job as this process sees it: its tables and its liveness."""
+    """Another process of the job as this process sees it: its header table, the window of
+    its hold table that counts this process's objects (``holds``), other owners' windows
+    when needed, and its liveness. ``error`` is set when its tables could not be mapped: it
+    may be alive, so nothing it might hold is released, and reads of its objects raise it."""
 
-    __slots__ = ("index", "pid", "holds", "header", "pidfd", "dead")
+    __slots__ = ("index", "pid", "holds", "header", "pidfd", "dead", "holds_fd", "columns", "error")
 
     def __init__(self, index: int, pid: int, holds: Optional[_Table], header: Optional[_Table],
-                 pidfd: int) -> None:
+                 pidfd: int, holds_fd: int = -1) -> None:
         self.index = index
         self.pid = pid
         self.holds = holds
         self.header = header
         self.pidfd = pidfd
         self.dead = False
+        self.holds_fd = holds_fd                # the number in the peer's own fd table
+        self.columns: dict[int, _Table] = {}    # owner index -> window of the peer's hold table
+        self.error: Optional[Exception] = None
+
+    def column(self, owner: int) -> Optional[_Table]:
+        """The peer's hold counts of ``owner``'s objects (mapped on first use), or None."""
+        table = self.columns.get(owner)
+        if table is None and not self.dead and self.holds is not None:
+            try:
+                fd = os.open(f"/proc/{self.pid}/fd/{self.holds_fd}", os.O_RDONLY | os.O_CLOEXEC)
+                table = self.columns[owner] = _Table(MAX_SLOTS * HOLD_CELL, fd=fd, first=owner * MAX_SLOTS * HOLD_CELL)
+            except OSError:
+                return None
+        return table
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.holds = self.header = None
+        self.columns = {}
+        self.dead = True
 
     def alive(self) -> bool:
         if self.dead:
@@ -179,6 +232,7 @@ class Membership:
         self.holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL)
         self.header = _Table(MAX_SLOTS * HEADER_CELL)
         self.index = self._claim_index(index)
+        self.gen_base = secrets.randbits(40) << 16     # this incarnation's generations start here
         self.peers: dict[int, Peer] = {}
         self._peers_mtime = 0
         self._procs_dir = os.path.join(job_dir, "procs")
@@ -187,27 +241,70 @@ class Membership:
         self._busy = False
         self._deferred: list[int] = []
         self._owner_base = self.index * MAX_SLOTS * HOLD_CELL
+        self.on_new_peer: Optional[Callable[[], None]] = None     # the store's watcher wants to know
 
     def _claim_index(self, hint: Optional[int]) -> int:
+        """The lowest free index from ``hint`` on; an index whose process died is free again."""
         procs = os.path.join(self.job_dir, "procs")
         info = json.dumps({"pid": os.getpid(), "holds_fd": self.holds.fd, "header_fd": self.header.fd})
-        start = hint if hint is not None else 0
-        for index in range(start, MAX_PROCS):
-            path = os.path.join(procs, str(index))
-            try:
-                fd = os.open(path + ".tmp" + str(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(info)
-            try:
-                os.link(path + ".tmp" + str(os.getpid()), path)   # atomic claim, complete content
-            except FileExistsError:
-                continue
-            finally:
-                os.unlink(path + ".tmp" + str(os.getpid()))
-            return index
-        raise RuntimeError(f"job {self.job_dir} has used all {MAX_PROCS} process indices")
+        tmp = os.path.join(procs, f".claim-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(info)
+        try:
+            start = hint if hint is not None else 0
+            for index in range(start, MAX_PROCS):
+                path = os.path.join(procs, str(index))
+                try:
+                    os.link(tmp, path)      # atomic claim, complete content
+                    return index
+                except FileExistsError:
+                    pass
+                if self._take_over(path):
+                    try:
+                        os.link(tmp, path)
+                        return index
+                    except FileExistsError:
+                        pass
+        finally:
+            os.unlink(tmp)
+        raise RuntimeError(f"job {self.job_dir} has {MAX_PROCS} live processes, the most it can hold")
+
+    @staticmethod
+    def _take_over(path: str) -> bool:
+        """Free ``path``'s index if its process is dead (a SIGKILLed process leaves its file).
+        The rename succeeds for one claimer only."""
+        try:
+            with open(path) as f:
+                pid = json.load(f)["pid"]
+        except (OSError, ValueError, KeyError):
+            return False
+        if _pid_alive(pid):
+            return False
+        dead = f"{path}.dead-{os.getpid()}"
+        try:
+            os.rename(path, dead)
+        except OSError:
+            return False
+        try:
+            with open(dead) as f:
+                if json.load(f)["pid"] != pid:      # a live claimer got there in between: give it back
+                    os.rename(dead, path)
+                    return False
+        except (OSError, ValueError, KeyError):
+            pass
+        try:
+            os.unlink(dead)
+        except OSError:
+            pass
+        return True
+
+    def valid(self, owner: int, slot: int) -> bool:
+        """Does (owner, slot) name a cell of the hold tables?"""
+        return 0 <= owner < MAX_PROCS and 0 < slot < MAX_SLOTS
+
+    def next_gen(self, slot: int) -> int:
+        last = self.header.cells[slot * HEADER_CELL]
+        return (last if last > self.gen_base else self.gen_base) + 1
 
     # -- this process's own counters -------------------------------------------------
 
@@ -259,25 +356,23 @@ class Membership:
         return self.holds.cells[i] == generation or self.freed_by_peer(owner, slot, generation)
 
     def freed_by_peer(self, owner: int, slot: int, generation: int) -> bool:
-        i = (owner * MAX_SLOTS + slot) * HOLD_CELL + 2
+        i = slot * HOLD_CELL + 2
         for p in list(self.peers.values()):
-            holds = p.holds
-            if holds is not None and not p.dead:
-                try:
-                    if holds.cells[i] == generation and p.alive():
-                        return True
-                except ValueError:      # its tables were just closed: it died
-                    pass
+            if not p.dead:
+                column = p.holds if owner == self.index else p.column(owner)
+                if column is not None and column.cells[i] == generation and p.alive():
+                    return True
         return False
 
-    def drop_dead_peers(self) -> None:
-        """Unmap the tables of peers that died: their holds no longer count."""
+    def drop_dead_peers(self) -> list[int]:
+        """Unmap the tables of peers that died (their holds no longer count); their pids."""
+        dead = []
         with self.lock:
             for p in self.peers.values():
                 if p.holds is not None and not p.alive():
-                    tables, p.holds, p.header = (p.holds, p.header), None, None
-                    for t in tables:
-                        t.close()
+                    p.close()
+                    dead.append(p.pid)
+        return dead
 
     def free_epochs(self) -> tuple:
         """A fingerprint of every peer's free() count: changes when someone frees something.
@@ -289,6 +384,12 @@ class Membership:
         i = slot * HEADER_CELL
         self.header.cells[i] = generation
         self.header.cells[i + 1] = state
+
+    def set_live(self, slot: int, generation: int, fd: int, offset: int, nbytes: int, signature: int) -> None:
+        """Publish a new object: its generation, state and where its bytes are (see the
+        module docstring). Readers only see it once they hold its ref, after this returns."""
+        i = slot * HEADER_CELL
+        self.header.cells[i:i + HEADER_CELL] = (generation, STATE_LIVE, fd, offset, nbytes, signature)
 
     # -- peers ---------------------------------------------------------------------------
 
@@ -310,13 +411,24 @@ class Membership:
                 if not name.isdigit():
                     continue
                 index = int(name)
-                if index == self.index or index in self.peers:
+                known = self.peers.get(index)
+                if index == self.index or (known is not None and known.alive()):
                     continue
-                self.peers[index] = self._open_peer(index)
+                peer = self._open_peer(index)
+                if known is None or peer.pid != known.pid:     # new, or a new process at a reused index
+                    if known is not None:
+                        known.close()
+                    self.peers[index] = peer
+                    if self.on_new_peer is not None:
+                        self.on_new_peer()
+                else:
+                    peer.close()
 
-    def peer(self, index: int) -> Peer:
+    def peer(self, index: int, pid: int = 0) -> Peer:
+        """The process at ``index``; when ``pid`` is given and is not the one we know there, look
+        again (a process that joined at a reused index)."""
         p = self.peers.get(index)
-        if p is None:
+        if p is None or (pid and p.pid != pid):
             self._peers_mtime = 0
             self.refresh_peers()
             p = self.peers.get(index)
@@ -338,31 +450,48 @@ class Membership:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = -1
+        flags = os.O_RDONLY | os.O_CLOEXEC
         try:
-            flags = os.O_RDONLY | os.O_CLOEXEC
-            holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL, fd=os.open(f"/proc/{pid}/fd/{info['holds_fd']}", flags))
+            holds = _Table(MAX_SLOTS * HOLD_CELL, fd=os.open(f"/proc/{pid}/fd/{info['holds_fd']}", flags),
+                           first=self._owner_base)
             header = _Table(MAX_SLOTS * HEADER_CELL, fd=os.open(f"/proc/{pid}/fd/{info['header_fd']}", flags))
-        except (OSError, ValueError):
-            if pidfd >= 0:
-                os.close(pidfd)
-            p = Peer(index, pid, None, None, -1)
-            p.dead = True
+        except OSError as e:
+            p = Peer(index, pid, None, None, pidfd)
+            if e.errno in (errno.ENOENT, errno.ESRCH, errno.EACCES) or not p.alive():
+                p.close()                   # it is gone (its fds with it)
+            else:
+                p.error = _table_error(index, pid, e)
+                logger.warning("%s", p.error)
             return p
-        return Peer(index, pid, holds, header, pidfd)
+        return Peer(index, pid, holds, header, pidfd, info["holds_fd"])
+
+    def retry_unmapped(self) -> None:
+        """Peers whose tables could not be mapped: try again (memory may have been freed)."""
+        for index, p in list(self.peers.items()):
+            if p.error is not None and p.alive():
+                again = self._open_peer(index)
+                if again.error is None:
+                    p.close()
+                    self.peers[index] = again
 
     def unreferenced(self, slots: list[int]) -> list[int]:
         """Of our own ``slots``, those no live process holds a ref to (see module docstring).
         Call ``refresh_peers`` first."""
-        tables = [self.holds.cells] + [p.holds.cells for p in list(self.peers.values())
-                                       if p.holds is not None and p.alive()]
+        peers = [p for p in list(self.peers.values()) if p.alive()]
+        if any(p.error is not None for p in peers):
+            self.retry_unmapped()
+            if any(p.error is not None and p.alive() for p in list(self.peers.values())):
+                return []       # a live peer we cannot read may hold any of them: release nothing
+            peers = [p for p in list(self.peers.values()) if p.alive()]
         base = self._owner_base
+        tables = [(self.holds.cells, base)] + [(p.holds.cells, 0) for p in peers if p.holds is not None]
         out = []
         for slot in slots:
-            i = base + slot * HOLD_CELL
-            before = [t[i + 1] for t in tables]
-            if any(t[i] for t in tables):
+            offs = slot * HOLD_CELL
+            before = [t[b + offs + 1] for t, b in tables]
+            if any(t[b + offs] for t, b in tables):
                 continue
-            if [t[i + 1] for t in tables] == before:
+            if [t[b + offs + 1] for t, b in tables] == before:
                 out.append(slot)
         return out
 
@@ -373,14 +502,7 @@ class Membership:
             pass
         with self.lock:
             for p in self.peers.values():
-                if p.pidfd >= 0:
-                    os.close(p.pidfd)
-                    p.pidfd = -1
-                for t in (p.holds, p.header):
-                    if t is not None:
-                        t.close()
-                p.holds = p.header = None
-                p.dead = True
+                p.close()
         with self.count_lock:
             self._busy = True       # late ObjectRef.__del__ calls are queued, never applied
             self.holds.close()

@@ -1,23 +1,33 @@
 """Shared-memory segments: memfd files, their mappings, and the owner's pool of blocks.
 
 Box in the data flow: ``put`` asks the pool for a block, copies bytes into it, and the ref
-names (segment fd, inode, offset); ``get`` in another process opens ``/proc/<owner>/fd/<fd>``
-once, checks the inode, and keeps the mapping in a per-process cache.
+names (segment fd, inode, offset, the segment's window of the file); ``get`` in another
+process opens ``/proc/<owner>/fd/<fd>`` once per window, checks the inode, maps the window
+and closes the fd again, keeping the mapping in a per-process cache.
 
-Segments are ``memfd_create`` files (mode 0600): no ``/dev/shm`` entry to leak and no size cap
-from a small ``/dev/shm``; the kernel frees them with the last fd and mapping, so a SIGKILL of
-any process leaves nothing behind. See docs/design.md.
+Segments are windows of ``memfd_create`` files (mode 0600): no ``/dev/shm`` entry to leak and
+no size cap from a small ``/dev/shm``; the kernel frees them with the last fd and mapping, so
+a SIGKILL of any process leaves nothing behind. Small blocks come from arenas (a file each);
+large blocks share a few files (``LARGE_FILE_BLOCKS`` windows each), so that an owner's
+descriptors do not grow with its number of large objects. Mappings are made with libc's
+``mmap`` (Python's keeps a duplicate fd per mapping) and unmapped when the last tensor viewing
+them goes. See docs/design.md.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import mmap
 import os
+import resource
 import threading
 from typing import Optional
 
 import torch
+
+from torchactors.errors import StoreFullError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +35,19 @@ ALIGN = 64                      # every block starts on a cache line
 MIN_CLASS = 256                 # smallest block
 SMALL_LIMIT = 16 << 20          # blocks up to this size come from shared arenas
 ARENA_SIZE = 64 << 20           # arena segment size for small blocks
+LARGE_FILE_BLOCKS = 16          # large-block windows per memfd: fds grow 16x slower than objects
+LARGE_FILE_SPAN = 1 << 30       # ... and at most this many bytes of windows per file
+MAX_CACHED_MAPPINGS = 512       # windows of other processes kept mapped for reuse ...
+MAX_CACHED_BYTES = 2 << 30      # ... and their bytes of address space (oldest dropped first)
 PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PUNCH_HOLE = 0x02 | 0x01       # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def align_up(n: int, a: int = ALIGN) -> int:
@@ -42,37 +64,148 @@ def size_class(nbytes: int) -> int:
     return align_up((n + step - 1) // step * step, PAGE)
 
 
-class Segment:
-    """One memfd file mapped in this process. ``fd`` stays open while the segment lives so
-    that peers can open it through /proc/<pid>/fd/<fd>."""
+def _limit(which: int) -> str:
+    soft, _ = resource.getrlimit(which)
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
-    __slots__ = ("seg_id", "fd", "size", "inode", "mm", "base", "u8", "owned", "live_blocks", "__weakref__")
 
-    def __init__(self, seg_id: int, size: int, fd: Optional[int] = None, populate: bool = True) -> None:
-        self.seg_id = seg_id
-        self.owned = fd is None
-        if fd is None:
-            fd = os.memfd_create(f"torchactors-{os.getpid()}-{seg_id}", os.MFD_CLOEXEC)
-            try:
-                os.fchmod(fd, 0o600)
-                os.ftruncate(fd, size)
-            except BaseException:
-                os.close(fd)
-                raise
-        self.fd = fd
-        self.size = size
-        self.inode = os.fstat(fd).st_ino
+def fd_limit_error(requested: int, used: int, capacity: int) -> StoreFullError:
+    return StoreFullError(requested, used, capacity,
+                          f"this process reached its open-file limit (RLIMIT_NOFILE = {_limit(resource.RLIMIT_NOFILE)}"
+                          f" descriptors): raise it with `ulimit -n 65536` in the shell that starts the job, or "
+                          f"resource.setrlimit(resource.RLIMIT_NOFILE, ...) at the start of the program")
+
+
+def map_error(requested: int, used: int, capacity: int, err: int) -> StoreFullError:
+    return StoreFullError(requested, used, capacity,
+                          f"cannot map {requested} bytes of shared memory ({os.strerror(err)}): the address space "
+                          f"of this process is limited (RLIMIT_AS = {_limit(resource.RLIMIT_AS)} bytes, `ulimit -v`);"
+                          f" raise it or lower store_capacity")
+
+
+class Mapping:
+    """A libc ``mmap`` of a file window. Costs no descriptor; unmapped when the last Python
+    object referring to it (a segment, a buffer, a tensor's storage) goes."""
+
+    __slots__ = ("addr", "size", "__weakref__")
+
+    def __init__(self, fd: int, size: int, file_off: int, populate: bool, writable: bool = True) -> None:
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-        self.mm = mmap.mmap(fd, size, flags=flags) if size else None
-        self.u8 = torch.frombuffer(self.mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
-        self.base = self.u8.data_ptr()
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        addr = _libc.mmap(None, size, prot, flags, fd, file_off)
+        if addr is None or addr == _MAP_FAILED:
+            self.size = 0
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        self.addr = addr
+        self.size = size
+
+    def buffer(self, ctype: type = ctypes.c_char) -> ctypes.Array:
+        buf = (ctype * (self.size // ctypes.sizeof(ctype))).from_address(self.addr)
+        buf.mapping = self          # the buffer (and what views it) keeps the mapping
+        return buf
+
+    def __del__(self) -> None:
+        if self.size:
+            _libc.munmap(self.addr, self.size)
+
+
+class DataFile:
+    """A memfd of this process holding one or more segment windows."""
+
+    __slots__ = ("fd", "inode", "top", "windows", "free_ranges", "max_windows")
+
+    def __init__(self, name: str, max_windows: int) -> None:
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise _FdLimit() from e
+            raise
+        os.fchmod(fd, 0o600)
+        self.fd = fd
+        self.inode = os.fstat(fd).st_ino
+        self.top = 0                # end of the windows carved so far
+        self.windows = 0            # live windows
+        self.free_ranges: dict[int, list[int]] = {}     # size -> file offsets of dropped windows
+        self.max_windows = max_windows
+
+    def take(self, size: int) -> Optional[int]:
+        """A file offset for a new window of ``size`` bytes, or None if the file is full."""
+        free = self.free_ranges.get(size)
+        if free:
+            off = free.pop()
+        elif self.windows < self.max_windows and (self.top == 0 or self.top + size <= LARGE_FILE_SPAN):
+            off = self.top
+            self.top += size
+            os.ftruncate(self.fd, self.top)
+        else:
+            return None
+        self.windows += 1
+        return off
+
+    def give_back(self, off: int, size: int) -> None:
+        """Free a window's memory now (its pages leave every process's mapping of it)."""
+        _libc.fallocate(self.fd, _PUNCH_HOLE, off, size)
+        self.free_ranges.setdefault(size, []).append(off)
+        self.windows -= 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _FdLimit(Exception):
+    """memfd_create hit the descriptor limit (turned into a StoreFullError by the pool)."""
+
+
+class Segment:
+    """One window of a memfd file mapped in this process. In the owner, the file's fd stays
+    open while the window lives so that peers can open it through /proc/<pid>/fd/<fd>."""
+
+    __slots__ = ("seg_id", "fd", "size", "inode", "file_off", "file", "mm", "base", "owned", "live_blocks",
+                 "__weakref__")
+
+    def __init__(self, seg_id: int, size: int, fd: int, inode: int, file_off: int = 0,
+                 file: Optional[DataFile] = None, populate: bool = True) -> None:
+        self.seg_id = seg_id
+        self.owned = file is not None
+        self.file = file
+        self.fd = fd
+        self.inode = inode
+        self.size = size
+        self.file_off = file_off
+        self.mm = Mapping(fd, size, file_off, populate).buffer()
+        self.base = ctypes.addressof(self.mm)
         self.live_blocks = 0
 
     def close(self) -> None:
-        """Drop this process's handle; memory stays valid for tensors still viewing it."""
-        if self.owned and self.fd >= 0:
-            os.close(self.fd)
+        """Drop this process's handle; memory stays mapped for tensors still viewing it."""
         self.fd = -1
+
+
+class SharedFile:
+    """A storage torch already shares through an fd (``share_memory_()``): peers open that fd
+    as they open a segment's, and the owner reads the storage itself. No mapping, no new fd."""
+
+    __slots__ = ("fd", "inode", "size")
+    file_off = 0
+
+    def __init__(self, fd: int, inode: int, size: int) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.size = size
+
+
+def shared_file(storage: torch.UntypedStorage) -> Optional[SharedFile]:
+    """The fd torch shares ``storage`` through (the storage keeps it open), or None."""
+    if not storage.is_shared() or storage.device.type != "cpu":
+        return None
+    try:
+        fd, size = storage._share_fd_cpu_()[:2]
+        return SharedFile(fd, os.fstat(fd).st_ino, size)
+    except (RuntimeError, AttributeError, TypeError, OSError):
+        return None
 
 
 class SegmentPool:
@@ -92,20 +225,53 @@ class SegmentPool:
         self._free_large: dict[int, list[Segment]] = {}               # class -> [segment]
         self._arena: Optional[Segment] = None
         self._arena_top = 0
+        self._large_files: list[DataFile] = []
         self.reserved = 0           # bytes of all segments we hold (live blocks + pooled free ones)
         self.used = 0               # bytes of live blocks
 
     def _new_segment(self, size: int) -> Segment:
-        seg = Segment(self._next_seg, size)
+        """A new window: an arena gets a file of its own, a large block a window of a shared
+        large file. Raises StoreFullError at the descriptor or address-space limit."""
+        name = f"torchactors-{os.getpid()}-{self._next_seg}"
+        try:
+            if size == self.arena_size:
+                file, off = DataFile(name, 1), 0
+                file.take(size)
+            else:
+                file, off = self._large_window(name, size)
+            try:
+                seg = Segment(self._next_seg, size, file.fd, file.inode, off, file)
+            except OSError as e:
+                self._release_window(file, off, size)
+                raise map_error(size, self.used, self.capacity, e.errno) from None
+        except _FdLimit:
+            raise fd_limit_error(size, self.used, self.capacity) from None
         self._next_seg += 1
         self.segments[seg.seg_id] = seg
         self.reserved += size
         logger.debug("new segment %d of %d bytes", seg.seg_id, size)
         return seg
 
+    def _large_window(self, name: str, size: int) -> tuple[DataFile, int]:
+        for file in self._large_files:
+            off = file.take(size)
+            if off is not None:
+                return file, off
+        file = DataFile(name, LARGE_FILE_BLOCKS)
+        self._large_files.append(file)
+        return file, file.take(size)
+
+    def _release_window(self, file: DataFile, off: int, size: int) -> None:
+        file.give_back(off, size)
+        if file.windows == 0:
+            if file in self._large_files:
+                self._large_files.remove(file)
+            file.close()
+
     def _drop_segment(self, seg: Segment) -> None:
         del self.segments[seg.seg_id]
         self.reserved -= seg.size
+        self._release_window(seg.file, seg.file_off, seg.size)
         seg.close()
 
     def allocate(self, nbytes: int) -> Optional[tuple[Segment, int, int]]:
@@ -181,6 +347,9 @@ class SegmentPool:
         with self.lock:
             for seg in list(self.segments.values()):
                 self._drop_segment(seg)
+            for file in self._large_files:
+                file.close()
+            self._large_files.clear()
             self._free_small.clear()
             self._free_large.clear()
             self._arena = None
@@ -188,55 +357,62 @@ class SegmentPool:
 
 
 class MappingCache:
-    """Segments of other processes mapped into this one, opened once and reused: a segment
-    holding many objects costs one mapping per process, however many objects are read."""
+    """Windows of other processes' files mapped into this one, opened once and reused: a
+    segment holding many objects costs one mapping per process, however many objects are read.
+    Holds no descriptors. Bounded: the oldest windows are dropped from the cache first (a
+    tensor still viewing one keeps it mapped), and a dead process's windows are dropped at once."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._maps: dict[tuple[int, int, int], Segment] = {}   # (pid, fd, inode) -> segment
+        self._maps: dict[tuple[int, int, int, int], Segment] = {}   # (pid, fd, inode, file offset)
+        self._bytes = 0
 
-    def map(self, pid: int, fd: int, inode: int) -> Optional[Segment]:
-        key = (pid, fd, inode)
+    def map(self, pid: int, fd: int, inode: int, file_off: int, size: int) -> Optional[Segment]:
+        """The window, or None if the owner no longer has that file open (freed, or dead)."""
+        key = (pid, fd, inode, file_off)
         seg = self._maps.get(key)
-        if seg is not None:
+        if seg is not None and seg.size >= size:
             return seg
         with self.lock:
             seg = self._maps.get(key)
-            if seg is not None:
+            if seg is not None and seg.size >= size:
                 return seg
             try:
                 local = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    raise fd_limit_error(size, 0, 0) from None
                 return None
             try:
                 st = os.fstat(local)
-                if st.st_ino != inode:
+                if st.st_ino != inode or file_off + size > st.st_size:
                     return None
-                seg = Segment(0, st.st_size, fd=local, populate=False)
+                try:
+                    seg = Segment(0, size, local, inode, file_off, populate=False)
+                except OSError as e:
+                    if e.errno == errno.ENOMEM:
+                        raise map_error(size, 0, 0, e.errno) from None
+                    raise ValueError(f"cannot map {size} bytes at offset {file_off} of process {pid}'s fd {fd}: "
+                                     f"{e.strerror}") from None
             finally:
-                os.close(local)     # mmap keeps its own handle
-            seg.fd = -1
-            self._prune(pid)
+                os.close(local)     # the mapping needs no descriptor
+            seg.fd = fd
+            old = self._maps.pop(key, None)
+            if old is not None:
+                self._bytes -= old.size
             self._maps[key] = seg
+            self._bytes += size
+            while len(self._maps) > MAX_CACHED_MAPPINGS or self._bytes > MAX_CACHED_BYTES:
+                oldest = next(iter(self._maps))
+                self._bytes -= self._maps.pop(oldest).size
             return seg
 
-    def _prune(self, pid: int) -> None:
-        """Forget mappings of segments ``pid`` has closed since: a cached mapping would keep
-        memory the owner gave back to the kernel alive."""
-        for key in [k for k in self._maps if k[0] == pid]:
-            try:
-                alive = os.stat(f"/proc/{pid}/fd/{key[1]}").st_ino == key[2]
-            except OSError:
-                alive = False
-            if not alive:
-                del self._maps[key]
-
     def forget(self, pid: int) -> None:
-        """Drop cached mappings of ``pid`` (it died). Tensors still viewing them keep the
-        memory; nothing new is read through them."""
+        """Drop cached mappings of ``pid`` (it died). Tensors still viewing them keep their
+        own window mapped; nothing new is read through them."""
         with self.lock:
             for key in [k for k in self._maps if k[0] == pid]:
-                del self._maps[key]
+                self._bytes -= self._maps.pop(key).size
 
     def count(self) -> int:
         return len(self._maps)
@@ -244,3 +420,4 @@ class MappingCache:
     def clear(self) -> None:
         with self.lock:
             self._maps.clear()
+            self._bytes = 0
