@@ -265,7 +265,7 @@ def test_an_argument_too_big_for_the_store_raises_store_full_not_type_error():
 
 # -- soaks with real actors (slow) ----------------------------------------------------------------
 
-@ta.actor(num_threads=1, max_restarts=1000)
+@ta.actor(num_threads=1, max_restarts=1000, restart_backoff={"fast": 1000})    # a soak of restarts, not of back-off
 class Flaky(StoreProcess):
     def rollout(self, n: int) -> torch.Tensor:
         return torch.full((n,), float(os.getpid()))
