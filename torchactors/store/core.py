@@ -144,6 +144,13 @@ class Store:
                 return self._register(*putter(obj, timeout))
         return self._register(*self._put_structure(obj, timeout))
 
+    def put_empty(self, nbytes: int, timeout: Optional[float] = None) -> ObjectRef:
+        """A new object of ``nbytes`` uninitialized bytes (a flat uint8 tensor) for a buffer that
+        its owner fills in place, e.g. a weights bucket: no source tensor to copy from."""
+        seg, off, cls = self._allocate(nbytes, timeout)
+        return self._register(seg, off, cls, None, ("t", torch.uint8, (nbytes,), (1,), 0, nbytes, False, False),
+                              False)
+
     def _put_cpu_tensor(self, t: torch.Tensor, timeout: Optional[float]) -> tuple:
         storage = t.untyped_storage()
         es = t.element_size()
