@@ -10,9 +10,10 @@ Box in the data flow::
         -> tensors are views of the producer's store (zero-copy)
 
 The ring is a memfd of the process that created the queue (its *host*); every user opens it
-once through ``/proc/<host>/fd`` and maps it. Producers are serialized by one OFD byte-range
-lock on it and consumers by another, so a put and a get never wait for each other; the kernel
-drops a dead process's lock. Order is the ring's order: FIFO overall, so FIFO per producer.
+once through ``/proc/<host>/fd`` and maps it. Producers are serialized by one robust,
+process-shared pthread mutex in it and consumers by another, so a put and a get never wait
+for each other, a free mutex costs no syscall, and a dead holder's mutex passes to the next
+taker. Order is the ring's order: FIFO overall, so FIFO per producer.
 ``maxsize`` bounds the items in the queue (``put`` blocks: backpressure); the ring's bytes
 bound it too (64 MiB, pickles only: tensors travel by ref). Each waiting side sleeps on a
 futex and wakes every ``WAIT_SLICE_S`` to check that the host lives: when it dies, blocked and
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import fcntl
+import errno
 import itertools
 import logging
 import mmap
@@ -51,12 +52,14 @@ HEADER = 4096
 BOX_LIMIT = 1 << 20             # a pickle larger than this goes into the store, its ref into the ring
 WAIT_SLICE_S = 0.02
 HOST_CHECK_S = 0.05             # non-blocking calls look at the host at most this often
+SPIN_S = 50e-6                  # poll a changing counter this long before sleeping on its futex
+LOCK_SPINS = 20                 # tries at a held lock (each followed by a yield) before sleeping
 MAGIC = 0x7461717565756531      # "taqueue1"
 
 _MAGIC, _HEAD, _TAIL, _NPUT, _NGET, _MAXSIZE, _CAP, _CONS_WAITING, _PROD_WAITING = range(9)
 _FRAME = struct.Struct("<II")   # payload length, flags
 F_REFS, F_BOXED, F_WRAP = 1, 2, 4
-_PRODUCERS, _CONSUMERS = 0, 1   # byte offsets of the two locks
+_PRODUCERS, _CONSUMERS = 0, 1   # the two sides
 
 
 class Full(std_queue.Full):
@@ -76,13 +79,42 @@ def _fence() -> None:
     _fence_lock.release()
 
 
-_LOCK_ARGS = {(which, kind): struct.pack("hh4xqqi4x", kind, os.SEEK_SET, which, 1, 0)
-              for which in (_PRODUCERS, _CONSUMERS) for kind in (fcntl.F_WRLCK, fcntl.F_UNLCK)}
+_libc = ctypes.CDLL(None, use_errno=True)
+_EBUSY, _EOWNERDEAD = errno.EBUSY, errno.EOWNERDEAD
+_MUTEX_AT = (1024, 1152)        # the two sides' pthread mutexes in the header page
 
 
-def _lock(fd: int, which: int, kind: int) -> None:
-    """Take or drop one side's OFD lock (byte ``which`` of the ring's file)."""
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _LOCK_ARGS[which, kind])
+def _init_mutex(addr: int) -> None:
+    """A process-shared, robust pthread mutex at ``addr``: no syscall when free, a futex
+    sleep when held, and the next taker is told (EOWNERDEAD) when its holder died."""
+    attr = ctypes.create_string_buffer(64)
+    for rc in (_libc.pthread_mutexattr_init(attr), _libc.pthread_mutexattr_setpshared(attr, 1),
+               _libc.pthread_mutexattr_setrobust(attr, 1), _libc.pthread_mutex_init(ctypes.c_void_p(addr), attr)):
+        if rc:
+            raise OSError(rc, f"cannot make the queue's process-shared mutex: {os.strerror(rc)}")
+    _libc.pthread_mutexattr_destroy(attr)
+
+
+def _acquire(mutex: ctypes.c_void_p) -> None:
+    """Take a side's mutex. Holders keep it for a few microseconds, so a taker retries
+    (yielding the core) before it sleeps: a sleep and wake-up costs 30-40 us on these VMs."""
+    for _ in range(LOCK_SPINS):
+        rc = _libc.pthread_mutex_trylock(mutex)
+        if rc != _EBUSY:
+            break
+        os.sched_yield()
+    else:
+        rc = _libc.pthread_mutex_lock(mutex)
+    if rc == _EOWNERDEAD:
+        # Its holder died inside: the ring is still whole (head and counters are written
+        # after the bytes they cover), so carry on.
+        _libc.pthread_mutex_consistent(mutex)
+    elif rc:
+        raise OSError(rc, f"cannot take the queue's mutex: {os.strerror(rc)}")
+
+
+def _release(mutex: ctypes.c_void_p) -> None:
+    _libc.pthread_mutex_unlock(mutex)
 
 
 class _Ring:
@@ -97,8 +129,7 @@ class _Ring:
         self.cells = memoryview(self.mm).cast("q")
         self._anchor = ctypes.c_char.from_buffer(self.mm)
         self.base = ctypes.addressof(self._anchor)
-        # Threads of this process share the fd's OFD locks: one thread lock per side in front.
-        self.thread_locks = (threading.Lock(), threading.Lock())
+        self.mutexes = (ctypes.c_void_p(self.base + _MUTEX_AT[0]), ctypes.c_void_p(self.base + _MUTEX_AT[1]))
         self.key = (record[1], record[3])
         self.store = core.current()
         self._checked = 0.0
@@ -133,14 +164,17 @@ class _Ring:
             return False
         cells = self.cells
         cells[waiting] += 1
-        _lock(self.fd, side, fcntl.F_UNLCK)
+        _release(self.mutexes[side])
         try:
             _fence()
+            spin_until = time.perf_counter() + SPIN_S
+            while cells[word] == seen and time.perf_counter() < spin_until:
+                os.sched_yield()
             if cells[word] == seen:
                 futex.wait(self.addr(word), futex.low32(seen), left)
             self.check_host(force=True)
         finally:
-            _lock(self.fd, side, fcntl.F_WRLCK)
+            _acquire(self.mutexes[side])
             cells[waiting] -= 1
         return True
 
@@ -158,32 +192,32 @@ class _Ring:
         cap = cells[_CAP]
         maxsize = cells[_MAXSIZE]
         n = len(frames)
-        with self.thread_locks[_PRODUCERS]:
-            _lock(self.fd, _PRODUCERS, fcntl.F_WRLCK)
-            try:
-                while True:
-                    nput = cells[_NPUT]
-                    if not maxsize or nput - cells[_NGET] + n <= maxsize:
-                        head = self._fit(frames, cells[_HEAD], cells[_TAIL], cap)
-                        if head is not None:
-                            break
-                    if not block or not self._sleep(_PRODUCERS, _PROD_WAITING, _NGET, cells[_NGET], deadline):
-                        raise Full(f"the queue is full ({nput - cells[_NGET]} items, maxsize {maxsize})")
-                mm = self.mm
-                for payload, flags, _ in frames:
-                    at = head % cap
-                    if at + _FRAME.size + len(payload) > cap:
-                        _FRAME.pack_into(mm, HEADER + at, 0, F_WRAP)
-                        head += cap - at
-                        at = 0
-                    _FRAME.pack_into(mm, HEADER + at, len(payload), flags)
-                    mm[HEADER + at + 8:HEADER + at + 8 + len(payload)] = payload
-                    head += _FRAME.size + (len(payload) + 7) // 8 * 8
-                cells[_HEAD] = head
-                cells[_NPUT] = nput + n             # after the bytes: consumers may read them now
-                held = [(nput + i + 1, refs) for i, (_, _, refs) in enumerate(frames) if refs]
-            finally:
-                _lock(self.fd, _PRODUCERS, fcntl.F_UNLCK)
+        mutex = self.mutexes[_PRODUCERS]
+        _acquire(mutex)
+        try:
+            while True:
+                nput = cells[_NPUT]
+                if not maxsize or nput - cells[_NGET] + n <= maxsize:
+                    head = self._fit(frames, cells[_HEAD], cells[_TAIL], cap)
+                    if head is not None:
+                        break
+                if not block or not self._sleep(_PRODUCERS, _PROD_WAITING, _NGET, cells[_NGET], deadline):
+                    raise Full(f"the queue is full ({nput - cells[_NGET]} items, maxsize {maxsize})")
+            mm = self.mm
+            for payload, flags, _ in frames:
+                at = head % cap
+                if at + _FRAME.size + len(payload) > cap:
+                    _FRAME.pack_into(mm, HEADER + at, 0, F_WRAP)
+                    head += cap - at
+                    at = 0
+                _FRAME.pack_into(mm, HEADER + at, len(payload), flags)
+                mm[HEADER + at + 8:HEADER + at + 8 + len(payload)] = payload
+                head += _FRAME.size + (len(payload) + 7) // 8 * 8
+            cells[_HEAD] = head
+            cells[_NPUT] = nput + n             # after the bytes: consumers may read them now
+            held = [(nput + i + 1, refs) for i, (_, _, refs) in enumerate(frames) if refs]
+        finally:
+            _release(mutex)
         self._wake(_CONS_WAITING, _NPUT)
         if held:
             _in_flight.setdefault(self.key, collections.deque()).extend(held)
@@ -218,36 +252,49 @@ class _Ring:
         self.check_host()
         cells = self.cells
         cap = cells[_CAP]
-        out: list = []
-        with self.thread_locks[_CONSUMERS]:
-            _lock(self.fd, _CONSUMERS, fcntl.F_WRLCK)
-            try:
-                while True:
-                    nget = cells[_NGET]
-                    if cells[_NPUT] - nget >= n:
-                        break
-                    if not block or not self._sleep(_CONSUMERS, _CONS_WAITING, _NPUT, cells[_NPUT], deadline):
-                        raise Empty(f"the queue has {cells[_NPUT] - nget} items, fewer than the {n} asked for")
-                mm = self.mm
-                tail = cells[_TAIL]
-                for _ in range(n):
-                    at = tail % cap
+        values: list = []
+        raw: list = []          # (index, payload, flags) of items to unpickle after the lock
+        mutex = self.mutexes[_CONSUMERS]
+        _acquire(mutex)
+        try:
+            while True:
+                nget = cells[_NGET]
+                if cells[_NPUT] - nget >= n:
+                    break
+                if not block or not self._sleep(_CONSUMERS, _CONS_WAITING, _NPUT, cells[_NPUT], deadline):
+                    raise Empty(f"the queue has {cells[_NPUT] - nget} items, fewer than the {n} asked for")
+            mm = self.mm
+            tail = cells[_TAIL]
+            for i in range(n):
+                at = tail % cap
+                length, flags = _FRAME.unpack_from(mm, HEADER + at)
+                if flags & F_WRAP:
+                    tail += cap - at
+                    at = 0
                     length, flags = _FRAME.unpack_from(mm, HEADER + at)
-                    if flags & F_WRAP:
-                        tail += cap - at
-                        at = 0
-                        length, flags = _FRAME.unpack_from(mm, HEADER + at)
-                    payload = mm[HEADER + at + 8:HEADER + at + 8 + length]
-                    # An item with refs is unpickled here, so that our holds are counted before
-                    # nget tells its producer to drop its own.
-                    out.append(_load_or_fail(payload, flags) if flags & F_REFS else (payload, flags))
-                    tail += _FRAME.size + (length + 7) // 8 * 8
-                cells[_TAIL] = tail
-                cells[_NGET] = nget + n
-            finally:
-                _lock(self.fd, _CONSUMERS, fcntl.F_UNLCK)
-        self._wake(_PROD_WAITING, _NGET)
-        values = [_load_or_fail(*x) if type(x) is tuple else x for x in out]
+                payload = mm[HEADER + at + 8:HEADER + at + 8 + length]
+                if flags & F_REFS:
+                    # Unpickled here, so that our holds are counted before nget tells the
+                    # item's producer to drop its own.
+                    values.append(_load_or_fail(payload, flags))
+                else:
+                    values.append(None)
+                    raw.append((i, payload, flags))
+                tail += _FRAME.size + (length + 7) // 8 * 8
+            cells[_TAIL] = tail
+            nget += n
+            cells[_NGET] = nget
+            left = cells[_NPUT] - nget
+            room = (left <= cells[_MAXSIZE] // 2) if cells[_MAXSIZE] else (cells[_HEAD] - tail <= cap // 2)
+        finally:
+            _release(mutex)
+        if room:
+            # Producers wait until the queue is half empty, not for every slot: one wake-up
+            # (30-40 us here) per half a queue, not per item. A producer whose room came
+            # earlier finds it at its next slice.
+            self._wake(_PROD_WAITING, _NGET)
+        for i, payload, flags in raw:
+            values[i] = _load_or_fail(payload, flags)
         for v in values:
             if type(v) is _Failed:
                 raise v.error       # the item is taken either way: a queue never jams on one
@@ -334,6 +381,8 @@ def _create(maxsize: int) -> _Ring:
     except BaseException:
         os.close(fd)
         raise
+    for side in (_PRODUCERS, _CONSUMERS):
+        _init_mutex(ring.base + _MUTEX_AT[side])
     cells = ring.cells
     cells[_CAP] = RING_BYTES
     cells[_MAXSIZE] = maxsize
