@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY_WORKLOADS = [f"{w}[{s}]" for w in ("memcpy", "put_get", "xproc_get") for s in ("4KB", "64KB")]
 TINY_WORKLOADS += ["actor_rtt", "actor_learner"]
+TINY_WORKLOADS += ["weight_sync[1MB, 100 tensors, 4 readers]", "queue_throughput[64B]", "queue_throughput[1MB]"]
 
 
 @pytest.mark.timeout(330)  # the run's own limit is 300 s; the suite default (180 s) is lower
