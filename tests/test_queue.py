@@ -202,3 +202,13 @@ def test_100000_items_leave_fds_and_the_store_flat(workers):
         plain.put_many(list(range(i, i + 1000)))
         assert plain.get_many(1000)[-1] == i + 999
     assert counted_fds() <= fds
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_travel_by_ipc_handle(workers):
+    q = ta.Queue()
+    t = torch.zeros(1000, device="cuda")
+    q.put(t)
+    ta.get(workers[0].fill_next.remote(q, 5.0))
+    torch.cuda.synchronize()
+    assert bool((t == 5).all())                     # the consumer wrote into our GPU bytes

@@ -288,7 +288,9 @@ class _Lease:
                 self.buckets.append((device, dtype, nbytes, store.get(bref)))
         self.events: dict[int, Any] = {}
 
-    def views(self, lease: ObjectRef, event_bytes: bytes) -> list[torch.Tensor]:
+    def views(self, lease: ObjectRef, event_bytes: bytes, own_events: Optional[dict]) -> list[torch.Tensor]:
+        """Views of the leaves, pinned to ``lease``; CUDA ones ordered after the publication's
+        copies (``own_events``: the publisher's own events, when it reads its own channel)."""
         typed = []
         for device, dtype, nbytes, where in self.buckets:
             if device.type == "cpu":
@@ -299,7 +301,10 @@ class _Lease:
                 base = where.untyped_storage()
                 storage = cuda.alias_storage(base, base.nbytes(), device, cuda._Pin(base, lease, device.index))
                 typed.append(torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (nbytes // where.element_size(),)))
-        if event_bytes:
+        if own_events is not None:
+            for d, event in own_events.items():
+                event.wait(torch.cuda.current_stream(d))
+        elif event_bytes:
             for d, handle in pickle.loads(event_bytes):
                 ev = self.events.get(d)
                 if ev is None or ev[0] != handle:
@@ -367,7 +372,8 @@ class _Channel:
             if info is None:
                 self._forget_old_leases()
                 info = self.leases[key] = _Lease(self.store, args)
-            views = info.views(lease, event_bytes)
+            own = self.publisher.sets[b].events if self.publisher is not None and self.publisher.sets[b] else None
+            views = info.views(lease, event_bytes, own)
             del lease       # the views pin it now
             return v, _ViewUnpickler(skeleton, views).load()
 
