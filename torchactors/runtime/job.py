@@ -3,7 +3,7 @@
 Box in the data flow: the driver creates the job (``ta.init``); each child process joins it
 with the directory and secret it is given at start. The directory (mode 0700) holds the
 actors' sockets, a status file per actor (written only by the supervisor that started it),
-one file per actor name, and one record per named data-plane channel (``weights/<name>``). Files, not a server: any process can look an actor up without
+and one file per actor name. Files, not a server: any process can look an actor up without
 asking the driver.
 """
 
@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import shutil
-import threading
 from typing import Any, Optional
 
 from torchactors.store import core as store_core
@@ -95,14 +94,21 @@ class Job:
     # -- names ----------------------------------------------------------------------------
 
     def register_name(self, name: str, record: dict) -> None:
+        path = os.path.join(self.dir, "names", _safe(name))
         try:
-            write_record(self.dir, "names", name, record)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise ValueError(f"an actor named {name!r} already exists in this job; pick another name "
                              f"or ta.kill() the old one first") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
 
     def lookup_name(self, name: str) -> Optional[dict]:
-        return read_record(self.dir, "names", name)
+        try:
+            with open(os.path.join(self.dir, "names", _safe(name))) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
     def drop_name(self, name: str) -> None:
         try:
@@ -112,35 +118,6 @@ class Job:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def write_record(job_dir: str, kind: str, name: str, record: dict, replace: bool = False) -> None:
-    """Write ``<job_dir>/<kind>/<name>`` (a JSON record any process of the job can read).
-    Without ``replace`` the name must be new (``FileExistsError`` otherwise); either way a reader
-    never sees a half-written record."""
-    folder = os.path.join(job_dir, kind)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    path = os.path.join(folder, _safe(name))
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    try:
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)      # atomic, and fails if the name is taken
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_record(job_dir: str, kind: str, name: str) -> Optional[dict]:
-    """The record written by ``write_record``, or None if there is none (yet)."""
-    try:
-        with open(os.path.join(job_dir, kind, _safe(name))) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _safe(name: str) -> str:
@@ -162,3 +139,33 @@ def set_current(job: Optional[Job]) -> None:
 def describe(job: Job) -> dict[str, Any]:
     """What a child needs to join the job."""
     return {"dir": job.dir, "secret": job.secret, "capacity": job.capacity}
+
+
+# -- records of named data-plane channels (``weights/<name>``): any process reads them ------------
+
+def write_record(job_dir: str, kind: str, name: str, record: dict, replace: bool = False) -> None:
+    """Write ``<job_dir>/<kind>/<name>``, a JSON record any process of the job can read, whole
+    or not at all. Without ``replace`` the name must be new (``FileExistsError`` otherwise)."""
+    folder = os.path.join(job_dir, kind)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, _safe(name))
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)      # atomic, and fails if the name is taken
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_record(job_dir: str, kind: str, name: str) -> Optional[dict]:
+    """The record written by ``write_record``, or None if there is none (yet)."""
+    try:
+        with open(os.path.join(job_dir, kind, _safe(name))) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
