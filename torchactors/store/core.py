@@ -92,7 +92,8 @@ def make_storage(seg: Segment, offset: int, nbytes: int, pin: Any) -> torch.Unty
 _strides_cache: dict[tuple, tuple] = {}
 
 
-def _contiguous_strides(shape: tuple) -> tuple:
+def contiguous_strides(shape: tuple) -> tuple:
+    """The strides of a contiguous tensor of ``shape`` (cached: hot shapes repeat)."""
     strides = _strides_cache.get(shape)
     if strides is None:
         acc, out = 1, []
@@ -301,7 +302,7 @@ class Store:
             t = torch.empty_strided(shape, stride, dtype=dtype)
         else:
             flat = torch.frombuffer(pinned_buffer(seg, ref.loc[2], nbytes, ref), dtype=dtype)
-            if offset == 0 and stride == _contiguous_strides(shape):
+            if offset == 0 and stride == contiguous_strides(shape):
                 t = flat if len(shape) == 1 else flat.view(shape)
             else:
                 t = flat.as_strided(shape, stride, offset)
