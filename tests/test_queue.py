@@ -163,7 +163,7 @@ def test_queue_host_death_fails_blocked_and_later_calls_within_a_second():
     def blocked_get():
         try:
             q.get()
-        except ta.ActorDiedError as exc:
+        except ta.ActorDiedError:
             errors.append(time.monotonic())
     t = threading.Thread(target=blocked_get)
     t.start()
