@@ -9,8 +9,8 @@ Box in the data flow::
         refs, so the consumer counts its holds first) -> tail, nget += 1 -> wake a producer
         -> tensors are views of the producer's store (zero-copy)
 
-The ring is a memfd of the process that created the queue (its *host*); every user opens it
-once through ``/proc/<host>/fd`` and maps it. Producers are serialized by one robust,
+The ring is a memfd segment of the process that created the queue (its *host*); every other
+user maps it once through the store's mapping cache (``/proc/<host>/fd``, no fd kept). Producers are serialized by one robust,
 process-shared pthread mutex in it and consumers by another, so a put and a get never wait
 for each other, a free mutex costs no syscall, and a dead holder's mutex passes to the next
 taker. Order is the ring's order: FIFO overall, so FIFO per producer.
@@ -29,9 +29,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import itertools
 import logging
-import mmap
 import os
 import pickle
 import queue as std_queue
@@ -44,6 +42,7 @@ from typing import Any, Iterable, Optional
 from torchactors.errors import ActorDiedError
 from torchactors.store import core, futex, serialize
 from torchactors.store.refs import SerializationContext
+from torchactors.store.segments import Segment
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +117,17 @@ def _release(mutex: ctypes.c_void_p) -> None:
 
 
 class _Ring:
-    """One process's handle on a queue's ring: the fd (for the locks), the mapping, the cells."""
+    """One process's handle on a queue's ring: its segment (the host's own, or a mapping of
+    it from the store's ``MappingCache``), and the cells and mutexes in its header."""
 
-    def __init__(self, fd: int, record: tuple, host: bool) -> None:
-        self.fd = fd
+    def __init__(self, seg: Segment, record: tuple, host: bool) -> None:
+        self.seg = seg
         self.record = record        # (host index, host pid, fd number in the host, inode)
         self.host = host
         self.shared = False         # the host keeps the ring for the job once it was sent
-        self.mm = mmap.mmap(fd, HEADER + RING_BYTES, mmap.MAP_SHARED)
+        self.mm = seg.mm
         self.cells = memoryview(self.mm).cast("q")
-        self._anchor = ctypes.c_char.from_buffer(self.mm)
-        self.base = ctypes.addressof(self._anchor)
+        self.base = seg.base
         self.mutexes = (ctypes.c_void_p(self.base + _MUTEX_AT[0]), ctypes.c_void_p(self.base + _MUTEX_AT[1]))
         self.key = (record[1], record[3])
         self.store = core.current()
@@ -306,11 +305,8 @@ class _Ring:
         return max(0, self.cells[_NPUT] - self.cells[_NGET])
 
     def close(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-        self.fd = -1
+        """The host lets go of its fd: no new process can open the ring (mappings stay)."""
+        self.seg.close()
 
 
 class _Boxed:
@@ -368,19 +364,12 @@ _in_flight: dict[tuple, collections.deque] = {}        # ring key -> (item numbe
 _hosted: dict[tuple, _Ring] = {}                        # rings this process hosts and has sent
 _attached: "weakref.WeakValueDictionary[tuple, _Ring]" = weakref.WeakValueDictionary()
 _rings_lock = threading.Lock()
-_numbers = itertools.count()
 
 
 def _create(maxsize: int) -> _Ring:
     store = core.current()
-    fd = os.memfd_create(f"torchactors-{os.getpid()}-queue-{next(_numbers)}", os.MFD_CLOEXEC)
-    try:
-        os.fchmod(fd, 0o600)
-        os.ftruncate(fd, HEADER + RING_BYTES)
-        ring = _Ring(fd, (store.index, os.getpid(), fd, os.fstat(fd).st_ino), host=True)
-    except BaseException:
-        os.close(fd)
-        raise
+    seg = Segment(0, HEADER + RING_BYTES, populate=False)
+    ring = _Ring(seg, (store.index, os.getpid(), seg.fd, seg.inode), host=True)
     for side in (_PRODUCERS, _CONSUMERS):
         _init_mutex(ring.base + _MUTEX_AT[side])
     cells = ring.cells
@@ -397,17 +386,11 @@ def _attach(record: tuple) -> _Ring:
         ring = _hosted.get(key) or _attached.get(key)
         if ring is not None:
             return ring
-        died = ActorDiedError(f"queue host (process {index}, pid {pid})",
-                              detail="the process that created this ta.Queue is gone, and the queue with it")
-        try:
-            fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            raise died from None
-        if os.fstat(fd).st_ino != inode:
-            os.close(fd)
-            raise died
-        ring = _Ring(fd, record, host=False)
-        weakref.finalize(ring, os.close, fd)
+        seg = core.current().maps.map(pid, fd_number, inode)     # mapped once per process
+        if seg is None:
+            raise ActorDiedError(f"queue host (process {index}, pid {pid})",
+                                 detail="the process that created this ta.Queue is gone, and the queue with it")
+        ring = _Ring(seg, record, host=False)
         _attached[key] = ring
         return ring
 
