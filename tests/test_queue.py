@@ -49,6 +49,11 @@ class Worker:
     def fill_next(self, q: ta.Queue, value: float) -> None:
         q.get(timeout=30).fill_(value)
 
+    def die_holding_the_producers_mutex(self, q: ta.Queue) -> None:
+        from torchactors.actors import queue as queue_module
+        queue_module._acquire(q._ring.mutexes[queue_module._PRODUCERS])
+        os._exit(3)
+
     def host(self, maxsize: int) -> ta.Queue:
         self.kept = ta.Queue(maxsize)
         return self.kept
@@ -212,3 +217,31 @@ def test_cuda_tensors_travel_by_ipc_handle(workers):
     ta.get(workers[0].fill_next.remote(q, 5.0))
     torch.cuda.synchronize()
     assert bool((t == 5).all())                     # the consumer wrote into our GPU bytes
+
+
+def test_a_producer_killed_in_a_tight_put_loop_never_jams_the_queue():
+    """It may die holding the producers' mutex: the robust mutex passes to the next taker."""
+    producer = Worker.remote()
+    pid = ta.get(producer.pid.remote())
+    q = ta.Queue(maxsize=50)
+    producer.produce.remote(q, 0, 200_000)
+    for _ in range(200):
+        q.get(timeout=10)
+    os.kill(pid, signal.SIGKILL)
+    while True:                                  # drain what it managed to put
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            break
+    start = time.monotonic()
+    q.put_many(list(range(50)), timeout=5)
+    assert q.get_many(50, timeout=5) == list(range(50)) and time.monotonic() - start < 1.0
+    ta.kill(producer)
+    # And deterministically: a process that dies right after taking the mutex.
+    doomed = Worker.remote()
+    with pytest.raises(ta.ActorDiedError):
+        ta.get(doomed.die_holding_the_producers_mutex.remote(q), timeout=30)
+    start = time.monotonic()
+    q.put("after", timeout=5)
+    assert q.get(timeout=5) == "after" and time.monotonic() - start < 1.0
+    ta.kill(doomed)

@@ -159,6 +159,21 @@ def test_publisher_waits_when_every_buffer_is_held_and_goes_on_when_one_is_dropp
     assert check_constant(*held[0]) and check_constant(*w.latest())
 
 
+def test_a_killed_reader_does_not_pin_the_version_it_held():
+    w = ta.Weights("dead-reader", max_buffers=2)
+    w.publish(constant_sd(1.0))
+    reader = Reader.remote("dead-reader")
+    pid = ta.get(reader.pid.remote())
+    reader.hold_and_recheck.remote(60.0)          # holds version 1 for a minute
+    time.sleep(0.5)
+    w.publish(constant_sd(2.0))                   # the other buffer set: fine while it holds 1
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    w.publish(constant_sd(3.0))                   # needs version 1's buffer set: its holder is dead
+    assert time.monotonic() - start < 2.0 and check_constant(*w.latest())
+    ta.kill(reader)
+
+
 def test_wait_newer_times_out_and_wakes_on_publication():
     w = ta.Weights("timeouts")
     with pytest.raises(ta.GetTimeoutError):
