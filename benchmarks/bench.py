@@ -35,6 +35,7 @@ log = logging.getLogger("bench")
 DEFAULT_SIZES = "4KB,1MB,64MB,256MB"
 TINY_SIZES = "4KB,64KB"
 ZERO_COPY_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
+MPQUEUE_ENV = "TORCHACTORS_BENCH_MPQUEUE"   # peers_torchmp runs multiprocessing.Queue only
 
 
 Env = dict[str, "str | None"]  # None: remove the variable
@@ -55,6 +56,8 @@ def plan_systems(peers: list[str], notes: list[str]) -> list[tuple[str, str, Env
             systems.append(("ta-on-ray", "workloads_torchactors", {BACKEND_ENV: "ray"}))
         elif peer == "torchmp":
             systems.append(("torchmp", "peers_torchmp", {}))
+            # queue_throughput on the standard library's multiprocessing.Queue (same module).
+            systems.append(("mpqueue", "peers_torchmp", {MPQUEUE_ENV: "1"}))
         else:
             raise SystemExit(f"unknown peer {peer!r}; choose from ray, torchmp")
     systems.append(("reference", "reference", {}))

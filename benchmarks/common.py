@@ -341,3 +341,43 @@ def system_main(system: str, run: Callable[[Config, Recorder], None]) -> None:
     sys.stdout.flush()
     # Skip interpreter teardown: daemon threads of some runtimes can hang it.
     os._exit(code)
+
+
+# -- data plane workloads (weight_sync, queue_throughput): shared by every system ----------------
+
+WEIGHT_TENSORS = 100
+WEIGHT_READERS = 4
+QUEUE_PRODUCERS = 2
+QUEUE_MAXSIZE = 1000
+QUEUE_SIZES = (64, MB)              # 64-byte messages, 1 MB tensors
+
+
+def weight_sync_key(cfg: Config) -> str:
+    """'weight_sync[100MB, 100 tensors, 4 readers]' (1 MB in total with --tiny)."""
+    return f"weight_sync[{fmt_size(weight_bytes(cfg))}, {WEIGHT_TENSORS} tensors, {WEIGHT_READERS} readers]"
+
+
+def weight_bytes(cfg: Config) -> int:
+    return (MB if cfg.tiny else 100 * MB)
+
+
+def make_state_dict(cfg: Config) -> dict[str, torch.Tensor]:
+    """100 float32 tensors of equal size, 100 MB in all (the weight_sync payload)."""
+    n = weight_bytes(cfg) // WEIGHT_TENSORS // 4
+    gen = torch.Generator().manual_seed(7)
+    return {f"layer{i}.weight": torch.rand(n, generator=gen) for i in range(WEIGHT_TENSORS)}
+
+
+def queue_key(nbytes: int) -> str:
+    return key("queue_throughput", nbytes)
+
+
+def queue_messages(cfg: Config, nbytes: int, slow: bool = False) -> int:
+    """Messages per producer in one timed round (fewer for Ray's ~800 msg/s queue)."""
+    n = (200 if nbytes <= 64 else 50) if slow else (20_000 if nbytes <= 64 else 1_000)
+    return max(10, n // 20) if cfg.tiny else n
+
+
+def queue_item(nbytes: int) -> Any:
+    """64 B: a bytes message; larger: a float32 tensor of that size."""
+    return b"x" * nbytes if nbytes <= 64 else make_tensor(nbytes)

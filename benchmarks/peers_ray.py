@@ -18,8 +18,9 @@ import warnings
 import ray
 import torch
 
-from common import (Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, start_ns, startup_reps, summarize,
-                    touch)
+from common import (QUEUE_MAXSIZE, QUEUE_PRODUCERS, QUEUE_SIZES, WEIGHT_READERS, Config, Recorder, key,
+                    make_rollout_buffer, make_state_dict, make_tensor, memcpy, queue_item, queue_key, queue_messages,
+                    start_ns, startup_reps, summarize, touch, weight_sync_key)
 
 
 @ray.remote
@@ -60,6 +61,77 @@ class Producer:
 
     def rollout(self) -> torch.Tensor:
         return self.buf
+
+
+@ray.remote
+class WeightReader:
+    """weight_sync: gets the state dict it is sent a ref to (inside a list: the actor calls get)."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+
+    def noop(self) -> None:
+        return None
+
+    def fetch(self, box: list) -> int:
+        sd = ray.get(box[0])
+        return len(sd)
+
+
+@ray.remote
+class QueueProducer:
+    """queue_throughput: puts n items into a ray.util.queue.Queue."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+
+    def noop(self) -> None:
+        return None
+
+    def produce(self, q, n: int, nbytes: int) -> int:
+        item = queue_item(nbytes)
+        for _ in range(n):
+            q.put(item)
+        return n
+
+
+def _dataplane(cfg: Config, rec: Recorder) -> None:
+    """weight_sync: ray.put of the state dict, then ray.get in each of 4 actors;
+    queue_throughput: ray.util.queue.Queue, 2 producer actors, the driver consumes."""
+    from ray.util.queue import Queue
+
+    with rec.guard("weight_sync"):
+        sd = make_state_dict(cfg)
+        readers = [WeightReader.remote() for _ in range(WEIGHT_READERS)]
+        ray.get([r.noop.remote() for r in readers])
+
+        def sync() -> None:
+            ref = ray.put(sd)
+            ray.get([r.fetch.remote([ref]) for r in readers])
+        rec.time_op(weight_sync_key(cfg), sync, sum(t.nbytes for t in sd.values()))
+        for r in readers:
+            ray.kill(r)
+
+    with rec.guard("queue_throughput"):
+        producers = [QueueProducer.remote() for _ in range(QUEUE_PRODUCERS)]
+        ray.get([p.noop.remote() for p in producers])
+        q = Queue(maxsize=QUEUE_MAXSIZE)
+        for nbytes in QUEUE_SIZES:
+            n = queue_messages(cfg, nbytes, slow=True)
+
+            def rounds(n: int = n, nbytes: int = nbytes) -> float:
+                t0 = time.perf_counter()
+                done = [p.produce.remote(q, n, nbytes) for p in producers]
+                for _ in range(n * len(producers)):
+                    x = q.get()
+                del x
+                ray.get(done)
+                return (time.perf_counter() - t0) / (n * len(producers))
+            rec.time_op(queue_key(nbytes), rounds, nbytes, self_timed=True)
+        q.shutdown()
+        for p in producers:
+            ray.kill(p)
 
 
 def learner_step(pending: dict) -> None:
@@ -167,6 +239,8 @@ def run(cfg: Config, rec: Recorder) -> None:
             ray.get(list(pending))
             for p in producers:
                 ray.kill(p)
+
+        _dataplane(cfg, rec)
     finally:
         ray.shutdown()
 

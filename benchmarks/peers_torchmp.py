@@ -10,6 +10,7 @@ Run as `python -m peers_torchmp --config JSON --out FILE`.
 from __future__ import annotations
 
 import multiprocessing.forkserver
+import os
 import queue as queue_mod
 import time
 from typing import Any
@@ -17,8 +18,11 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from common import (Config, Recorder, idle_pss, key, make_rollout_buffer, make_tensor, memcpy,
-                    start_ns, startup_reps, summarize, touch)
+from common import (QUEUE_MAXSIZE, QUEUE_PRODUCERS, QUEUE_SIZES, WEIGHT_READERS, Config, Recorder, idle_pss, key,
+                    make_rollout_buffer, make_state_dict, make_tensor, memcpy, queue_item, queue_key, queue_messages,
+                    start_ns, startup_reps, summarize, touch, weight_sync_key)
+
+MPQUEUE_ENV = "TORCHACTORS_BENCH_MPQUEUE"   # "1": run queue_throughput on multiprocessing.Queue only
 
 
 def fresh_shared(t: torch.Tensor) -> torch.Tensor:
@@ -137,9 +141,108 @@ def _startup(cfg: Config, rec: Recorder) -> None:
                         # A private helper CPython's own tests use: the next rep starts a new server.
                         multiprocessing.forkserver._forkserver._stop()
                 rec.add(f"{name}[{n}]", summarize(samples))
+# -- data plane: weight_sync and queue_throughput ------------------------------------------------
+
+def _weight_reader(shared: dict, versions: Any, answers: Any) -> None:
+    """weight_sync: holds the shared tensors; answers each version number it is sent."""
+    torch.set_num_threads(1)
+    while True:
+        v = versions.get()
+        if v is None:
+            break
+        answers.put(v if len(shared) else -1)
+
+
+def _queue_producer(ctrl: Any, data: Any, as_bytes: bool) -> None:
+    """queue_throughput: on ('go', n, nbytes) puts n items; 1 MB ones are fresh shared tensors
+    (torch.mp) or bytes pickled by value (plain multiprocessing, which has no tensor sharing)."""
+    torch.set_num_threads(1)
+    cache: dict[int, Any] = {}
+    while True:
+        msg = ctrl.get()
+        if msg is None:
+            break
+        _, n, nbytes = msg
+        item = cache.setdefault(nbytes, queue_item(nbytes))
+        for _ in range(n):
+            if isinstance(item, torch.Tensor):
+                data.put(bytes(item.numpy()) if as_bytes else fresh_shared(item))
+            else:
+                data.put(item)
+
+
+def _weight_sync(ctx: Any, cfg: Config, rec: Recorder) -> None:
+    """Copy into shared tensors the readers were given at start, then a version per reader."""
+    src = make_state_dict(cfg)
+    shared = {k: torch.empty_like(t).share_memory_() for k, t in src.items()}
+    versions = [ctx.Queue() for _ in range(WEIGHT_READERS)]
+    answers = ctx.Queue()
+    procs = [ctx.Process(target=_weight_reader, args=(shared, q, answers), daemon=True) for q in versions]
+    for p in procs:
+        p.start()
+    state = {"v": 0}
+    try:
+        def sync() -> None:
+            state["v"] += 1
+            with torch.no_grad():
+                for k, t in src.items():
+                    shared[k].copy_(t)
+            for q in versions:
+                q.put(state["v"])
+            got = [answers.get() for _ in versions]
+            if got != [state["v"]] * len(versions):
+                raise RuntimeError(f"readers answered {got}")
+        sync()  # every reader is up
+        rec.time_op(weight_sync_key(cfg), sync, sum(t.nbytes for t in src.values()))
+    finally:
+        for q in versions:
+            q.put(None)
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+
+def _queue_throughput(ctx: Any, cfg: Config, rec: Recorder, as_bytes: bool) -> None:
+    data = ctx.Queue(maxsize=QUEUE_MAXSIZE)
+    ctrls = [ctx.Queue() for _ in range(QUEUE_PRODUCERS)]
+    procs = [ctx.Process(target=_queue_producer, args=(c, data, as_bytes), daemon=True) for c in ctrls]
+    for p in procs:
+        p.start()
+    try:
+        for nbytes in QUEUE_SIZES:
+            n = queue_messages(cfg, nbytes)
+
+            def rounds(n: int = n, nbytes: int = nbytes) -> float:
+                t0 = time.perf_counter()
+                for c in ctrls:
+                    c.put(("go", n, nbytes))
+                for _ in range(n * len(ctrls)):
+                    x = data.get()
+                del x
+                return (time.perf_counter() - t0) / (n * len(ctrls))
+            rec.time_op(queue_key(nbytes), rounds, nbytes, self_timed=True)
+    finally:
+        for c in ctrls:
+            c.put(None)
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+
+def run_mpqueue(cfg: Config, rec: Recorder) -> None:
+    """The 'mpqueue' system: queue_throughput on the standard library's multiprocessing.Queue."""
+    import multiprocessing
+
+    with rec.guard("queue_throughput"):
+        _queue_throughput(multiprocessing.get_context("spawn"), cfg, rec, as_bytes=True)
 
 
 def run(cfg: Config, rec: Recorder) -> None:
+    if os.environ.get(MPQUEUE_ENV) == "1":
+        run_mpqueue(cfg, rec)
+        return
     ctx = mp.get_context("spawn")
     tensors = {n: make_tensor(n) for n in cfg.sizes}
     memcpy(rec, tensors)
@@ -173,6 +276,11 @@ def run(cfg: Config, rec: Recorder) -> None:
             rec.time_rate("actor_learner", learner.step)
         finally:
             learner.close()
+
+    with rec.guard("weight_sync"):
+        _weight_sync(ctx, cfg, rec)
+    with rec.guard("queue_throughput"):
+        _queue_throughput(ctx, cfg, rec, as_bytes=False)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 - xproc_get: copy into a shared segment (memfd, allocated and pre-faulted once, reused) plus
   a length-prefixed pickle message over a socketpair; the child sums and replies.
 - actor_rtt: the raw round trip over that socketpair (4-byte length prefix + pickle).
+- weight_sync: one memcpy of the whole state into a memfd that 4 reader processes mapped
+  once, then a pipe message to each reader and its answer.
 - actor_learner: the two-core copy limit, measured: two threads each snapshot an 18 MB
   buffer (clone, into memory the allocator reuses) as fast as they can at the same time; the
   sum of their rates is the most rollouts per second any runtime can reach when every rollout
@@ -27,7 +29,8 @@ from typing import Any
 
 import torch
 
-from common import Config, Recorder, key, make_rollout_buffer, make_tensor, memcpy, summarize
+from common import (WEIGHT_READERS, Config, Recorder, key, make_rollout_buffer, make_state_dict, make_tensor, memcpy,
+                    summarize, weight_sync_key)
 
 _LEN = struct.Struct("<I")
 
@@ -164,6 +167,55 @@ def fresh_copy_estimate(cfg: Config, rec: Recorder, cores: int = 2) -> dict[str,
     return {"median": 1.0 / rate, "rate": rate, "from": key("memcpy", n), "unit": "s"}
 
 
+class _WeightReaders:
+    """weight_sync's hand-written limit: one memfd the readers map once; a sync is one memcpy
+    of the whole state into it and a pipe message to (and answer from) each reader."""
+
+    def __init__(self, nbytes: int, readers: int) -> None:
+        self.capacity = max(nbytes, mmap.PAGESIZE)
+        self.mem_fd = os.memfd_create("torchactors-bench-ref-weights")
+        os.ftruncate(self.mem_fd, self.capacity)
+        self.mem = mmap.mmap(self.mem_fd, self.capacity)
+        self.seg = torch.frombuffer(self.mem, dtype=torch.uint8)
+        self.seg.zero_()  # pre-fault once
+        self.socks, self.procs = [], []
+        for _ in range(readers):
+            sock, child = socket.socketpair()
+            self.procs.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--child-server",
+                 str(child.fileno()), str(self.mem_fd), str(self.capacity)],
+                pass_fds=(child.fileno(), self.mem_fd)))
+            child.close()
+            self.socks.append(sock)
+
+    def sync(self, flat: torch.Tensor) -> None:
+        self.seg[:flat.numel()].copy_(flat)
+        for s in self.socks:
+            send_msg(s, ("noop",))
+        for s in self.socks:
+            recv_msg(s)
+
+    def close(self) -> None:
+        for s, p in zip(self.socks, self.procs):
+            send_msg(s, ("exit",))
+            p.wait(timeout=10)
+            s.close()
+        del self.seg
+        self.mem.close()
+        os.close(self.mem_fd)
+
+
+def _weight_sync(cfg: Config, rec: Recorder) -> None:
+    sd = make_state_dict(cfg)
+    flat = torch.cat([t.reshape(-1) for t in sd.values()]).view(torch.uint8)
+    readers = _WeightReaders(flat.numel(), WEIGHT_READERS)
+    try:
+        readers.sync(flat)
+        rec.time_op(weight_sync_key(cfg), lambda: readers.sync(flat), flat.numel())
+    finally:
+        readers.close()
+
+
 def run(cfg: Config, rec: Recorder) -> None:
     tensors = {n: make_tensor(n) for n in cfg.sizes}
     memcpy(rec, tensors)
@@ -176,6 +228,8 @@ def run(cfg: Config, rec: Recorder) -> None:
         server.close()
     with rec.guard("actor_learner"):
         rec.add("actor_learner", copy_limit(cfg))
+    with rec.guard("weight_sync"):
+        _weight_sync(cfg, rec)
     fresh = fresh_copy_estimate(cfg, rec)
     if fresh:
         rec.add("copy_limit_fresh_pages", fresh, section="extra")

@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 from common import START_NS, fmt_size, key
 
-SYSTEMS = ("torchactors", "ray", "ray-zerocopy", "ta-on-ray", "torchmp", "reference")
-SHORT = {"ray": "ray", "ray-zerocopy": "ray-zc", "ta-on-ray": "ta-ray", "torchmp": "torchmp", "reference": "ref"}
+SYSTEMS = ("torchactors", "ray", "ray-zerocopy", "ta-on-ray", "torchmp", "mpqueue", "reference")
+SHORT = {"ray": "ray", "ray-zerocopy": "ray-zc", "ta-on-ray": "ta-ray", "torchmp": "torchmp", "mpqueue": "mpq",
+         "reference": "ref"}
 SIZED = ("memcpy", "put_get", "xproc_get", "get_only")
 RATE_WORKLOADS = ("actor_learner",)
 STARTUP_WORKLOADS = tuple(f"{w}[{n}]" for n in START_NS
@@ -33,8 +34,15 @@ def _div(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+# The data plane's rows (their names carry their own sizes; see common.py).
+DATAPLANE = ("weight_sync[100MB, 100 tensors, 4 readers]", "weight_sync[1MB, 100 tensors, 4 readers]",
+             "queue_throughput[64B]", "queue_throughput[1MB]")
+WEIGHT_SYNC = DATAPLANE[0]
+
+
 def workload_names(sizes: list[int]) -> list[str]:
-    return [key(w, n) for w in SIZED for n in sizes] + ["actor_rtt", "actor_learner"] + list(STARTUP_WORKLOADS)
+    return ([key(w, n) for w in SIZED for n in sizes] + ["actor_rtt", "actor_learner"] + list(STARTUP_WORKLOADS)
+            + list(DATAPLANE))
 
 
 def build_rows(results: Results, sizes: list[int]) -> list[dict[str, Any]]:
@@ -153,6 +161,20 @@ TARGETS = [
            _ratio(("torchmp", "actor_learner"), (TA, "actor_learner")), ">=", 1.5),
     Target("actor_learner at least 0.8 of the two-core copy limit (ta/limit rollouts/s)",
            _ratio(("reference", "actor_learner"), (TA, "actor_learner")), ">=", 0.8),
+    Target("weight_sync within 1.3x of hand-written memcpy + pipe messages (ta/ref)",
+           _ratio((TA, WEIGHT_SYNC), ("reference", WEIGHT_SYNC)), "<=", 1.3),
+    Target("weight_sync at least 10x faster than Ray as shipped (ray/ta)",
+           _ratio(("ray", WEIGHT_SYNC), (TA, WEIGHT_SYNC)), ">=", 10),
+    Target("weight_sync at least 2x faster than Ray zero-copy (ray-zc/ta)",
+           _ratio(("ray-zerocopy", WEIGHT_SYNC), (TA, WEIGHT_SYNC)), ">=", 2),
+    Target("queue_throughput[64B] at least torch.mp Queue's (torchmp/ta)",
+           _ratio(("torchmp", "queue_throughput[64B]"), (TA, "queue_throughput[64B]")), ">=", 1),
+    Target("queue_throughput[1MB] at least 5x torch.mp Queue's (torchmp/ta)",
+           _ratio(("torchmp", "queue_throughput[1MB]"), (TA, "queue_throughput[1MB]")), ">=", 5),
+    Target("queue_throughput[64B] at least 100x ray.util.queue (ray/ta)",
+           _ratio(("ray", "queue_throughput[64B]"), (TA, "queue_throughput[64B]")), ">=", 100),
+    Target("queue_throughput[1MB] at least 100x ray.util.queue (ray/ta)",
+           _ratio(("ray", "queue_throughput[1MB]"), (TA, "queue_throughput[1MB]")), ">=", 100),
     Target("no growth of fds, mapped segments, /dev/shm after put/get/free cycles (max growth)",
            _leak_growth, "<=", 0, "count"),
 ]

@@ -63,6 +63,34 @@ class Producer:
 
 
 @ta.actor(num_threads=1)
+class WeightReader:
+    """weight_sync: waits for a version and builds its state dict of views."""
+
+    def __init__(self, name: str) -> None:
+        self.w = ta.Weights(name)
+
+    def noop(self) -> None:
+        return None
+
+    def wait_for(self, version: int) -> int:
+        v, sd = self.w.wait_newer(version - 1, timeout=60)
+        return v if len(sd) else -1
+
+
+@ta.actor(num_threads=1)
+class QueueProducer:
+    """queue_throughput: puts n items as fast as the queue takes them."""
+
+    def noop(self) -> None:
+        return None
+
+    def produce(self, q: ta.Queue, n: int, item: Any) -> int:
+        for _ in range(n):
+            q.put(item)
+        return n
+
+
+@ta.actor(num_threads=1)
 class Idle:
     """The actor of actor_start, restart_latency and the idle-memory figure."""
 

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import torchactors as ta
 
-from common import (BACKEND_ENV, Config, Recorder, idle_pss, key, make_tensor, memcpy, scale,
-                    start_ns, startup_reps, summarize, time_op, time_rate, touch)
-from ta_actors import Idle, Producer, Worker
+from common import (BACKEND_ENV, QUEUE_MAXSIZE, QUEUE_PRODUCERS, QUEUE_SIZES, WEIGHT_READERS, Config, Recorder,
+                    idle_pss, key, make_state_dict, make_tensor, memcpy, queue_item, queue_key, queue_messages, scale,
+                    start_ns, startup_reps, summarize, time_op, time_rate, touch, weight_sync_key)
+from ta_actors import Idle, Producer, QueueProducer, WeightReader, Worker
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,52 @@ def _startup(cfg: Config, rec: Recorder) -> None:
                 rec.add(f"actor_pss[{method}]", pss, section="extra")
             finally:
                 ta.shutdown()
+def _dataplane(cfg: Config, rec: Recorder) -> None:
+    """weight_sync (publish until 4 reader actors hold the version) and queue_throughput
+    (2 producer actors, the driver consumes)."""
+    with rec.guard("weight_sync"):
+        sd = make_state_dict(cfg)
+        weights = ta.Weights("bench/weights")
+        readers = [WeightReader.remote("bench/weights") for _ in range(WEIGHT_READERS)]
+        ta.get([r.noop.remote() for r in readers])
+        try:
+            def sync() -> float:
+                v = weights.latest()[0] + 1
+                waits = [r.wait_for.remote(v) for r in readers]
+                time.sleep(0.002)                   # the readers are asleep in wait_newer
+                t0 = time.perf_counter()
+                weights.publish(sd)
+                got = ta.get(waits)
+                dt = time.perf_counter() - t0
+                if got != [v] * len(readers):
+                    raise RuntimeError(f"readers got versions {got}, not {v}")
+                return dt
+            rec.time_op(weight_sync_key(cfg), sync, sum(t.nbytes for t in sd.values()), self_timed=True)
+        finally:
+            for r in readers:
+                ta.kill(r)
+
+    with rec.guard("queue_throughput"):
+        producers = [QueueProducer.remote() for _ in range(QUEUE_PRODUCERS)]
+        ta.get([p.noop.remote() for p in producers])
+        q = ta.Queue(maxsize=QUEUE_MAXSIZE)
+        try:
+            for nbytes in QUEUE_SIZES:
+                n = queue_messages(cfg, nbytes)
+                item = queue_item(nbytes)
+
+                def rounds(n: int = n, item: Any = item) -> float:
+                    t0 = time.perf_counter()
+                    done = [p.produce.remote(q, n, item) for p in producers]
+                    for _ in range(n * len(producers)):
+                        x = q.get()
+                    del x
+                    ta.get(done)
+                    return (time.perf_counter() - t0) / (n * len(producers))
+                rec.time_op(queue_key(nbytes), rounds, nbytes, self_timed=True)
+        finally:
+            for p in producers:
+                ta.kill(p)
 
 
 def run(cfg: Config, rec: Recorder) -> None:
@@ -236,6 +283,8 @@ def run(cfg: Config, rec: Recorder) -> None:
     ta.init(backend=backend, num_threads=1)
     try:
         _core(cfg, rec, tensors)
+        if backend == "local":
+            _dataplane(cfg, rec)
         if cfg.scaling and backend == "local":
             _scaling(cfg, rec)
     finally:

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_WORKLOADS = [f"{w}[{s}]" for w in ("memcpy", "put_get", "xproc_get") for s in ("4KB", "64KB")]
 TINY_WORKLOADS += ["actor_rtt", "actor_learner"]
 TINY_WORKLOADS += ["actor_start[1]", "actor_start[8]", "actor_start_next[8]", "restart_latency"]
+TINY_WORKLOADS += ["weight_sync[1MB, 100 tensors, 4 readers]", "queue_throughput[64B]", "queue_throughput[1MB]"]
 
 
 @pytest.mark.timeout(330)  # the run's own limit is 300 s; the suite default (180 s) is lower

@@ -8,6 +8,9 @@ The design, box by box, is in docs/design.md. This module only re-exports the pu
 from torchactors import store
 from torchactors.actors.api import get_actor, init, is_initialized, kill, shutdown
 from torchactors.actors.handle import ActorClass, ActorHandle, actor
+from torchactors.actors.pool import ActorPool
+from torchactors.actors.queue import Queue
+from torchactors.actors.weights import Weights
 from torchactors.errors import (ActorDiedError, ActorError, ConfigError, GetTimeoutError, ObjectFreedError,
                                 OwnerDiedError, StoreFullError, TorchActorsError)
 from torchactors.store import ObjectRef, free, get, put, stats, wait
@@ -16,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "is_initialized", "put", "get", "wait", "free", "stats", "actor", "kill", "get_actor",
-    "ObjectRef", "ActorHandle", "ActorClass", "store",
+    "ObjectRef", "ActorHandle", "ActorClass", "store", "Weights", "Queue", "ActorPool",
     "TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
     "ObjectFreedError", "StoreFullError", "ConfigError",
 ]

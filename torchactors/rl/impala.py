@@ -10,9 +10,9 @@ Roles (see ``configs/impala_cartpole.yaml``):
   ``env`` so that it builds the same one.
 - ``Learner`` runs one actor-critic update with V-trace correction per ``update()`` call;
   V-trace makes the updates correct although the rollout actors act a few versions behind.
-- ``train(job)`` keeps one rollout in flight per actor, hands each finished unroll's ref to
-  the learner without fetching its bytes, and publishes each new version of the weights by
-  ref to the actors as they come back for more work.
+- ``train(job)`` keeps one rollout in flight per actor and hands each finished unroll's ref to
+  the learner without fetching its bytes. Weights go through a ``ta.Weights`` channel: the
+  learner publishes after every update, each rollout starts from the newest version.
 
 Both classes are plain: the job runner makes actors of them (``ta.actor(RolloutActor)``), and
 ``examples/single_process_impala.py`` calls their methods directly as a reference.
@@ -48,6 +48,10 @@ HIDDEN = 64
 
 # A non-blocking poll of finished calls.
 POLL_S = 0.0
+# How long a rollout actor waits for the learner's first weights.
+WEIGHTS_WAIT_S = 120.0
+# The job's weights channel (one job, one learner: one name).
+WEIGHTS_NAME = "impala/policy"
 
 class RolloutActor:
     """Acts in ``num_envs`` CartPoles (or the gymnasium ``env``) with the last weights it was
@@ -76,6 +80,16 @@ class RolloutActor:
         self.version = -1
         self.obs = self.env.reset()
 
+    def sync_weights(self, weights: Any) -> None:
+        """Load the newest version of the ``ta.Weights`` channel if it is newer than ours
+        (waiting for the first one). Weights version ``v`` is learner version ``v - 1``: the
+        learner publishes once before its first update."""
+        v = weights.latest()[0]
+        if v == 0:
+            v = weights.wait_newer(0, timeout=WEIGHTS_WAIT_S)[0]
+        if v - 1 > self.version:
+            self.version = weights.load_into(self.model) - 1     # copies; drops the views at once
+
     def set_weights(self, ref_or_state: Any, version: int) -> None:
         """Load weights given as a state dict (a ref passed top-level arrives resolved) or a ref."""
         state = ref_or_state
@@ -88,8 +102,11 @@ class RolloutActor:
         self.version = int(version)
 
     @torch.no_grad()
-    def rollout(self) -> dict[str, Any]:
-        """Step every env ``unroll_length`` times with the current policy; tensors are [T(+1), B, ...]."""
+    def rollout(self, weights: Any = None) -> dict[str, Any]:
+        """Step every env ``unroll_length`` times with the current policy; tensors are [T(+1), B, ...].
+        With ``weights`` (a ``ta.Weights``), act with its newest version."""
+        if weights is not None:
+            self.sync_weights(weights)
         T, B = self.unroll_length, self.env.num_envs
         shape, dtype, A = ((4,), torch.float32, 2) if self.spaces is None else (
             self.spaces.obs_shape, self.spaces.obs_dtype, self.spaces.num_actions)
@@ -181,6 +198,12 @@ class Learner:
         self.reward_scale = reward_scale
         self.version = 0
         self.frames = 0
+        self.channel: Any = None
+
+    def publish_to(self, weights: Any) -> int:
+        """Publish the weights to the ``ta.Weights`` channel now and after every update."""
+        self.channel = weights
+        return self.channel.publish(self.model.state_dict())
 
     def update(self, *unrolls: Mapping[str, Any]) -> dict[str, float]:
         """One gradient step on the given unrolls (each a ``RolloutActor.rollout()`` result)."""
@@ -225,6 +248,8 @@ class Learner:
         self.optimizer.step()
         self.version += 1
         self.frames += actions.numel()
+        if self.channel is not None:
+            self.channel.publish(self.model.state_dict())
         loss, pg_loss, baseline_loss, entropy = (x.detach() for x in (loss, pg_loss, baseline_loss, entropy))
         return {
             "loss": loss.item(),
@@ -248,7 +273,7 @@ class Learner:
 
 def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, retry_interval_s: float = 0.5,
           return_window: int = 100) -> None:
-    """The driver: keep every rollout actor busy, feed the learner, publish weights by ref.
+    """The driver: keep every rollout actor busy and feed the learner; weights go by ``ta.Weights``.
 
     ``max_pending_updates`` bounds the updates submitted to the learner and not yet finished
     before the driver waits for one: the learner's queue (memory) and the actors' policy lag.
@@ -257,11 +282,12 @@ def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, 
     and imports torch: seconds on a loaded 2-core machine). The mean return reported is over
     the last ``return_window`` episodes.
 
-    Each finished unroll's ref goes to ``learner.update`` as a top-level argument (the learner
-    maps the driver-untouched tensors), followed by ``learner.weights``; calls to one actor run
-    in order, so that weights ref is the version right after that update. An actor that comes
-    back for work gets the newest weights ref that is ready, so it never waits on the learner,
-    and the driver blocks only when more than ``max_pending_updates`` updates are queued.
+    The learner publishes its weights to the job's ``ta.Weights`` channel after every update;
+    each ``rollout`` call starts by loading the newest published version if it is newer than
+    the actor's (a restarted actor too), so the driver never moves weights. Each finished
+    unroll's ref goes to ``learner.update`` as a top-level argument (the learner maps the
+    driver-untouched tensors), and the driver blocks only when more than
+    ``max_pending_updates`` updates are queued.
 
     A rollout actor that dies is relaunched once its restart is done (``max_restarts``); an
     unroll lost with it is skipped. A failing learner, or a rollout method that raises, ends
@@ -273,15 +299,12 @@ def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, 
     actors = list(job.roles["rollout"])
     lost_object = ("OwnerDiedError", "ObjectFreedError")
 
-    # The newest weights known to be ready in the store, and the learner version they are.
-    wref = learner.weights.remote()
-    ta.wait([wref], num_returns=1)
-    w_version = 0
-    actor_version = [-1] * len(actors)  # what each actor was last sent
+    weights = ta.Weights(WEIGHTS_NAME)
+    ta.get(learner.publish_to.remote(weights))      # version 1 exists before the first rollout
     down_since: dict[int, float] = {}  # actor index -> when it started failing
     retry_at: dict[int, float] = {}
     dropped: set[int] = set()
-    pending: collections.deque = collections.deque()  # (update ref, weights ref) in call order
+    pending: collections.deque = collections.deque()  # update refs in call order
     in_flight: dict[Any, int] = {}
     returns: collections.deque = collections.deque(maxlen=return_window)
     frames = episodes = updates = 0
@@ -302,28 +325,21 @@ def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, 
             return
         if since == now:
             logger.warning("rollout actor %d failed (%s); relaunching it", i, exc)
-        actor_version[i] = -1  # a restarted actor starts with fresh weights
         retry_at[i] = now + retry_interval_s
 
     def launch(i: int) -> None:
         try:
-            if actor_version[i] < w_version:
-                # A top-level ref is resolved in the actor: it maps the weights, no copy here.
-                actors[i].set_weights.remote(wref, w_version)
-                actor_version[i] = w_version
-            in_flight[actors[i].rollout.remote()] = i
+            in_flight[actors[i].rollout.remote(weights)] = i
         except ta.ActorDiedError as exc:  # raised at once while the actor is restarting
             failed(i, exc)
 
     def harvest() -> None:
         """Take finished updates in order; block on the oldest while too many are queued."""
-        nonlocal wref, w_version, updates, last_stats
+        nonlocal updates, last_stats
         while pending:
-            upd, w = pending[0]
-            if len(pending) <= max_pending_updates:
-                if not ta.wait([w], num_returns=1, timeout=POLL_S)[0]:
-                    return
-            pending.popleft()
+            if len(pending) <= max_pending_updates and not ta.wait([pending[0]], num_returns=1, timeout=POLL_S)[0]:
+                return
+            upd = pending.popleft()
             try:
                 last_stats = ta.get(upd)  # a learner failure surfaces here
             except ta.ActorError as exc:
@@ -331,8 +347,7 @@ def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, 
                     raise
                 logger.warning("skipped an unroll lost with its rollout actor: %s", exc.remote_message)
                 continue
-            ta.wait([w], num_returns=1)
-            wref, w_version, updates = w, int(last_stats["version"]), int(last_stats["updates"])
+            updates = int(last_stats["updates"])
 
     for i in range(len(actors)):
         launch(i)
@@ -354,17 +369,12 @@ def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, 
                 failed(i, exc)
                 continue
             down_since.pop(i, None)
-            if out["version"] < actor_version[i]:
-                # A set_weights sent as the actor died never arrived (its result is not read):
-                # the restarted actor still acts with its initial weights. Send them again.
-                logger.warning("rollout actor %d has weights %d, not %d; resending", i, out["version"], w_version)
-                actor_version[i] = -1
             frames += out["actions"].numel()
             ep = out["episode_returns"].tolist()
             del out  # drop the views; the learner keeps the object alive through the ref
             episodes += len(ep)
             returns.extend(ep)
-            pending.append((learner.update.remote(ref), learner.weights.remote()))
+            pending.append(learner.update.remote(ref))
             harvest()
             launch(i)
         if ready:
@@ -379,7 +389,7 @@ def train(job: Any, max_pending_updates: int = 2, rollout_down_s: float = 60.0, 
                 policy_lag=last_stats.get("policy_lag", 0.0),
             )
 
-    for upd, _ in pending:
+    for upd in pending:
         try:
             last_stats = ta.get(upd)
         except ta.ActorError as exc:

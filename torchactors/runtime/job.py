@@ -211,3 +211,33 @@ def set_current(job: Optional[Job]) -> None:
 def describe(job: Job) -> dict[str, Any]:
     """What a child needs to join the job."""
     return {"dir": job.dir, "secret": job.secret, "capacity": job.capacity}
+
+
+# -- records of named data-plane channels (``weights/<name>``): any process reads them ------------
+
+def write_record(job_dir: str, kind: str, name: str, record: dict, replace: bool = False) -> None:
+    """Write ``<job_dir>/<kind>/<name>``, a JSON record any process of the job can read, whole
+    or not at all. Without ``replace`` the name must be new (``FileExistsError`` otherwise)."""
+    folder = os.path.join(job_dir, kind)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, _safe(name))
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)      # atomic, and fails if the name is taken
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_record(job_dir: str, kind: str, name: str) -> Optional[dict]:
+    """The record written by ``write_record``, or None if there is none (yet)."""
+    try:
+        with open(os.path.join(job_dir, kind, _safe(name))) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -97,7 +97,8 @@ def make_storage(seg: Segment, offset: int, nbytes: int, pin: Any) -> torch.Unty
 _strides_cache: dict[tuple, tuple] = {}
 
 
-def _contiguous_strides(shape: tuple) -> tuple:
+def contiguous_strides(shape: tuple) -> tuple:
+    """The strides of a contiguous tensor of ``shape`` (cached: hot shapes repeat)."""
     strides = _strides_cache.get(shape)
     if strides is None:
         acc, out = 1, []
@@ -186,6 +187,13 @@ class Store:
             if putter is not None:
                 return self._register(*putter(obj, timeout))
         return self._register(*self._put_structure(obj, timeout))
+
+    def put_empty(self, nbytes: int, timeout: Optional[float] = None) -> ObjectRef:
+        """A new object of ``nbytes`` uninitialized bytes (a flat uint8 tensor) for a buffer that
+        its owner fills in place, e.g. a weights bucket: no source tensor to copy from."""
+        seg, off, cls = self._allocate(nbytes, timeout)
+        return self._register(seg, off, cls, None, ("t", torch.uint8, (nbytes,), (1,), 0, nbytes, False, False),
+                              False)
 
     def _put_cpu_tensor(self, t: torch.Tensor, timeout: Optional[float]) -> tuple:
         storage = t.untyped_storage()
@@ -421,7 +429,7 @@ class Store:
             t = torch.empty(0, dtype=dtype).set_(seg, offset, shape, stride)
         else:
             flat = torch.frombuffer(pinned_buffer(seg, ref.loc[2], nbytes, ref), dtype=dtype)
-            if offset == 0 and stride == _contiguous_strides(shape):
+            if offset == 0 and stride == contiguous_strides(shape):
                 t = flat if len(shape) == 1 else flat.view(shape)
             else:
                 t = flat.as_strided(shape, stride, offset)

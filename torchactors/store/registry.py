@@ -495,6 +495,21 @@ class Membership:
                 out.append(slot)
         return out
 
+    def holders(self, slot: int) -> int:
+        """How many refs to our own object ``slot`` live processes hold, this one included.
+        Exact for refs that stay put (a ref moving between processes is counted by its sender
+        until the receiver has counted it, so the sum never drops below the truth)."""
+        i = self._owner_base + slot * HOLD_CELL
+        n = self.holds.cells[i]
+        for p in list(self.peers.values()):
+            holds = p.holds
+            if holds is not None and p.alive():
+                try:
+                    n += holds.cells[i]
+                except ValueError:      # its tables were just closed: it died
+                    pass
+        return n
+
     def close(self) -> None:
         try:
             os.unlink(os.path.join(self.job_dir, "procs", str(self.index)))
