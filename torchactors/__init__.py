@@ -6,16 +6,17 @@ The design, box by box, is in docs/design.md. This module only re-exports the pu
 """
 
 from torchactors import store
-from torchactors.actors.api import get_actor, init, is_initialized, kill, shutdown
-from torchactors.actors.handle import ActorClass, ActorHandle, actor
+from torchactors.actors.api import exit_actor, get_actor, init, is_initialized, kill, shutdown, wait
+from torchactors.actors.handle import ActorClass, ActorHandle, actor, method, remote
 from torchactors.errors import (ActorDiedError, ActorError, ConfigError, GetTimeoutError, ObjectFreedError,
-                                OwnerDiedError, StoreFullError, TorchActorsError)
-from torchactors.store import ObjectRef, free, get, put, stats, wait
+                                OwnerDiedError, RemoteTraceback, StoreFullError, TorchActorsError)
+from torchactors.store import ObjectRef, free, get, put, stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "is_initialized", "put", "get", "wait", "free", "stats", "actor", "kill", "get_actor",
+    "remote", "method", "exit_actor", "RemoteTraceback",
     "ObjectRef", "ActorHandle", "ActorClass", "store",
     "TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
     "ObjectFreedError", "StoreFullError", "ConfigError",

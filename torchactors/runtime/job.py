@@ -60,10 +60,12 @@ class Job:
         return os.path.join(self.dir, "actors", actor_id + ".json")
 
     def write_status(self, actor_id: str, status: dict) -> None:
+        """Only the actor's supervisor writes its status: ``owner`` (this pid) lets a caller
+        tell that the actor died with its owner when nobody is left to update the file."""
         path = self._status_path(actor_id)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(status, f)
+            json.dump({**status, "owner": os.getpid()}, f)
         os.replace(tmp, path)
 
     def read_status(self, actor_id: str) -> Optional[dict]:
@@ -73,12 +75,27 @@ class Job:
         except (OSError, ValueError):
             return None
 
-    def mark_killed(self, actor_id: str) -> None:
-        """Tell the actor's supervisor that its death is wanted (no restart)."""
-        open(os.path.join(self.dir, "actors", actor_id + ".killed"), "w").close()
+    def mark_killed(self, actor_id: str, reason: str = "it was killed with ta.kill()") -> None:
+        """Tell the actor's supervisor that its death is wanted and final (no restart);
+        ``reason`` is what its callers' ActorDiedError says. The first reason stays."""
+        try:
+            fd = os.open(os.path.join(self.dir, "actors", actor_id + ".killed"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(reason)
 
     def was_killed(self, actor_id: str) -> bool:
         return os.path.exists(os.path.join(self.dir, "actors", actor_id + ".killed"))
+
+    def killed_reason(self, actor_id: str) -> str:
+        """Why the actor's death is final ('' if it is not)."""
+        try:
+            with open(os.path.join(self.dir, "actors", actor_id + ".killed")) as f:
+                return f.read() or "it was killed with ta.kill()"
+        except OSError:
+            return ""
 
     def write_error(self, actor_id: str, text: str) -> None:
         with open(os.path.join(self.dir, "actors", actor_id + ".error"), "w") as f:

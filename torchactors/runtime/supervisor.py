@@ -189,9 +189,9 @@ class Supervisor:
         _sweep_torch_shm(p.popen.pid)
         exit_code, sig = (None, signal.Signals(-code).name) if code < 0 else (code, None)
         killed = self._stopping or self.job.was_killed(p.spec.key)
-        restart = not killed and p.restarts_left > 0
+        restart = not killed and p.restarts_left != 0       # -1: unlimited
         if restart:
-            p.restarts_left -= 1
+            p.restarts_left -= p.restarts_left > 0
             if time.monotonic() - p.started_at > 30:
                 p.backoff = BACKOFF_START      # it ran a good while: a fresh failure, not a crash loop
             p.restart_at = time.monotonic() + p.backoff
