@@ -147,7 +147,7 @@ class AttrActor(Parent1, Parent2):
 
     def g(self):
         assert AttrActor.f() == 4
-        assert isinstance(self, AttrActor)      # inside the actor the name is the real class
+        assert isinstance(self, AttrActor)      # inside the actor the name still means the class
         return AttrActor.X
 
 
@@ -377,7 +377,7 @@ def test_exit_actor(tmp_path):
     with pytest.raises(ta.ActorDiedError, match="on purpose"):
         ta.get(queued, timeout=30)
     wait_for_pid_to_exit(pid)
-    if BACKEND == "local":
+    if BACKEND == "local":      # Ray's kill ends a Ray host: no atexit there (README)
         assert open(path).read() == "atexit ran"
     with pytest.raises(ta.ActorDiedError):      # no restart, though max_restarts=1
         ta.get(a.ping.remote(), timeout=30)
@@ -776,3 +776,50 @@ def test_a_pending_call_is_retried_when_the_death_is_noticed_after_the_restart()
     assert ta.get(pending, timeout=60) == "slow"
     assert ta.get(a.pid.remote(), timeout=30) != pid
     ta.kill(a)
+
+
+def test_tracebacks_of_a_class_defined_in_a_test_show_its_file_and_lines():
+    # issue #10: cloudpickle's <dynamic-code> replaced the file names of classes pickled by value
+    @ta.remote
+    class Local:
+        def fail(self):
+            raise RuntimeError("from a local class")
+
+    with pytest.raises(RuntimeError) as info:
+        ta.get(Local.remote().fail.remote(), timeout=60)
+    tb = info.value.remote_traceback
+    assert "test_ray_semantics.py" in tb and 'raise RuntimeError("from a local class")' in tb
+    assert "<dynamic-code>" not in tb
+
+
+def test_rays_spellings_of_errors_and_exit_actor():
+    # Ray: ray.exceptions.RayActorError / RayTaskError and ray.actor.exit_actor, as ported code spells them
+    assert ta.exceptions.RayActorError is ta.ActorDiedError and ta.exceptions.RayTaskError is ta.ActorError
+    assert ta.actor.exit_actor is ta.exit_actor
+
+    @ta.remote
+    class Actor:
+        async def exit(self):
+            ta.actor.exit_actor()
+
+    a = Actor.remote()
+    with pytest.raises(ta.exceptions.RayActorError):
+        ta.get(a.exit.remote(), timeout=60)
+
+
+@pytest.mark.parametrize("wait_s", [0.1])
+def test_asyncio_double_await(wait_s):
+    # Ray: test_asyncio.py::test_asyncio_double_await
+    signal_actor = SignalActor.remote()
+    waiting = signal_actor.wait.remote()
+
+    async def main():
+        future = waiting.as_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(future, timeout=wait_s)
+        assert future.cancelled()
+        await signal_actor.send.remote()
+        await waiting
+        await waiting
+
+    asyncio.run(main())

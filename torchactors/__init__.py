@@ -5,19 +5,22 @@ rebuilds a view of the same memory. Actors are started and watched by a spawn su
 The design, box by box, is in docs/design.md. This module only re-exports the public API.
 """
 
-from torchactors import store
+from torchactors import exceptions, store
 from torchactors.actors.api import exit_actor, get_actor, init, is_initialized, kill, shutdown, wait
 from torchactors.actors.handle import ActorClass, ActorHandle, actor, method, remote
 from torchactors.errors import (ActorDiedError, ActorError, ConfigError, GetTimeoutError, ObjectFreedError,
                                 OwnerDiedError, RemoteTraceback, StoreFullError, TorchActorsError)
 from torchactors.store import ObjectRef, free, get, put, stats
 
+# Ray spells it ray.actor.exit_actor(): the same function under ta.actor, for ported code.
+actor.exit_actor = exit_actor
+
 __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "is_initialized", "put", "get", "wait", "free", "stats", "actor", "kill", "get_actor",
     "remote", "method", "exit_actor", "RemoteTraceback",
-    "ObjectRef", "ActorHandle", "ActorClass", "store",
+    "ObjectRef", "ActorHandle", "ActorClass", "store", "exceptions",
     "TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
     "ObjectFreedError", "StoreFullError", "ConfigError",
 ]

@@ -16,14 +16,13 @@ import signal
 import threading
 from typing import Any, Optional, Sequence
 
-import cloudpickle
 import torch
 
 from torchactors.actors import handle as handle_module
 from torchactors.actors import protocol
 from torchactors.actors.channel import Channel, failed_ref
-from torchactors.actors.handle import (ActorHandle, DependencyFailed, encode_args, method_returns, new_actor_id,
-                                       public_methods)
+from torchactors.actors.handle import (ActorHandle, DependencyFailed, dumps_class, encode_args, method_returns,
+                                       new_actor_id, public_methods)
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
@@ -80,7 +79,7 @@ class Runtime:
         methods, returns = public_methods(cls), method_returns(cls)
         body, held = encode_args(args, kwargs, self.store.put)
         try:
-            cls_bytes = cloudpickle.dumps(cls)
+            cls_bytes = dumps_class(cls)
         except Exception as e:
             raise TypeError(f"actor class {cls.__qualname__} cannot be pickled for its process: {e}") from e
         if key is not None:
@@ -325,10 +324,11 @@ def exit_actor() -> None:
     worker.exit_actor()
 
 
-def wait(refs: Sequence[ObjectRef], num_returns: int = 1,
-         timeout: Optional[float] = None) -> tuple[list[ObjectRef], list[ObjectRef]]:
+def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[float] = None,
+         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Split ``refs`` into (ready, not ready), in input order, once ``num_returns`` are ready
-    (checked as Ray does: a list of distinct refs, ``[]`` gives ``([], [])``)."""
+    (checked as Ray does: a list of distinct refs, ``[]`` gives ``([], [])``). ``fetch_local``
+    is Ray's; one machine's store has nothing to fetch."""
     if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
         raise TypeError(f"wait() expected a list of ObjectRef, got {type(refs).__name__}")
     for r in refs:

@@ -8,10 +8,14 @@ caller's store, only refs travel) and returns an ``ObjectRef`` at once.
 from __future__ import annotations
 
 import inspect
+import io
 import itertools
 import os
 import pickle
+import types
 from typing import Any, Callable, Optional
+
+import cloudpickle
 
 from torchactors.actors import protocol
 from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
@@ -155,6 +159,13 @@ class ActorClass:
             raise AttributeError(item)
         return getattr(self._cls, item)
 
+    def __instancecheck__(self, obj: Any) -> bool:
+        """``isinstance(self, Cls)`` inside the actor, where ``Cls`` names this ActorClass (as in
+        Ray) and the instance's class may be a by-value copy of the module's class."""
+        return isinstance(obj, self._cls) or any(
+            c.__qualname__ == self._cls.__qualname__ and c.__module__ == self._cls.__module__
+            for c in type(obj).__mro__)
+
     def __mro_entries__(self, bases: tuple) -> tuple:
         raise TypeError(f"Inheriting from actor classes is not currently supported: {self.__name__} is an "
                         f"actor class. Inherit from the plain class instead and decorate the subclass with "
@@ -219,29 +230,23 @@ def remote(*args: Any, **options: Any) -> Any:
     return lambda c: _decorate(c, options, "@ta.remote")
 
 
-def bind_class_names(cls: type) -> None:
-    """Inside the actor's process: make the class's own name (a global or a closure variable
-    of its methods, holding the ActorClass) refer to the real class, as in Ray."""
-    for value in vars(cls).values():
-        fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else getattr(value, "fget", value)
-        if not inspect.isfunction(fn):
-            continue
-        for cell in fn.__closure__ or ():
-            try:
-                if _wraps(cell.cell_contents, cls):
-                    cell.cell_contents = cls
-            except ValueError:          # an empty cell
-                pass
-        for name in fn.__code__.co_names:
-            if _wraps(fn.__globals__.get(name), cls):
-                fn.__globals__[name] = cls
+class _KeepFileNames(cloudpickle.Pickler):
+    """cloudpickle, except that code pickled by value keeps its file name (cloudpickle writes
+    ``<dynamic-code>``), so an actor's tracebacks show the file and source lines of a class
+    defined in a script, a notebook's file or a test function."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            rebuild, args = cloudpickle.cloudpickle._code_reduce(obj)
+            return rebuild, tuple(obj.co_filename if a == "<dynamic-code>" else a for a in args)
+        return super().reducer_override(obj)
 
 
-def _wraps(obj: Any, cls: type) -> bool:
-    """Whether ``obj`` is the ActorClass of ``cls`` (or of the module's own copy of it: a
-    class pickled by value and its module imported here are two objects of one class)."""
-    return isinstance(obj, ActorClass) and (obj._cls is cls or (
-        obj._cls.__module__ == cls.__module__ and obj._cls.__qualname__ == cls.__qualname__))
+def dumps_class(cls: type) -> bytes:
+    """The actor class, pickled for the actor's process."""
+    buf = io.BytesIO()
+    _KeepFileNames(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(cls)
+    return buf.getvalue()
 
 
 # Handle-scoped lifetime: live handles per actor this process started (and did not pass on),

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import cloudpickle
 
 from torchactors.actors import protocol
-from torchactors.actors.handle import bind_class_names, is_async_class
+from torchactors.actors.handle import is_async_class
 from torchactors.errors import ActorDiedError, ActorError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
@@ -163,7 +163,6 @@ class ActorServer:
     def _construct(self, spec: dict) -> Any:
         try:
             cls = cloudpickle.loads(spec["cls"])
-            bind_class_names(cls)
             if is_async_class(cls):
                 self.loop = start_event_loop()
                 self.slots = asyncio.Semaphore(self.max_concurrency)

@@ -137,6 +137,8 @@ _core_module = None
 
 
 def _resolve_into(future: Any, ref: "ObjectRef") -> None:
+    if not future.set_running_or_notify_cancel():
+        return          # cancelled (e.g. asyncio.wait_for timed out) before it started
     try:
         value = _core().current().get(ref)
     except BaseException as e:
