@@ -289,11 +289,11 @@ class ActorHandle:
         methods = self.__dict__.get("_methods")
         if methods is None:             # not initialised yet (unpickling)
             raise AttributeError(item)
-        if item in _SPECIAL and (item.startswith("__") or item not in methods):
+        if item in methods and not item.startswith("__"):      # the user's own methods first
+            return ActorMethod(self, item, self._returns.get(item, 1))
+        if item in _SPECIAL:
             return _SPECIAL[item](self)
-        if item.startswith("_") or item not in methods:
-            raise AttributeError(f"actor {self._name} has no method {item!r}; it has: {', '.join(methods)}")
-        return ActorMethod(self, item, self._returns.get(item, 1))
+        raise AttributeError(f"actor {self._name} has no method {item!r}; it has: {', '.join(methods)}")
 
     def __reduce__(self) -> tuple:
         untrack(self._actor_id)     # passed on: other processes may hold it now (see README)
