@@ -823,3 +823,39 @@ def test_asyncio_double_await(wait_s):
         await waiting
 
     asyncio.run(main())
+
+
+@ta.remote(max_restarts=1)
+class RestartableActor:
+    def __init__(self):
+        self.value = 0
+
+    def increase(self, exit=False):
+        if exit:
+            os._exit(-1)
+        self.value += 1
+        return self.value
+
+
+def test_actor_restart():
+    # Ray: test_actor_failures.py::test_actor_restart (the end of it: restarts used up, terminate)
+    actor = RestartableActor.remote()
+    ta.get(actor.ready(), timeout=60)
+    actor.increase.remote(exit=True)
+    deadline = time.monotonic() + 30
+    while True:             # wait for the restart
+        try:
+            assert ta.get(actor.increase.remote(), timeout=30) == 1
+            break
+        except ta.ActorDiedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    actor.increase.remote(exit=True)
+    for _ in range(20):     # no restarts left: every call fails, and .remote() itself never raises
+        ref = actor.increase.remote()
+        with pytest.raises(ta.exceptions.RayActorError):
+            ta.get(ref, timeout=30)
+    actor = RestartableActor.remote()
+    actor.__ray_terminate__.remote()
+    with pytest.raises(ta.exceptions.RayActorError):
+        ta.get(actor.increase.remote(), timeout=30)

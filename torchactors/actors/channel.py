@@ -244,11 +244,15 @@ class Channel:
 
     def call(self, method: str, body: bytes, held: list, kind: int = protocol.CALL) -> ObjectRef:
         """Send a call and return its pending ref at once. While the actor's process is still
-        starting, the call waits in a backlog that the connecting thread flushes."""
+        starting, the call waits in a backlog that the connecting thread flushes. To a dead
+        actor: a ref whose get raises ActorDiedError (Ray's rule: ``.remote()`` does not raise)."""
         with self.send_lock:
             if self.dead is not None or (self.conn is None and not self.connecting) or (
                     self.conn is not None and self.conn.closed):
-                self._start_connect()
+                try:
+                    self._start_connect()
+                except ActorDiedError as death:
+                    return failed_ref(death, f"{self.name}.{method or 'call'}")
             self.seq += 1
             msg = protocol.request(kind, self.seq, self.read_upto, method, body)
             retries = self.max_task_retries if kind == protocol.CALL else 0
