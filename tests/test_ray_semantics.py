@@ -409,6 +409,7 @@ def test_kill_with_and_without_restart():
     assert info.value.actor_id == a._actor_id
 
 
+@pytest.mark.slow
 @local_only
 def test_unlimited_restarts():
     # Ray: test_actor_failures.py::test_actor_restart (max_restarts=-1)
