@@ -58,8 +58,8 @@ class ActorError(TorchActorsError):
         return (_rebuild_actor_error, (self.args, {f: getattr(self, f, None) for f in self._fields}))
 
 
-class RemoteTraceback(Exception):
-    """The ``__cause__`` of an ActorError: its str is the remote traceback."""
+class RemoteTraceback(TorchActorsError):
+    """The ``__cause__`` of an ActorError (never raised itself): its str is the remote traceback."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -342,7 +342,7 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
         raise ValueError(f"num_returns must be an int from 0 to the number of refs ({len(refs)}), not {num_returns!r}")
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
-    return runtime().store.wait(refs, num_returns, timeout)
+    return store_core.current().wait(refs, num_returns, timeout)
 
 
 def wait_ready(handles: list[ActorHandle], timeout: Optional[float] = None) -> None:

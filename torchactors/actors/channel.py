@@ -413,8 +413,10 @@ class Channel:
         if reason:
             detail = reason + (f"; {detail}" if detail else "")
         # A newer incarnation than the one we talked to is up or coming: the actor was restarted.
-        restarting = not reason and (state == "restarting" or (
-            state in ("alive", "starting") and status.get("incarnation", 0) > self.incarnation))
+        restarted = state in ("alive", "starting") and status.get("incarnation", 0) > self.incarnation
+        restarting = not reason and (state == "restarting" or restarted)
+        if restarting and restarted:
+            detail = f"it is up again as incarnation {status.get('incarnation')}" + (f"; {detail}" if detail else "")
         return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
                               0 if reason else status.get("restarts_left", 0), detail,
                               restarting=restarting, actor_id=self.actor_id, final=bool(reason))

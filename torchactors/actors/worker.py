@@ -253,20 +253,20 @@ class ActorServer:
             self._control(peer, kind, seq, method, body)
             return
         try:
-            if body == _EMPTY_ARGS:
-                args, kwargs = (), {}
-            else:
-                args, kwargs = resolve_top_level(*pickle.loads(body))
+            call = [(), {}] if body == _EMPTY_ARGS else list(resolve_top_level(*pickle.loads(body)))
             fn, is_async = self._method(method)
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
             return
         if self.ordered:
-            self._run_inline(peer, seq, method, fn, args, kwargs)
+            self._run_inline(peer, seq, method, fn, call)
         else:
-            self._dispatch(peer, seq, method, fn, is_async, args, kwargs)
+            self._dispatch(peer, seq, method, fn, is_async, *call)
 
-    def _run_inline(self, peer: _Peer, seq: int, method: str, fn: Any, args: tuple, kwargs: dict) -> None:
+    def _run_inline(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
+        """Run ``fn(*args, **kwargs)`` (``call`` = [args, kwargs], emptied: see below) and reply."""
+        args, kwargs = call
+        call.clear()
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
@@ -292,7 +292,7 @@ class ActorServer:
         if is_async:
             self.loop.create_task(self._run_coroutine(peer, seq, method, fn, args, kwargs))
         else:                           # a sync method of an async actor blocks the loop, as in Ray
-            self._run_inline(peer, seq, method, fn, args, kwargs)
+            self._run_inline(peer, seq, method, fn, [args, kwargs])
             self._done()
 
     async def _run_coroutine(self, peer: _Peer, seq: int, method: str, fn: Any, args: tuple,
@@ -327,7 +327,7 @@ class ActorServer:
             self._dep_arrived(peer, seq, int(method), body)
         elif kind == protocol.STOP:
             if self.ordered and peer.waiting:
-                peer.waiting[-seq] = _Waiting(None, (), {}, 0)      # after this caller's held calls
+                peer.waiting[seq] = _Waiting(None, (), {}, 0)       # after this caller's held calls
             else:
                 self._stop()
         elif kind in (protocol.CALL, protocol.CALL_DEPS):
@@ -387,18 +387,22 @@ class ActorServer:
                 body = pickle.dumps(remote_error(e, self.name, method))
             self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, body), None)
             return
+        values = waiting.values
         try:
-            args = tuple(waiting.values[a.index] if type(a) is protocol.Dep else a for a in waiting.args)
-            kwargs = {k: waiting.values[v.index] if type(v) is protocol.Dep else v for k, v in waiting.kwargs.items()}
-            args, kwargs = resolve_top_level(args, kwargs)
+            call = list(resolve_top_level(
+                tuple(values[a.index] if type(a) is protocol.Dep else a for a in waiting.args),
+                {k: values[v.index] if type(v) is protocol.Dep else v for k, v in waiting.kwargs.items()}))
             fn, is_async = self._method(method)
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
             return
+        finally:
+            waiting.args, waiting.kwargs, waiting.values = (), {}, {}
+            del values      # only ``call`` holds the arguments now (see _run_inline)
         if self.ordered:
-            self._run_inline(peer, seq, method, fn, args, kwargs)
+            self._run_inline(peer, seq, method, fn, call)
         else:
-            self._dispatch(peer, seq, method, fn, is_async, args, kwargs)
+            self._dispatch(peer, seq, method, fn, is_async, *call)
 
     def _stop(self) -> None:
         """A caller's STOP (its last handle went, or __ray_terminate__): end once the calls
