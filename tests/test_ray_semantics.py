@@ -860,3 +860,14 @@ def test_actor_restart():
     actor.__ray_terminate__.remote()
     with pytest.raises(ta.exceptions.RayActorError):
         ta.get(actor.increase.remote(), timeout=30)
+
+
+def test_random_id_generation():
+    # Ray: test_actor.py::test_random_id_generation (ids do not depend on the random seed)
+    import random
+
+    random.seed(1234)
+    f1 = Pid.remote()
+    random.seed(1234)
+    f2 = Pid.remote()
+    assert f1._actor_id != f2._actor_id and f1._actor_id.hex() != f2._actor_id.hex()

@@ -215,6 +215,7 @@ class Runtime:
     def shutdown(self) -> None:
         if self._dropped is not None:
             self._dropped.put(None)
+            handle_module.untrack_all()
         for ch in list(self.channels.values()):
             ch.close()
         self.channels.clear()

@@ -95,9 +95,16 @@ def resolved(options: dict, cls: type) -> dict:
 _actor_ids = itertools.count(1)
 
 
+class ActorID(str):
+    """An actor's id: a str, with Ray's ``.hex()`` spelling (``h._actor_id.hex()``)."""
+
+    def hex(self) -> str:
+        return str(self)
+
+
 def new_actor_id(cls: type) -> str:
     """An id unique in the job: the class, the creating process and a counter."""
-    return f"{cls.__name__}-{os.getpid()}-{next(_actor_ids)}"
+    return ActorID(f"{cls.__name__}-{os.getpid()}-{next(_actor_ids)}")
 
 
 def public_methods(cls: type) -> list[str]:
@@ -263,13 +270,18 @@ def untrack(actor_id: str) -> None:
     _tracked.pop(actor_id, None)
 
 
+def untrack_all() -> None:
+    """At shutdown: every actor stops anyway; later drops of old handles do nothing."""
+    _tracked.clear()
+
+
 class ActorHandle:
     """A picklable reference to a running actor; pass it to other actors to let them call it.
     It carries the actor's ``max_task_retries``: every caller retries the same way."""
 
     def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0,
                  returns: Optional[dict] = None) -> None:
-        self._actor_id = actor_id
+        self._actor_id = ActorID(actor_id)
         self._name = name
         self._methods = methods
         self._max_task_retries = max_task_retries
