@@ -284,6 +284,31 @@ def test_actor_deletion():
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@ta.remote
+class User:
+    def use(self, actor, signal):
+        ta.get(signal.wait.remote())
+        return ta.get(actor.method.remote())
+
+
+@local_only
+def test_deleted_actor_no_restart():
+    # Ray: test_actor_advanced.py::test_deleted_actor_no_restart (a task there, an actor here):
+    # a handle passed to another process keeps the actor alive until that one drops it too.
+    signal_actor = SignalActor.remote()
+    a = Pid.options(max_restarts=3).remote()
+    pid = ta.get(a.getpid.remote(), timeout=60)
+    user = User.remote()
+    x = user.use.remote(a, signal_actor)
+    del a
+    time.sleep(1.0)
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE     # the borrower still holds it
+    ta.get(signal_actor.send.remote())
+    assert ta.get(x, timeout=60) == 1
+    wait_for_pid_to_exit(pid)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 def test_actor_method_deletion():
     # Ray: test_actor.py::test_actor_method_deletion: the handle goes at once, the call still runs
     assert ta.get(Pid.remote().method.remote()) == 1

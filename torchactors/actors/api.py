@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from torchactors.actors import handle as handle_module
-from torchactors.actors import protocol
+from torchactors.actors import lifetime, protocol
 from torchactors.actors.channel import Channel, failed_ref
 from torchactors.actors.handle import (ActorHandle, DependencyFailed, dumps_class, encode_args, method_returns,
                                        new_actor_id, public_methods)
@@ -57,6 +57,7 @@ class Runtime:
         self.owned: dict[str, _Owned] = {}
         self.lock = threading.Lock()
         self._dropped: Optional[queue.SimpleQueue] = None     # actors whose last handle went
+        handle_module.on_borrow = self._watch_handles       # a lent handle arrived: count it here
 
     @property
     def supervisor(self) -> Supervisor:
@@ -93,7 +94,7 @@ class Runtime:
                     raise
                 return self._named(found, name)     # another process won the race to create it
         elif options.get("lifetime") != "detached":
-            handle_module.track(actor_id)   # stopped when its last handle is dropped (README)
+            lifetime.track(actor_id)        # stopped when its last handle is dropped (README)
             self._watch_handles()
         handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns)
         spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
@@ -136,7 +137,8 @@ class Runtime:
             if actor_id is None:
                 return
             try:
-                self.stop_gracefully(actor_id, "its last handle was dropped")
+                if lifetime.nobody_holds(actor_id):
+                    self.stop_gracefully(actor_id, "its last handle was dropped")
             except Exception:       # shut down meanwhile
                 logger.debug("stopping %s after its last handle went", actor_id, exc_info=True)
 
@@ -145,10 +147,12 @@ class Runtime:
         self.job.mark_killed(actor_id, reason)
         ch = self.channels.get(actor_id)
         if ch is None and actor_id in self.owned:
-            self.supervisor.kill(actor_id)          # never called: nothing to wait for
+            self.supervisor.kill(actor_id)          # never called from here: nothing to wait for
         elif ch is not None:
             self._send_stop(ch)
             self.channels.pop(actor_id, None)   # its pending refs keep it (and their replies)
+        else:                                   # a borrower, the last holder, that never called it
+            self._send_stop(self.channel(ActorHandle(actor_id, actor_id, [])))
         self.owned.pop(actor_id, None)
 
     def terminate(self, handle: ActorHandle) -> None:
@@ -215,7 +219,7 @@ class Runtime:
     def shutdown(self) -> None:
         if self._dropped is not None:
             self._dropped.put(None)
-            handle_module.untrack_all()
+            lifetime.forget_all()
         for ch in list(self.channels.values()):
             ch.close()
         self.channels.clear()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import cloudpickle
 
-from torchactors.actors import protocol
+from torchactors.actors import lifetime, protocol
 from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
 from torchactors.errors import ActorDiedError, ActorError
 from torchactors.runtime.child import DEVICE
@@ -256,23 +256,10 @@ def dumps_class(cls: type) -> bytes:
     return buf.getvalue()
 
 
-# Handle-scoped lifetime: live handles per actor this process started (and did not pass on),
-# and what to call when the last one goes. Counted in __init__/__del__, never on the call path.
-_tracked: dict[str, int] = {}
+# Handle-scoped lifetime (see lifetime.py): what to call when this process drops its last
+# handle of a counted actor, and how to make sure this process watches for that.
 on_last_handle: Optional[Callable[[str], None]] = None
-
-
-def track(actor_id: str) -> None:
-    _tracked[actor_id] = 0
-
-
-def untrack(actor_id: str) -> None:
-    _tracked.pop(actor_id, None)
-
-
-def untrack_all() -> None:
-    """At shutdown: every actor stops anyway; later drops of old handles do nothing."""
-    _tracked.clear()
+on_borrow: Optional[Callable[[], None]] = None
 
 
 class ActorHandle:
@@ -280,22 +267,26 @@ class ActorHandle:
     It carries the actor's ``max_task_retries``: every caller retries the same way."""
 
     def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0,
-                 returns: Optional[dict] = None) -> None:
+                 returns: Optional[dict] = None, lent: Optional[str] = None) -> None:
         self._actor_id = ActorID(actor_id)
         self._name = name
         self._methods = methods
         self._max_task_retries = max_task_retries
         self._returns = returns or {}
-        if actor_id in _tracked:
-            _tracked[actor_id] += 1
+        if lent is not None and lifetime.receive(actor_id, lent) and on_borrow is not None:
+            on_borrow()
+        if actor_id in lifetime.counts:
+            lifetime.counts[actor_id] += 1
 
     def __del__(self) -> None:
-        n = _tracked.get(self.__dict__.get("_actor_id"))
+        counts = lifetime.counts
+        actor_id = self.__dict__.get("_actor_id")
+        n = counts.get(actor_id)
         if n is not None:
             if n > 1:
-                _tracked[self._actor_id] = n - 1
-            elif _tracked.pop(self._actor_id, None) is not None and on_last_handle is not None:
-                on_last_handle(self._actor_id)
+                counts[actor_id] = n - 1
+            elif counts.pop(actor_id, None) is not None and on_last_handle is not None:
+                on_last_handle(actor_id)
 
     def __getattr__(self, item: str) -> Any:
         methods = self.__dict__.get("_methods")
@@ -308,8 +299,8 @@ class ActorHandle:
         raise AttributeError(f"actor {self._name} has no method {item!r}; it has: {', '.join(methods)}")
 
     def __reduce__(self) -> tuple:
-        untrack(self._actor_id)     # passed on: other processes may hold it now (see README)
-        return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._returns))
+        return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._returns,
+                              lifetime.lend(self._actor_id)))
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._name})"
