@@ -427,7 +427,7 @@ def test_bad_options_are_refused():
     with pytest.raises(TypeError, match="allowed"):
         Counter.options(gpus=1)
     with pytest.raises(ValueError, match="max_task_retries"):
-        Counter.options(max_task_retries=-1)
+        Counter.options(max_task_retries=-2)
     with pytest.raises(ValueError, match="ray_options must be a dict"):
         Counter.options(ray_options=["resources"])
     for device in ("tpu", "cuda:", "cuda:x", "cuda0"):

@@ -269,7 +269,7 @@ BAD_VALUES = [
     ("replicas: 2", "num_threads: 0", "roles.rollout.num_threads", "int >= 1"),
     ("replicas: 2", "device: gpu", "roles.rollout.device", "cpu, cuda, cuda:N"),
     ("replicas: 2", "device: 'cuda:x'", "roles.rollout.device", "cpu, cuda, cuda:N"),
-    ("replicas: 2", "max_restarts: -1", "roles.rollout.max_restarts", "int >= 0"),
+    ("replicas: 2", "max_restarts: -2", "roles.rollout.max_restarts", "int >= 0"),
     ("replicas: 2", "max_task_retries: -2", "roles.rollout.max_task_retries", "int >= 0"),
     ("replicas: 2", "max_concurrency: 0", "roles.rollout.max_concurrency", "int >= 1"),
     ("replicas: 2", "env: [A, B]", "roles.rollout.env", "environment variable"),
@@ -625,6 +625,11 @@ def test_replicas_over_all_roles_are_bounded_too(job_file):
     expect_error(job_file(text), line=L_LEARNER, key="roles.learner.replicas",
                  contains=["add up to 1024 actor processes", "at most 1023 replicas over all roles"])
     assert load_config(job_file(GOOD.replace("replicas: 2", "replicas: 1022"))).num_processes == 1023
+
+
+def test_minus_one_means_unlimited_restarts_and_retries(job_file):
+    cfg = load_config(job_file(GOOD), ["roles.rollout.max_restarts=-1", "roles.rollout.max_task_retries=-1"])
+    assert cfg.roles["rollout"].max_restarts == -1 and cfg.roles["rollout"].max_task_retries == -1
 
 
 def test_start_timeout_is_a_positive_number_or_null(job_file):

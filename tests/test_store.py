@@ -649,6 +649,7 @@ def test_stats_reports_objects_bytes_used_capacity_segments_and_mapped_segments(
 ERROR_EXAMPLES = {
     "TorchActorsError": lambda: errors.TorchActorsError("plain"),
     "ActorError": lambda: errors.ActorError("KeyError", "'k'", "Traceback ...\nKeyError: 'k'\n", "Learner-1", "step"),
+    "RemoteTraceback": lambda: errors.RemoteTraceback("Traceback ...\nKeyError: 'k'\n"),
     "ActorDiedError": lambda: errors.ActorDiedError("Learner-1", exit_code=None, signal_name="SIGKILL",
                                                     restarts_left=2, detail="oom"),
     "GetTimeoutError": lambda: errors.GetTimeoutError("get timed out after 0.5s", 0.5),

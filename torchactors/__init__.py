@@ -5,21 +5,25 @@ rebuilds a view of the same memory. Actors are started and watched by a spawn su
 The design, box by box, is in docs/design.md. This module only re-exports the public API.
 """
 
-from torchactors import store
-from torchactors.actors.api import get_actor, init, is_initialized, kill, shutdown
-from torchactors.actors.handle import ActorClass, ActorHandle, actor
+from torchactors import exceptions, store
+from torchactors.actors.api import exit_actor, get_actor, init, is_initialized, kill, shutdown, wait
+from torchactors.actors.handle import ActorClass, ActorHandle, actor, method, remote
 from torchactors.actors.pool import ActorPool
 from torchactors.actors.queue import Queue
 from torchactors.actors.weights import Weights
 from torchactors.errors import (ActorDiedError, ActorError, ConfigError, GetTimeoutError, ObjectFreedError,
-                                OwnerDiedError, StoreFullError, TorchActorsError)
-from torchactors.store import ObjectRef, free, get, put, stats, wait
+                                OwnerDiedError, RemoteTraceback, StoreFullError, TorchActorsError)
+from torchactors.store import ObjectRef, free, get, put, stats
+
+# Ray spells it ray.actor.exit_actor(): the same function under ta.actor, for ported code.
+actor.exit_actor = exit_actor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "is_initialized", "put", "get", "wait", "free", "stats", "actor", "kill", "get_actor",
-    "ObjectRef", "ActorHandle", "ActorClass", "store", "Weights", "Queue", "ActorPool",
+    "remote", "method", "exit_actor", "RemoteTraceback",
+    "ObjectRef", "ActorHandle", "ActorClass", "store", "exceptions", "Weights", "Queue", "ActorPool",
     "TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
     "ObjectFreedError", "StoreFullError", "ConfigError",
 ]

@@ -7,6 +7,7 @@ re-raised in the caller with the same attributes.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Optional
 
 
@@ -31,29 +32,86 @@ def _rebuild_error(cls: type, args: tuple, fields: dict) -> TorchActorsError:
 
 
 class ActorError(TorchActorsError):
-    """An actor method raised: carries the remote type, message and formatted traceback."""
+    """An actor method raised: carries the remote type, message and formatted traceback.
 
-    _fields = ("remote_type", "remote_message", "remote_traceback", "actor", "method")
+    Rebuilt in a caller that can import the remote exception's class, it is also an instance
+    of that class (``except ValueError:`` catches a remote ValueError), and its ``__cause__``
+    is a ``RemoteTraceback`` holding the remote traceback, as ``concurrent.futures`` does."""
+
+    _fields = ("remote_type", "remote_message", "remote_traceback", "actor", "method", "remote_module")
 
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str,
-                 actor: str = "", method: str = "") -> None:
+                 actor: str = "", method: str = "", remote_module: str = "") -> None:
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.actor = actor
         self.method = method
+        self.remote_module = remote_module
         where = f" in {actor}.{method}()" if actor else ""
         super().__init__(f"{remote_type}: {remote_message}{where}\n\nRemote traceback:\n{remote_traceback}")
 
+    def __str__(self) -> str:            # never the remote class's own __str__ (its fields are not here)
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_actor_error, (self.args, {f: getattr(self, f, None) for f in self._fields}))
+
+
+class RemoteTraceback(TorchActorsError):
+    """The ``__cause__`` of an ActorError (never raised itself): its str is the remote traceback."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_dual_classes: dict[type, type] = {}
+
+
+def _remote_class(module: Optional[str], qualname: Optional[str]) -> Optional[type]:
+    """The remote exception's class, if this process can import it (else None)."""
+    if not module or not qualname or "<locals>" in qualname:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception:
+        return None
+    if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, TorchActorsError):
+        return obj
+    return None
+
+
+def _rebuild_actor_error(args: tuple, fields: dict) -> ActorError:
+    cls: type = ActorError
+    remote = _remote_class(fields.get("remote_module"), fields.get("remote_type"))
+    if remote is not None:
+        cls = _dual_classes.get(remote)
+        if cls is None:
+            try:
+                cls = type(f"ActorError[{remote.__qualname__}]", (ActorError, remote),
+                           {"__module__": __name__, "__reduce__": ActorError.__reduce__})
+            except TypeError:           # e.g. a base class whose layout cannot be mixed in
+                cls = ActorError
+            _dual_classes[remote] = cls
+    err = _rebuild_error(cls, args, fields)
+    if fields.get("remote_traceback"):
+        err.__cause__ = RemoteTraceback(fields["remote_traceback"])
+    return err
+
 
 class ActorDiedError(TorchActorsError):
-    """The actor's process is gone: pending and later calls fail with this until a restart."""
+    """The actor's process is gone: pending and later calls fail with this until a restart.
+    ``actor`` is its name (its id if unnamed), ``actor_id`` its id in the job."""
 
-    _fields = ("actor", "exit_code", "signal_name", "restarts_left", "restarting")
+    _fields = ("actor", "exit_code", "signal_name", "restarts_left", "restarting", "actor_id")
 
     def __init__(self, actor: str, exit_code: Optional[int] = None, signal_name: Optional[str] = None,
-                 restarts_left: int = 0, detail: str = "", restarting: bool = False) -> None:
+                 restarts_left: int = 0, detail: str = "", restarting: bool = False,
+                 actor_id: Optional[str] = None, final: bool = False) -> None:
         self.actor = actor
+        self.actor_id = actor_id or actor
         self.exit_code = exit_code
         self.signal_name = signal_name
         self.restarts_left = restarts_left
@@ -64,8 +122,11 @@ class ActorDiedError(TorchActorsError):
             how = f"exited with code {exit_code}"
         else:
             how = "died"
+        left = "unlimited restarts" if restarts_left < 0 else f"{restarts_left} restart(s)"
         if restarting:
-            then = f"; it is being restarted ({restarts_left} restart(s) left after this one): call again"
+            then = f"; it is being restarted ({left} left after this one): call again"
+        elif final:
+            then = "; it will not be restarted"
         else:
             then = "; it will not be restarted (no restarts left; see max_restarts)"
         super().__init__(f"actor {actor} {how}{then}" + (f". {detail}" if detail else ""))
@@ -140,7 +201,7 @@ def _fmt(n: int) -> str:
     return f"{n} bytes"
 
 
-__all__ = ["TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
+__all__ = ["TorchActorsError", "ActorError", "RemoteTraceback", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
            "ObjectFreedError", "StoreFullError", "ConfigError"]
 
 

@@ -11,15 +11,18 @@ import atexit
 import logging
 import os
 import pickle
+import queue
+import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-import cloudpickle
 import torch
 
-from torchactors.actors import protocol
-from torchactors.actors.channel import Channel
-from torchactors.actors.handle import ActorHandle, encode_args, new_actor_id, public_methods
+from torchactors.actors import handle as handle_module
+from torchactors.actors import lifetime, protocol
+from torchactors.actors.channel import Channel, failed_ref
+from torchactors.actors.handle import (ActorHandle, DependencyFailed, dumps_class, encode_args, method_returns,
+                                       new_actor_id, public_methods)
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
@@ -34,10 +37,15 @@ logger = logging.getLogger(__name__)
 class _Owned:
     """An actor this process started: what must live as long as it may restart."""
 
-    def __init__(self, handle: ActorHandle, name: Optional[str], held: list) -> None:
-        self.handle = handle
-        self.name = name
+    def __init__(self, actor_id: str, name: Optional[str], held: list) -> None:
+        self.actor_id = actor_id
+        self.name = name        # its key in the job's names (namespace included), if named
         self.held = held        # refs in the constructor arguments (a restart re-reads them)
+
+
+def name_key(name: str, namespace: Optional[str]) -> str:
+    """An actor's key among the job's names: Ray's namespaces are prefixes of one table."""
+    return name if not namespace else f"{namespace}/{name}"
 
 
 class Runtime:
@@ -49,6 +57,8 @@ class Runtime:
         self.channels: dict[str, Channel] = {}
         self.owned: dict[str, _Owned] = {}
         self.lock = threading.Lock()
+        self._dropped: Optional[queue.SimpleQueue] = None     # actors whose last handle went
+        handle_module.on_borrow = self._watch_handles       # a lent handle arrived: count it here
 
     @property
     def supervisor(self) -> Supervisor:
@@ -62,19 +72,35 @@ class Runtime:
             raise RuntimeError("torchactors was shut down; call ta.init() again before starting actors")
         actor_id = new_actor_id(cls)
         name = options.get("name")
+        key = name_key(name, options.get("namespace")) if name is not None else None
+        if key is not None and options.get("get_if_exists"):
+            record = self.job.lookup_name(key)
+            if record is not None:
+                return self._named(record, name)
         label = name or actor_id
-        handle = ActorHandle(actor_id, label, public_methods(cls), options["max_task_retries"])
+        methods, returns = public_methods(cls), method_returns(cls)
         body, held = encode_args(args, kwargs, self.store.put)
         try:
-            cls_bytes = cloudpickle.dumps(cls)
+            cls_bytes = dumps_class(cls)
         except Exception as e:
             raise TypeError(f"actor class {cls.__qualname__} cannot be pickled for its process: {e}") from e
-        if name is not None:
-            self.job.register_name(name, {"actor_id": actor_id, "methods": handle._methods,
-                                          "max_task_retries": handle._max_task_retries})
+        if key is not None:
+            record = {"actor_id": actor_id, "methods": methods, "max_task_retries": options["max_task_retries"],
+                      "returns": returns}
+            try:
+                self.job.register_name(key, record)
+            except ValueError:
+                found = self.job.lookup_name(key) if options.get("get_if_exists") else None
+                if found is None:
+                    raise
+                return self._named(found, name)     # another process won the race to create it
+        elif options.get("lifetime") != "detached":
+            lifetime.track(actor_id)        # stopped when its last handle is dropped (README)
+            self._watch_handles()
+        handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns)
         spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
         threads = options["num_threads"] or max(1, (os.cpu_count() or 1) // (len(self.owned) + 2))
-        self.owned[actor_id] = _Owned(handle, name, held)
+        self.owned[actor_id] = _Owned(actor_id, key, held)
         self.supervisor.start(ProcessSpec(
             key=actor_id, target="torchactors.actors.worker:serve", payload=pickle.dumps(spec),
             num_threads=threads, env=dict(options.get("env") or {}), max_restarts=options["max_restarts"],
@@ -83,9 +109,65 @@ class Runtime:
         return handle
 
     def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
-        """Send a method call; its result ref at once. Tensors in the arguments travel as refs."""
-        body, held = encode_args(args, kwargs, self.store.put)
+        """Send a method call; its result ref at once. Tensors in the arguments travel as refs;
+        refs of unfinished calls among the top-level arguments are not waited for here."""
+        deps: list = []
+        try:
+            body, held = encode_args(args, kwargs, self.store.put, deps)
+        except DependencyFailed as failed:
+            return failed_ref(failed.error, f"{handle._name}.{method}")
+        if deps:
+            return self.channel(handle).call_with_deps(method, body, held, deps)
         return self.channel(handle).call(method, body, held)
+
+    # -- handle-scoped lifetime -------------------------------------------------------------
+
+    def _watch_handles(self) -> None:
+        """Start the thread that stops actors whose last handle was dropped. ``__del__`` only
+        queues the actor (it may run inside any code, holding any lock)."""
+        with self.lock:
+            if self._dropped is not None:
+                return
+            self._dropped = dropped = queue.SimpleQueue()
+        handle_module.on_last_handle = dropped.put
+        threading.Thread(target=self._stop_dropped, args=(dropped,), daemon=True,
+                         name="torchactors-handles").start()
+
+    def _stop_dropped(self, dropped: queue.SimpleQueue) -> None:
+        while True:
+            actor_id = dropped.get()
+            if actor_id is None:
+                return
+            try:
+                if lifetime.nobody_holds(actor_id):
+                    self.stop_gracefully(actor_id, "its last handle was dropped")
+            except Exception:       # shut down meanwhile
+                logger.debug("stopping %s after its last handle went", actor_id, exc_info=True)
+
+    def stop_gracefully(self, actor_id: str, reason: str) -> None:
+        """Stop the actor once the calls sent to it so far have run; no restart."""
+        self.job.mark_killed(actor_id, reason)
+        ch = self.channels.get(actor_id)
+        if ch is None and actor_id in self.owned:
+            self.supervisor.kill(actor_id)          # never called from here: nothing to wait for
+        elif ch is not None:
+            self._send_stop(ch)
+            self.channels.pop(actor_id, None)   # its pending refs keep it (and their replies)
+        else:                                   # a borrower, the last holder, that never called it
+            self._send_stop(self.channel(ActorHandle(actor_id, actor_id, [])))
+        self.owned.pop(actor_id, None)
+
+    def terminate(self, handle: ActorHandle) -> None:
+        """``h.__ray_terminate__.remote()``: stop once the calls sent so far ran."""
+        self.job.mark_killed(handle._actor_id, "it was terminated with __ray_terminate__")
+        self._send_stop(self.channel(handle))
+
+    @staticmethod
+    def _send_stop(ch: Channel) -> None:
+        try:
+            ch.call("", b"", [], kind=protocol.STOP)    # no reply: the pending call fails at the EOF
+        except ActorDiedError:
+            pass            # already gone
 
     def ping(self, handle: ActorHandle) -> ObjectRef:
         """A ref that resolves once the actor has run its constructor and answers calls."""
@@ -99,13 +181,22 @@ class Runtime:
                                                                         handle._max_task_retries))
         return ch
 
-    def get_actor(self, name: str) -> ActorHandle:
-        record = self.job.lookup_name(name)
-        if record is None:
-            raise ValueError(f"no actor named {name!r} in this job")
-        return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"])
+    def _named(self, record: dict, name: str) -> ActorHandle:
+        return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"],
+                           record.get("returns"))
 
-    def kill(self, handle: ActorHandle) -> None:
+    def get_actor(self, name: str, namespace: Optional[str] = None) -> ActorHandle:
+        record = self.job.lookup_name(name_key(name, namespace))
+        if record is None:
+            where = f" in namespace {namespace!r}" if namespace else ""
+            raise ValueError(f"Failed to look up actor with name {name!r}{where}: no actor named {name!r} in this "
+                             f"job (it was never started with .options(name=...), or it was killed)")
+        return self._named(record, name)
+
+    def kill(self, handle: ActorHandle, no_restart: bool = True) -> None:
+        if not no_restart:
+            self._crash(handle)
+            return
         owned = self.owned.pop(handle._actor_id, None)
         if owned is not None:
             self.supervisor.kill(handle._actor_id)
@@ -118,7 +209,19 @@ class Runtime:
             except ActorDiedError:
                 pass        # already gone
 
+    def _crash(self, handle: ActorHandle) -> None:
+        """``kill(h, no_restart=False)``: kill its process now; the restart policy applies."""
+        pid = (self.job.read_status(handle._actor_id) or {}).get("pid")
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def shutdown(self) -> None:
+        if self._dropped is not None:
+            self._dropped.put(None)
+            lifetime.forget_all()
         for ch in list(self.channels.values()):
             ch.close()
         self.channels.clear()
@@ -210,14 +313,52 @@ def shutdown() -> None:
             standalone.close()
 
 
-def kill(handle: ActorHandle) -> None:
-    """Stop the actor for good (no restart); its pending and later calls raise ActorDiedError."""
-    runtime().kill(handle)
+def kill(handle: ActorHandle, no_restart: bool = True) -> None:
+    """Stop the actor for good (no restart); its pending and later calls raise ActorDiedError.
+    ``no_restart=False``: kill its process, and let its ``max_restarts`` restart it (Ray's rule)."""
+    if not isinstance(handle, ActorHandle):
+        raise ValueError(f"ta.kill() only supported for actor handles; got {type(handle).__name__} {handle!r}")
+    runtime().kill(handle, no_restart)
 
 
-def get_actor(name: str) -> ActorHandle:
+def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
     """The handle of the actor started with ``.options(name=name)`` anywhere in the job."""
-    return runtime().get_actor(name)
+    if not name:
+        raise ValueError(f"Please supply a non-empty name to get_actor, not {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"get_actor takes the actor's name (a str), not {type(name).__name__} {name!r}")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ValueError(f"namespace must be a non-empty str or None, not {namespace!r}")
+    return runtime().get_actor(name, namespace)
+
+
+def exit_actor() -> None:
+    """Inside an actor method: end this actor after the current call. Its atexit handlers run,
+    calls queued behind fail with ActorDiedError saying it exited on purpose, no restart."""
+    from torchactors.actors import worker
+
+    worker.exit_actor()
+
+
+def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[float] = None,
+         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Split ``refs`` into (ready, not ready), in input order, once ``num_returns`` are ready
+    (checked as Ray does: a list of distinct refs, ``[]`` gives ``([], [])``). ``fetch_local``
+    is Ray's; one machine's store has nothing to fetch."""
+    if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
+        raise TypeError(f"wait() expected a list of ObjectRef, got {type(refs).__name__}")
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"wait() expected a list of ObjectRef, got an element of type {type(r).__name__}: {r!r}")
+    if len(set(refs)) != len(refs):
+        raise ValueError("Wait requires a list of unique object refs; the list given holds one ref twice")
+    if not refs:
+        return [], []
+    if not isinstance(num_returns, int) or num_returns < 0 or num_returns > len(refs):
+        raise ValueError(f"num_returns must be an int from 0 to the number of refs ({len(refs)}), not {num_returns!r}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+    return store_core.current().wait(refs, num_returns, timeout)
 
 
 def wait_ready(handles: list[ActorHandle], timeout: Optional[float] = None) -> None:

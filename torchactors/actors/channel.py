@@ -17,12 +17,12 @@ from collections import deque
 from typing import Any, Optional
 
 from torchactors.actors import protocol
-from torchactors.errors import ActorDiedError, GetTimeoutError
+from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime.job import Job
 from torchactors.runtime.transport import (MAX_MESSAGE, AuthenticationError, Connection, ConnectionClosed,
                                           ProtocolError, connect)
 from torchactors.store import core as store_core
-from torchactors.store.refs import ObjectRef
+from torchactors.store.refs import ObjectRef, SerializationContext
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,81 @@ class PendingResult:
         return value
 
 
+class Settled(PendingResult):
+    """A result known when the call is made (e.g. the error of a call's failed dependency)."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, kind: int, value: Any, label: str) -> None:
+        self.kind, self.value, self.id = kind, value, label
+
+    def done(self) -> bool:
+        return True
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        pass
+
+    @staticmethod
+    def wait_any(pendings: list, timeout: Optional[float]) -> None:
+        pass
+
+
+def failed_ref(error: BaseException, label: str) -> ObjectRef:
+    return ObjectRef.pending(Settled(protocol.ERROR, error, label))
+
+
+class Returned(PendingResult):
+    """Value ``index`` of a call declared with ``num_returns=n``: one ref per returned value."""
+
+    __slots__ = ("whole", "index", "count", "id")
+
+    def __init__(self, whole: PendingResult, index: int, count: int) -> None:
+        self.whole, self.index, self.count = whole, index, count
+        self.kind, self.value = 0, None
+        self.id = f"{getattr(whole, 'id', 'call')}[{index}]"
+
+    def __getattr__(self, item: str) -> Any:      # channel/oref: wait_any of the whole call's kind
+        return getattr(self.whole, item)
+
+    def done(self) -> bool:
+        return self.kind != 0 or self.whole.done()
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        try:
+            values = self.whole.result(timeout)
+            if isinstance(values, ObjectRef):       # the tuple was put into the actor's store
+                values = store_core.current().get(values)
+        except GetTimeoutError:
+            raise
+        except BaseException as e:
+            self.kind, self.value = protocol.ERROR, e
+            return
+        try:
+            if len(values) != self.count:
+                raise TypeError
+            self.kind, self.value = protocol.OK_VALUE, values[self.index]
+        except TypeError:
+            self.kind, self.value = protocol.ERROR, ValueError(
+                f"{self.id}: the method was declared with num_returns={self.count} but returned "
+                f"{type(values).__name__} {str(values)[:80]!r}; return a tuple of {self.count} values")
+
+    @staticmethod
+    def wait_any(pendings: list, timeout: Optional[float]) -> None:
+        wholes = [p.whole if isinstance(p, Returned) else p for p in pendings]
+        type(wholes[0]).wait_any(wholes, timeout)
+
+
+def split_returns(ref: ObjectRef, count: int, label: str) -> Any:
+    """One ref per value of a ``num_returns=count`` call (None for 0, as in Ray)."""
+    if count == 0:
+        return None
+    return [ObjectRef.pending(Returned(ref._pending, i, count)) for i in range(count)]
+
+
 class PendingCall(PendingResult):
     """A call on the local backend: its reply arrives on the channel's socket."""
 
-    __slots__ = ("channel", "seq", "held", "id", "msg", "retries")
+    __slots__ = ("channel", "seq", "held", "id", "msg", "retries", "extra")
 
     def __init__(self, channel: "Channel", seq: int, held: list, msg: Optional[bytes] = None,
                  retries: int = 0) -> None:
@@ -71,14 +142,15 @@ class PendingCall(PendingResult):
         self.kind = 0
         self.value: Any = None
         self.id = f"{channel.actor_id}.call{seq}"
-        self.msg = msg              # the request, kept while it may be sent again (retries > 0)
-        self.retries = retries
+        self.msg = msg              # the request, kept while it may be sent again (retries != 0)
+        self.retries = retries      # -1: unlimited
+        self.extra: Optional[list] = None   # its DEP requests, sent again after it on a retry
 
     def done(self) -> bool:
         return self.kind != 0
 
     def settle(self, kind: int, value: Any) -> None:
-        self.kind, self.value, self.held, self.msg = kind, value, None, None
+        self.kind, self.value, self.held, self.msg, self.extra = kind, value, None, None, None
 
     def _wait(self, timeout: Optional[float]) -> None:
         self.channel.pump_until(self, timeout)
@@ -125,6 +197,17 @@ class PendingCall(PendingResult):
                 ch.read_lock.release()
 
 
+def _alive(pid: Optional[int]) -> bool:
+    """Whether process ``pid`` runs (not gone, not a zombie); True when unknown (None)."""
+    if not pid:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _spin_select(conns: list, seconds: float) -> list:
     """The connections readable now, polling up to ``seconds`` without sleeping (see
     Connection.read_spinning for why)."""
@@ -167,7 +250,8 @@ class Channel:
 
     def call(self, method: str, body: bytes, held: list, kind: int = protocol.CALL) -> ObjectRef:
         """Send a call and return its pending ref at once. While the actor's process is still
-        starting, the call waits in a backlog that the connecting thread flushes."""
+        starting, the call waits in a backlog that the connecting thread flushes. To a dead
+        actor: a ref whose get raises ActorDiedError (Ray's rule: ``.remote()`` does not raise)."""
         if len(body) > MAX_MESSAGE - protocol.REQ.size - len(method):
             raise ValueError(f"the arguments of {self.name}.{method}() pickle to {len(body)} bytes, more than a "
                              f"message holds ({MAX_MESSAGE}); pass big data as tensors (they travel through the "
@@ -175,7 +259,10 @@ class Channel:
         with self.send_lock:
             if self.dead is not None or (self.conn is None and not self.connecting) or (
                     self.conn is not None and self.conn.closed):
-                self._start_connect()
+                try:
+                    self._start_connect()
+                except ActorDiedError as death:
+                    return failed_ref(death, f"{self.name}.{method or 'call'}")
             self.seq += 1
             msg = protocol.request(kind, self.seq, self.read_upto, method, body)
             retries = self.max_task_retries if kind == protocol.CALL else 0
@@ -186,6 +273,41 @@ class Channel:
             else:
                 self._send(msg)
         return ObjectRef.pending(pending)
+
+    def call_with_deps(self, method: str, body: bytes, held: list, deps: list) -> ObjectRef:
+        """Send a call whose top-level arguments include refs of unfinished calls (``Dep``
+        placeholders in ``body``) at once; a thread of its own waits for each of ``deps`` and
+        sends its value, or its error, after the call. The actor runs it once all arrived."""
+        ref = self.call(method, body, held, kind=protocol.CALL_DEPS)
+        threading.Thread(target=self._send_deps, args=(ref._pending, deps), daemon=True,
+                         name=f"torchactors-deps-{self.name}").start()
+        return ref
+
+    def _send_deps(self, pending: PendingCall, deps: list) -> None:
+        for index, dep in enumerate(deps):
+            try:
+                ok, value = True, dep._pending.materialize()
+            except BaseException as e:
+                ok, value = False, e
+            with SerializationContext() as ctx:
+                try:
+                    body = pickle.dumps((ok, value), pickle.HIGHEST_PROTOCOL)
+                except Exception as e:      # an error that does not pickle: say what it was
+                    ok = False
+                    body = pickle.dumps((False, ActorError(type(value).__qualname__, str(value), repr(e))))
+            with self.send_lock:
+                if pending.done():
+                    return
+                pending.held.extend(ctx.refs)
+                msg = protocol.request(protocol.DEP, pending.seq, self.read_upto, str(index), body)
+                if pending.retries:
+                    pending.extra = (pending.extra or []) + [msg]
+                if self.conn is None:
+                    self.backlog.append(msg)
+                else:
+                    self._send(msg)
+            if not ok:
+                return      # the actor fails the call with this error; later deps do not matter
 
     def _send(self, msg: bytes) -> None:
         """Under send_lock: send ``msg`` as far as the socket has room now, never waiting for
@@ -261,7 +383,7 @@ class Channel:
         incarnation = status.get("incarnation", 0)
         state = status.get("state")
         down = state == "restarting" or (self.dead is not None and incarnation <= self.incarnation)
-        if state == "dead" or (down and not self.max_task_retries):
+        if state == "dead" or (down and not self.max_task_retries) or not _alive(status.get("owner")):
             self.incarnation = max(self.incarnation, incarnation)
             raise self._death(status)
         if self.conn is not None:
@@ -306,7 +428,8 @@ class Channel:
         while True:
             status = self.job.read_status(self.actor_id) or {}
             state, current = status.get("state"), status.get("incarnation", 0)
-            if state == "dead" or (not restart and (state == "restarting" or current != incarnation)):
+            if state == "dead" or (not restart and (state == "restarting" or current != incarnation)) or (
+                    not _alive(status.get("owner"))):
                 raise self._death(status)
             path = self.job.socket_path(self.actor_id, current)
             if current >= incarnation and state != "restarting" and os.path.exists(path):
@@ -325,15 +448,25 @@ class Channel:
             self.connected.wait(timeout)
 
     def _death(self, status: dict) -> ActorDiedError:
+        """The error for the actor's death as ``status`` tells it: why (constructor error,
+        kill, exit_actor, dropped handles, its owner's death) and whether a restart comes."""
         error = self.job.read_error(self.actor_id)
         detail = f"its constructor raised:\n{error}" if error else ""
-        if status.get("killed"):
-            detail = "it was killed with ta.kill()" + (f"; {detail}" if detail else "")
-        # A newer incarnation alive already: restarted before we looked (restarts are fast).
-        restarted = status.get("state") == "alive" and status.get("incarnation", 0) > self.incarnation
+        state, owner = status.get("state"), status.get("owner")
+        reason = self.job.killed_reason(self.actor_id) or (
+            "it was stopped when its owner shut down" if status.get("killed") else "")
+        if not reason and state != "dead" and not _alive(owner):
+            reason = f"its owner (pid {owner}, the process that created it) died, and an actor dies with its owner"
+        if reason:
+            detail = reason + (f"; {detail}" if detail else "")
+        # A newer incarnation than the one we talked to is up or coming: the actor was restarted.
+        restarted = state in ("alive", "starting") and status.get("incarnation", 0) > self.incarnation
+        restarting = not reason and (state == "restarting" or restarted)
+        if restarting and restarted:
+            detail = f"it is up again as incarnation {status.get('incarnation')}" + (f"; {detail}" if detail else "")
         return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
-                              status.get("restarts_left", 0) if not status.get("killed") else 0, detail,
-                              restarting=status.get("state") == "restarting" or restarted)
+                              0 if reason else status.get("restarts_left", 0), detail,
+                              restarting=restarting, actor_id=self.actor_id, final=bool(reason))
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -418,16 +551,16 @@ class Channel:
             deadline = time.monotonic() + DEATH_DETAIL_WAIT
             status = self.job.read_status(self.actor_id) or {}
             while (status.get("state") == "alive" and status.get("incarnation") == self.incarnation
-                   and time.monotonic() < deadline):
+                   and time.monotonic() < deadline and _alive(status.get("owner"))):
                 time.sleep(0.01)
                 status = self.job.read_status(self.actor_id) or {}
             self.dead = self._death(status)
         pendings, self.pendings = self.pendings, {}
         # A restart is coming if the supervisor says so, or has not said anything yet.
-        restart = self.dead.restarting or self.dead.restarts_left > 0
+        restart = self.dead.restarting or self.dead.restarts_left != 0
         again = []
         for p in pendings.values():
-            if restart and p.retries > 0:
+            if restart and p.retries != 0:
                 again.append(p)
             else:
                 p.settle(protocol.ERROR, self.dead)
@@ -440,13 +573,14 @@ class Channel:
         logger.warning("%s; retrying %d pending call(s) on its next incarnation", self.dead, len(calls))
         with self.send_lock:
             for p in calls:
-                p.retries -= 1
+                p.retries -= p.retries > 0      # -1: unlimited
                 self.pendings[p.seq] = p
+            msgs = [m for p in calls for m in (p.msg, *(p.extra or ()))]
             if not self.connecting and self.conn is not None and not self.conn.closed:
-                for p in calls:         # a new call reconnected meanwhile
-                    self._send(p.msg)
+                for m in msgs:          # a new call reconnected meanwhile
+                    self._send(m)
                 return
-            self.backlog[:0] = [p.msg for p in calls]
+            self.backlog[:0] = msgs
             if self.connecting:
                 return
             try:

@@ -8,116 +8,304 @@ caller's store, only refs travel) and returns an ``ObjectRef`` at once.
 from __future__ import annotations
 
 import inspect
+import io
 import itertools
 import os
 import pickle
+import types
 from typing import Any, Callable, Optional
 
-from torchactors.actors import protocol
+import cloudpickle
+
+from torchactors.actors import lifetime, protocol
 from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
-from torchactors.errors import StoreFullError
+from torchactors.errors import ActorDiedError, ActorError, StoreFullError
 from torchactors.runtime.child import DEVICE
 from torchactors.runtime.supervisor import Backoff, check_start_method
 from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1,
-    "name": None, "env": None, "ray_options": None,
+    "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": None,
     "start_method": None, "restart_backoff": None,     # None: the job's start method, Backoff's defaults
+    "name": None, "namespace": None, "lifetime": None, "get_if_exists": False, "env": None, "ray_options": None,
+    # Ray's placement hints: accepted so that Ray code runs; on the local backend one machine has
+    # no scheduler, so they are not enforced (num_gpus >= 1 selects device "cuda", see README).
+    "num_cpus": None, "num_gpus": None, "resources": None, "memory": None, "object_store_memory": None,
+    "accelerator_type": None, "scheduling_strategy": None, "runtime_env": None,
 }
+REFUSED_OPTIONS = {
+    "concurrency_groups": "concurrency groups are not supported; use max_concurrency (one pool for all "
+                          "methods) or separate actors",
+    "max_pending_calls": "max_pending_calls is not supported; callers are not throttled",
+}
+ASYNC_DEFAULT_CONCURRENCY = 1000    # Ray's default max_concurrency for an actor with async methods
+
+
+def _count(value: Any, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise ValueError(f"{what} must be an int >= 0, or -1 for unlimited, not {value!r}")
 
 
 def check_options(options: dict) -> dict:
+    for key, why in REFUSED_OPTIONS.items():
+        if key in options:
+            raise ValueError(f"actor option {key!r}: {why}")
     unknown = set(options) - set(OPTION_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown actor option(s) {sorted(unknown)}; allowed: {sorted(OPTION_DEFAULTS)}")
     o = dict(options)
     if o.get("num_threads") is not None and (not isinstance(o["num_threads"], int) or o["num_threads"] < 1):
         raise ValueError(f"num_threads must be a positive int or None, not {o['num_threads']!r}")
-    if not isinstance(o.get("max_restarts", 0), int) or o.get("max_restarts", 0) < 0:
-        raise ValueError(f"max_restarts must be an int >= 0, not {o['max_restarts']!r}")
-    if not isinstance(o.get("max_task_retries", 0), int) or o.get("max_task_retries", 0) < 0:
-        raise ValueError(f"max_task_retries must be an int >= 0, not {o['max_task_retries']!r}")
-    if not isinstance(o.get("max_concurrency", 1), int) or o.get("max_concurrency", 1) < 1:
-        raise ValueError(f"max_concurrency must be an int >= 1, not {o['max_concurrency']!r}")
+    _count(o.get("max_restarts", 0), "max_restarts")
+    _count(o.get("max_task_retries", 0), "max_task_retries")
+    mc = o.get("max_concurrency")
+    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 1):
+        raise ValueError(f"max_concurrency must be an int >= 1, not {mc!r}")
     if o.get("ray_options") is not None and not isinstance(o["ray_options"], dict):
         raise ValueError(f"ray_options must be a dict of Ray actor options, not {o['ray_options']!r}")
     if o.get("start_method") is not None:
         check_start_method(o["start_method"])
     Backoff.parse(o.get("restart_backoff"))
+    for key in ("name", "namespace"):
+        if o.get(key) is not None and (not isinstance(o[key], str) or not o[key]):
+            raise ValueError(f"actor option {key} must be a non-empty str or None, not {o[key]!r}")
+    if o.get("lifetime") not in (None, "detached", "non_detached"):
+        raise ValueError(f"lifetime must be None, 'detached' or 'non_detached', not {o['lifetime']!r}")
+    if o.get("get_if_exists") and o.get("name") is None and "name" in options:
+        raise ValueError("get_if_exists=True needs a name: .options(name='x', get_if_exists=True)")
+    env = o.get("runtime_env")
+    if env is not None and (not isinstance(env, dict) or set(env) - {"env_vars"}):
+        raise ValueError(f"runtime_env: only {{'env_vars': {{...}}}} is supported on one machine, not {env!r}")
     device = o.get("device", "cpu")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
     return o
 
 
+def resolved(options: dict, cls: type) -> dict:
+    """The options an actor starts with: Ray's spellings mapped onto ours."""
+    o = dict(options)
+    if o["max_concurrency"] is None:
+        o["max_concurrency"] = ASYNC_DEFAULT_CONCURRENCY if is_async_class(cls) else 1
+    if o.get("num_gpus") and o["device"] == "cpu":
+        o["device"] = "cuda"
+    if o.get("runtime_env"):
+        o["env"] = {**o["runtime_env"].get("env_vars", {}), **(o.get("env") or {})}
+    if o.get("lifetime") == "non_detached":
+        o["lifetime"] = None
+    return o
+
+
 _actor_ids = itertools.count(1)
+
+
+class ActorID(str):
+    """An actor's id: a str, with Ray's ``.hex()`` spelling (``h._actor_id.hex()``)."""
+
+    def hex(self) -> str:
+        return str(self)
 
 
 def new_actor_id(cls: type) -> str:
     """An id unique in the job: the class, the creating process and a counter."""
-    return f"{cls.__name__}-{os.getpid()}-{next(_actor_ids)}"
+    return ActorID(f"{cls.__name__}-{os.getpid()}-{next(_actor_ids)}")
 
 
 def public_methods(cls: type) -> list[str]:
     return sorted(n for n, v in inspect.getmembers(cls) if callable(v) and not n.startswith("_"))
 
 
+def method_returns(cls: type) -> dict[str, int]:
+    """The methods declared with ``@ta.method(num_returns=n)``, n != 1."""
+    out = {}
+    for n, v in inspect.getmembers(cls):
+        returns = getattr(v, "__torchactors_num_returns__", 1)
+        if returns != 1 and not n.startswith("_"):
+            out[n] = returns
+    return out
+
+
+def is_async_class(cls: type) -> bool:
+    """Ray's rule: an actor with any ``async def`` method is an async actor."""
+    return any(inspect.iscoroutinefunction(v) or inspect.isasyncgenfunction(v)
+               for _, v in inspect.getmembers(cls, callable))
+
+
+def _check_num_returns(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"num_returns must be an int >= 0, not {n!r} (streaming and dynamic returns "
+                         f"are not supported)")
+    return n
+
+
+def method(fn: Optional[Callable] = None, *, num_returns: int = 1, **unsupported: Any) -> Any:
+    """``@ta.method(num_returns=2)`` on an actor method: its ``.remote()`` returns one ref per value."""
+    if unsupported:
+        raise TypeError(f"@ta.method: unsupported option(s) {sorted(unsupported)}; supported: num_returns")
+    n = _check_num_returns(num_returns)
+
+    def mark(f: Callable) -> Callable:
+        target = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
+        target.__torchactors_num_returns__ = n
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
 class ActorClass:
-    """What ``@ta.actor`` turns a class into: start instances with ``.remote()``."""
+    """What ``@ta.actor`` turns a class into: start instances with ``.remote()``. Class
+    attributes, static and class methods of the wrapped class are reachable through it."""
 
     def __init__(self, cls: type, options: dict) -> None:
         self._cls = cls
         self._options = {**OPTION_DEFAULTS, **check_options(options)}
+        self._signature: Any = None
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
         self.__doc__ = cls.__doc__
         self.__module__ = cls.__module__
 
+    def __getattr__(self, item: str) -> Any:
+        if item.startswith("__") or item in ("_cls", "_options", "_signature"):
+            raise AttributeError(item)
+        return getattr(self._cls, item)
+
+    def __instancecheck__(self, obj: Any) -> bool:
+        """``isinstance(self, Cls)`` inside the actor, where ``Cls`` names this ActorClass (as in
+        Ray) and the instance's class may be a by-value copy of the module's class."""
+        return isinstance(obj, self._cls) or any(
+            c.__qualname__ == self._cls.__qualname__ and c.__module__ == self._cls.__module__
+            for c in type(obj).__mro__)
+
+    def __mro_entries__(self, bases: tuple) -> tuple:
+        raise TypeError(f"Inheriting from actor classes is not currently supported: {self.__name__} is an "
+                        f"actor class. Inherit from the plain class instead and decorate the subclass with "
+                        f"@ta.actor (or @ta.remote)")
+
     def options(self, **options: Any) -> "ActorClass":
         """The same class with some options overridden for the next ``.remote()``."""
         return ActorClass(self._cls, {**self._options, **check_options(options)})
 
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """TypeError at the caller for arguments the constructor cannot take."""
+        if self._signature is None:
+            try:
+                self._signature = inspect.signature(self._cls.__init__)
+            except (TypeError, ValueError):
+                self._signature = False
+        if self._signature:
+            try:
+                self._signature.bind(None, *args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"{self.__name__}.remote(): {e} (the arguments do not match "
+                                f"{self.__name__}.__init__{self._signature})") from None
+
     def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
         from torchactors.actors import api
 
-        return api.runtime().create_actor(self._cls, self._options, args, kwargs)
+        self.check_arguments(args, kwargs)
+        return api.runtime().create_actor(self._cls, resolved(self._options, self._cls), args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"actor class {self._cls.__name__} cannot be instantiated directly; "
-                        f"use {self._cls.__name__}.remote(...)")
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self._cls.__name__}()', "
+                        f"use '{self._cls.__name__}.remote()'")
 
     def __repr__(self) -> str:
         return f"ActorClass({self._cls.__module__}.{self._cls.__qualname__})"
 
 
+def _decorate(target: Any, options: dict, how: str) -> ActorClass:
+    if not inspect.isclass(target):
+        raise TypeError(f"{how} decorates a class, not {type(target).__name__}; torchactors has actors only "
+                        f"(no remote functions): put the function in an actor's method")
+    return ActorClass(target, options)
+
+
 def actor(cls: Optional[type] = None, **options: Any) -> Any:
     """``@ta.actor`` or ``@ta.actor(num_threads=1, device="cpu", max_restarts=0, max_concurrency=1)``."""
     if cls is None:
-        return lambda c: ActorClass(c, options)
-    if not inspect.isclass(cls):
-        raise TypeError(f"@ta.actor decorates a class, not {type(cls).__name__}")
-    return ActorClass(cls, options)
+        check_options(options)
+        return lambda c: _decorate(c, options, "@ta.actor")
+    return _decorate(cls, options, "@ta.actor")
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """Ray's spelling of ``@ta.actor``: ``@ta.remote`` or ``@ta.remote(max_restarts=1, ...)``."""
+    if len(args) == 1 and not options:
+        return _decorate(args[0], {}, "@ta.remote")
+    if args:
+        raise TypeError("@ta.remote takes a class, or only keyword options: @ta.remote(max_restarts=1)")
+    if not options:
+        raise TypeError("@ta.remote() needs options; without options write @ta.remote (no parentheses)")
+    check_options(options)
+    return lambda c: _decorate(c, options, "@ta.remote")
+
+
+class _KeepFileNames(cloudpickle.Pickler):
+    """cloudpickle, except that code pickled by value keeps its file name (cloudpickle writes
+    ``<dynamic-code>``), so an actor's tracebacks show the file and source lines of a class
+    defined in a script, a notebook's file or a test function."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            rebuild, args = cloudpickle.cloudpickle._code_reduce(obj)
+            return rebuild, tuple(obj.co_filename if a == "<dynamic-code>" else a for a in args)
+        return super().reducer_override(obj)
+
+
+def dumps_class(cls: type) -> bytes:
+    """The actor class, pickled for the actor's process."""
+    buf = io.BytesIO()
+    _KeepFileNames(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(cls)
+    return buf.getvalue()
+
+
+# Handle-scoped lifetime (see lifetime.py): what to call when this process drops its last
+# handle of a counted actor, and how to make sure this process watches for that.
+on_last_handle: Optional[Callable[[str], None]] = None
+on_borrow: Optional[Callable[[], None]] = None
 
 
 class ActorHandle:
     """A picklable reference to a running actor; pass it to other actors to let them call it.
     It carries the actor's ``max_task_retries``: every caller retries the same way."""
 
-    def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0) -> None:
-        self._actor_id = actor_id
+    def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0,
+                 returns: Optional[dict] = None, lent: Optional[str] = None) -> None:
+        self._actor_id = ActorID(actor_id)
         self._name = name
         self._methods = methods
         self._max_task_retries = max_task_retries
+        self._returns = returns or {}
+        if lent is not None and lifetime.receive(actor_id, lent) and on_borrow is not None:
+            on_borrow()
+        if actor_id in lifetime.counts:
+            lifetime.counts[actor_id] += 1
 
-    def __getattr__(self, item: str) -> "ActorMethod":
-        if item.startswith("_") or item not in self._methods:
-            raise AttributeError(f"actor {self._name} has no method {item!r}; it has: {', '.join(self._methods)}")
-        return ActorMethod(self, item)
+    def __del__(self) -> None:
+        counts = lifetime.counts
+        actor_id = self.__dict__.get("_actor_id")
+        n = counts.get(actor_id)
+        if n is not None:
+            if n > 1:
+                counts[actor_id] = n - 1
+            elif counts.pop(actor_id, None) is not None and on_last_handle is not None:
+                on_last_handle(actor_id)
+
+    def __getattr__(self, item: str) -> Any:
+        methods = self.__dict__.get("_methods")
+        if methods is None:             # not initialised yet (unpickling)
+            raise AttributeError(item)
+        if item in methods and not item.startswith("__"):      # the user's own methods first
+            return ActorMethod(self, item, self._returns.get(item, 1))
+        if item in _SPECIAL:
+            return _SPECIAL[item](self)
+        raise AttributeError(f"actor {self._name} has no method {item!r}; it has: {', '.join(methods)}")
 
     def __reduce__(self) -> tuple:
-        return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries))
+        return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._returns,
+                              lifetime.lend(self._actor_id)))
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._name})"
@@ -129,38 +317,109 @@ class ActorHandle:
         return hash(self._actor_id)
 
 
-class ActorMethod:
-    __slots__ = ("handle", "name")
+class _Builtin:
+    """``h.__ray_ready__`` / ``h.__ray_terminate__``: Ray's built-in actor methods."""
 
-    def __init__(self, handle: ActorHandle, name: str) -> None:
+    __slots__ = ("handle", "kind")
+
+    def __init__(self, handle: ActorHandle, kind: str) -> None:
         self.handle = handle
-        self.name = name
+        self.kind = kind
 
-    def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
+    def remote(self) -> Optional[ObjectRef]:
         from torchactors.actors import api
 
-        return api.runtime().call(self.handle, self.name, args, kwargs)
+        rt = api.runtime()
+        if self.kind == "ready":
+            return rt.ping(self.handle)
+        rt.terminate(self.handle)
+        return None
+
+    def __call__(self) -> Optional[ObjectRef]:        # h.ready()
+        return self.remote()
+
+
+_SPECIAL: dict[str, Callable[[ActorHandle], Any]] = {
+    "__ray_ready__": lambda h: _Builtin(h, "ready"),
+    "ready": lambda h: _Builtin(h, "ready"),
+    "__ray_terminate__": lambda h: _Builtin(h, "terminate"),
+}
+
+
+class ActorMethod:
+    __slots__ = ("handle", "name", "num_returns")
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1) -> None:
+        self.handle = handle
+        self.name = name
+        self.num_returns = num_returns
+
+    def options(self, num_returns: int = 1, **unsupported: Any) -> "ActorMethod":
+        """``h.m.options(num_returns=2).remote(...)``."""
+        if unsupported:
+            raise TypeError(f"{self.name}.options(): unsupported option(s) {sorted(unsupported)}; "
+                            f"supported: num_returns")
+        return ActorMethod(self.handle, self.name, _check_num_returns(num_returns))
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        from torchactors.actors import api
+
+        ref = api.runtime().call(self.handle, self.name, args, kwargs)
+        if self.num_returns == 1:
+            return ref
+        from torchactors.actors.channel import split_returns
+
+        return split_returns(ref, self.num_returns, f"{self.handle._name}.{self.name}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote(...)")
 
 
+class DependencyFailed(Exception):
+    """A top-level argument is the ref of a call that failed: the call is not sent, and its
+    ref raises ``error`` (Ray's rule)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
-def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef]) -> tuple[bytes, list]:
+def _defer_pending(args: tuple, kwargs: dict, deps: list) -> tuple[tuple, dict]:
+    """Top-level refs of unfinished calls replaced by ``Dep`` placeholders (appended to ``deps``);
+    refs of finished calls stay (their value is in a store). A failed one raises DependencyFailed."""
+    def swap(a: Any) -> Any:
+        if type(a) is not ObjectRef or a._pending is None:
+            return a
+        if a._pending.done():
+            if a._pending.kind == protocol.ERROR:
+                raise DependencyFailed(a._pending.value)
+            return a
+        deps.append(a)
+        return protocol.Dep(len(deps) - 1)
+
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef],
+                deps: Optional[list] = None) -> tuple[bytes, list]:
     """Pickle call arguments: tensors at any depth are put into the store and travel as
     refs. Returns the body and the refs it carries (the caller holds them until the actor
-    has read the call). An argument that cannot be pickled is named in the error."""
+    has read the call). An argument that cannot be pickled is named in the error. With
+    ``deps``, top-level refs of unfinished calls are not waited for: see _defer_pending."""
     if not args and not kwargs:
         return _EMPTY_ARGS, []
     if all(type(a) in protocol.INLINE_TYPES for a in args) and all(
             type(v) in protocol.INLINE_TYPES for v in kwargs.values()):
         return pickle.dumps((args, kwargs), pickle.HIGHEST_PROTOCOL), []
+    if deps is not None:
+        args, kwargs = _defer_pending(args, kwargs, deps)
     with SerializationContext() as ctx:
         try:
             body = serialize.dumps_message((args, kwargs), put)
         except StoreFullError:
             raise                           # the store is full, not the argument bad
+        except (ActorError, ActorDiedError) as e:      # a nested ref of a call that failed
+            raise DependencyFailed(e) from None
         except Exception as e:
             raise _name_bad_argument(args, kwargs, put, e) from e
     return body, ctx.refs

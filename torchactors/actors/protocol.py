@@ -18,7 +18,11 @@ REQ = struct.Struct("<BQQH")
 REP = struct.Struct("<BQB")
 
 CALL, ACK, KILL, PING = 1, 2, 3, 4             # request kinds
-REQUEST_KINDS = frozenset((CALL, ACK, KILL, PING))
+# A call whose top-level arguments include refs of unfinished calls: its body holds ``Dep``
+# placeholders; one DEP request per placeholder follows (seq = the call's, method = the
+# placeholder's index) with ``(ok, ref or error)``. STOP: exit once this caller's calls ran.
+CALL_DEPS, DEP, STOP = 5, 6, 7
+REQUEST_KINDS = frozenset((CALL, ACK, KILL, PING, CALL_DEPS, DEP, STOP))
 OK_VALUE, OK_REF, ERROR = 1, 2, 3               # reply kinds
 
 # Results of these types travel inside the reply; anything else is put into the actor's store.
@@ -55,5 +59,19 @@ def reply(kind: int, seq: int, holds: bool, body: bytes) -> bytes:
 def parse_reply(msg: bytes) -> tuple[int, int, bool, memoryview]:
     kind, seq, holds = REP.unpack_from(msg)
     return kind, seq, bool(holds), memoryview(msg)[REP.size:]
+
+
+
+class Dep:
+    """Stands in a call's body for a top-level argument whose value is still being computed."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple:
+        return (Dep, (self.index,))
+
 
 EMPTY_ARGS = pickle.dumps(((), {}), pickle.HIGHEST_PROTOCOL)     # the body of a call with no arguments

@@ -23,13 +23,16 @@ import pickle
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 import cloudpickle
 
 from torchactors.actors import protocol
-from torchactors.actors.channel import PendingResult
-from torchactors.actors.handle import ActorHandle, encode_args, new_actor_id, public_methods
+from torchactors.actors import worker
+from torchactors.actors.channel import PendingResult, failed_ref
+from torchactors.actors.handle import (ActorHandle, DependencyFailed, dumps_class, encode_args,
+                                       is_async_class, method_returns, new_actor_id, public_methods)
 from torchactors.actors.worker import encode_result, remote_error, resolve_top_level, start_event_loop
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime import job as job_module
@@ -77,12 +80,20 @@ def dumps_by_value(obj: Any) -> bytes:
 class RayActorHandle(ActorHandle):
     """An ActorHandle that also carries the Ray actor it names (picklable inside a Ray job)."""
 
-    def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int, ray_actor: Any) -> None:
-        super().__init__(actor_id, name, methods, max_task_retries)
+    def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int, ray_actor: Any,
+                 returns: Optional[dict] = None) -> None:
+        super().__init__(actor_id, name, methods, max_task_retries, returns)
         self._ray_actor = ray_actor
 
     def __reduce__(self) -> tuple:
-        return (RayActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._ray_actor))
+        # Passed on inside our own messages, where Ray does not count it: hold Ray's handle in
+        # this process until shutdown, so Ray does not stop the actor when ours goes.
+        _passed_on[self._actor_id] = self._ray_actor
+        return (RayActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._ray_actor,
+                                 self._returns))
+
+
+_passed_on: dict[str, Any] = {}     # actor id -> Ray handle, for handles this process pickled
 
 
 class RayPendingCall(PendingResult):
@@ -155,7 +166,10 @@ class RayRuntime:
         self.store = store_core.current()
         self.node = node_id()
         self.started_ray = started_ray
+        # Named and detached actors are held until shutdown; unnamed ones only while the user
+        # holds a handle: dropping the last one lets Ray stop the actor (handle-scoped lifetime).
         self.owned: dict[str, RayActorHandle] = {}
+        self.unnamed: "weakref.WeakValueDictionary[str, RayActorHandle]" = weakref.WeakValueDictionary()
         self.killed: set[str] = set()
         self._refs_ok: dict[str, Any] = {}     # actor id -> its ("node", joined job dir) future or answer
 
@@ -165,8 +179,13 @@ class RayRuntime:
             raise RuntimeError("torchactors was shut down; call ta.init() again before starting actors")
         actor_id = new_actor_id(cls)
         name = options.get("name")
+        if name is not None and options.get("get_if_exists"):
+            try:
+                return self.get_actor(name, options.get("namespace"))
+            except ValueError:
+                pass        # not there yet: create it (Ray's get_if_exists settles a race)
         try:
-            cls_bytes = cloudpickle.dumps(cls)
+            cls_bytes = dumps_class(cls)
             args_bytes = dumps_by_value((args, kwargs))
         except Exception as e:
             raise TypeError(f"actor {cls.__qualname__} or its constructor arguments cannot be sent to Ray: {e}") from e
@@ -176,8 +195,14 @@ class RayRuntime:
         }
         if options["device"] != "cpu":
             ray_options["num_gpus"] = 1
+        for key in ("num_cpus", "num_gpus", "resources", "memory", "object_store_memory", "accelerator_type",
+                    "scheduling_strategy", "namespace", "lifetime"):
+            if options.get(key) is not None:
+                ray_options[key] = options[key]
         if name is not None:
             ray_options["name"] = name
+            if options.get("get_if_exists"):
+                ray_options["get_if_exists"] = True
         if options.get("env"):
             ray_options["runtime_env"] = {"env_vars": dict(options["env"])}
         ray_options.update(options.get("ray_options") or {})      # the user's word wins
@@ -185,9 +210,14 @@ class RayRuntime:
                 "num_threads": options["num_threads"] or 1, "device": options["device"],
                 "job": job_module.describe(self.job), "sys_path": list(sys.path),
                 "max_task_retries": options["max_task_retries"]}
-        host = ray.remote(_Host).options(**ray_options).remote(spec)
-        handle = RayActorHandle(actor_id, name or actor_id, public_methods(cls), options["max_task_retries"], host)
-        self.owned[actor_id] = handle
+        host_cls = _AsyncHost if is_async_class(cls) else _Host
+        host = ray.remote(host_cls).options(**ray_options).remote(spec)
+        handle = RayActorHandle(actor_id, name or actor_id, public_methods(cls), options["max_task_retries"], host,
+                                method_returns(cls))
+        if name is not None or options.get("lifetime") == "detached":
+            self.owned[actor_id] = handle
+        else:
+            self.unnamed[actor_id] = handle
         return handle
 
     def forget(self, handle: ActorHandle) -> None:
@@ -226,12 +256,18 @@ class RayRuntime:
         if refused is not None:
             return refused
         by_ref = self._same_store(handle)
-        if by_ref:
-            body, held = encode_args(args, kwargs, self.store.put)
-        else:
-            body, held = dumps_by_value((args, kwargs)), []
-        oref = host.call.remote(method, body, self.node, os.getpid(), by_ref)
-        return ObjectRef.pending(RayPendingCall(oref, held, handle, self))
+        deps: list = []
+        try:
+            if by_ref:
+                body, held = encode_args(args, kwargs, self.store.put, deps)
+            else:
+                body, held = dumps_by_value((args, kwargs)), []
+        except DependencyFailed as failed:
+            return failed_ref(failed.error, f"{handle._name}.{method}")
+        # Refs of unfinished calls go to Ray as top-level arguments: Ray waits for them (not us),
+        # and the host decodes their replies in place of the Dep placeholders.
+        oref = host.call.remote(method, body, self.node, os.getpid(), by_ref, *[d._pending.oref for d in deps])
+        return ObjectRef.pending(RayPendingCall(oref, held + deps, handle, self))
 
     def ping(self, handle: ActorHandle) -> ObjectRef:
         host = self._host(handle)
@@ -240,28 +276,35 @@ class RayRuntime:
             return refused
         return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self))
 
-    def get_actor(self, name: str) -> RayActorHandle:
+    def get_actor(self, name: str, namespace: Optional[str] = None) -> RayActorHandle:
         ray = _ray()
         try:
-            host = ray.get_actor(name)
+            host = ray.get_actor(name, namespace=namespace)
         except ValueError:
-            raise ValueError(f"no actor named {name!r} in this job") from None
-        actor_id, methods, retries = ray.get(host.describe.remote())
-        return RayActorHandle(actor_id, name, methods, retries, host)
+            raise ValueError(f"Failed to look up actor with name {name!r}: no actor named {name!r} in this job") from None
+        actor_id, methods, retries, returns = ray.get(host.describe.remote())
+        return RayActorHandle(actor_id, name, methods, retries, host, returns)
 
-    def kill(self, handle: ActorHandle) -> None:
-        self.owned.pop(handle._actor_id, None)
-        self.killed.add(handle._actor_id)
-        _ray().kill(self._host(handle), no_restart=True)
+    def kill(self, handle: ActorHandle, no_restart: bool = True) -> None:
+        if no_restart:
+            self.owned.pop(handle._actor_id, None)
+            self.killed.add(handle._actor_id)
+        _ray().kill(self._host(handle), no_restart=no_restart)
+
+    def terminate(self, handle: ActorHandle) -> None:
+        self._host(handle).__ray_terminate__.remote()
 
     def shutdown(self) -> None:
         ray = _ray()
-        for handle in list(self.owned.values()):
+        hosts = {**_passed_on, **{h._actor_id: h._ray_actor for h in [*self.owned.values(), *self.unnamed.values()]}}
+        for actor_id, host in hosts.items():
             try:
-                ray.kill(handle._ray_actor, no_restart=True)
+                ray.kill(host, no_restart=True)
             except Exception as e:      # already gone, or Ray itself is going down
-                logger.debug("kill %s: %s", handle._name, e)
+                logger.debug("kill %s: %s", actor_id, e)
+        _passed_on.clear()
         self.owned.clear()
+        self.unnamed.clear()
         if self.job.driver:
             self.store.close()
             self.job.remove()
@@ -297,6 +340,7 @@ class _Host:
         from torchactors.actors import api
 
         api.attach_ray_runtime(RayRuntime(job, started_ray=False))
+        worker._in_actor = True
         self.actor_id, self.name = spec["actor_id"], spec["name"]
         self.max_task_retries = spec["max_task_retries"]
         self.node = node_id()
@@ -306,16 +350,18 @@ class _Host:
         self.lock = threading.Lock()
         self.swept = time.monotonic()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.exited: Optional[ActorDiedError] = None
         cls = cloudpickle.loads(spec["cls"])
         args, kwargs = resolve_top_level(*pickle.loads(spec["args"]))
         self.instance = cls(*args, **kwargs)
         self.methods = public_methods(cls)
+        self.returns = method_returns(cls)
 
     def where(self) -> tuple[str, Optional[str]]:
         return self.node, self.job_dir
 
-    def describe(self) -> tuple[str, list[str], int]:
-        return self.actor_id, self.methods, self.max_task_retries
+    def describe(self) -> tuple[str, list[str], int, dict]:
+        return self.actor_id, self.methods, self.max_task_retries, self.returns
 
     def ping(self) -> bytes:
         return protocol.reply(protocol.OK_VALUE, 0, False, pickle.dumps(None))
@@ -324,30 +370,75 @@ class _Host:
         with self.lock:
             self.held.pop(call_id, None)
 
-    def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool) -> bytes:
+    def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool, *deps: bytes) -> bytes:
+        call_id, prepared = self._prepare(method, body, caller_node, by_ref, deps)
+        if isinstance(prepared, bytes):
+            return prepared
+        fn, args, kwargs, same_store = prepared
+        try:
+            if inspect.iscoroutinefunction(fn):
+                result = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()).result()
+            else:
+                result = fn(*args, **kwargs)
+        except worker.ExitActor:
+            return self._exit(call_id, method)
+        except BaseException as e:
+            return self._error(call_id, e, method)
+        del args, kwargs
+        return self._encode(call_id, result, method, caller_pid, same_store)
+
+    def _exit(self, call_id: int, method: str) -> bytes:
+        """``ta.exit_actor()`` in ``method``: this call fails with ActorDiedError saying so, and
+        the host asks Ray to end it for good right after (Ray's kill: atexit handlers of the
+        process do not run there, since Ray's own would tear the worker down mid-call)."""
+        reason = f"it exited on purpose: ta.exit_actor() was called in its method {method}()"
+        err = self.exited = ActorDiedError(self.name, exit_code=0, detail=reason, final=True, actor_id=self.actor_id)
+        me = _ray().get_runtime_context().current_actor
+        threading.Timer(0.05, _ray().kill, args=(me,), kwargs={"no_restart": True}).start()
+        return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(err))
+
+    def _prepare(self, method: str, body: bytes, caller_node: str, by_ref: bool, deps: tuple) -> tuple[int, Any]:
+        """The call's id and (bound method, args, kwargs, same store), or the reply bytes of
+        an error (the caller's refs are not readable here, a dependency failed, bad args)."""
         call_id = next(self.seq)
+        if self.exited is not None:         # queued behind ta.exit_actor(): fails as Ray's would
+            return call_id, protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(self.exited))
         self._sweep()
         same_store = caller_node == self.node and self.job_dir is not None
         if by_ref and not same_store:
             # Refs from a caller that believes we share its node: we were restarted elsewhere.
             moved = ActorDiedError(self.name, detail="it was restarted on another node than its caller "
                                    "knew; call again (the call did not run)", restarting=True)
-            return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(moved))
+            return call_id, protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(moved))
         try:
-            args, kwargs = resolve_top_level(*pickle.loads(body))
+            args, kwargs = pickle.loads(body)
+            if deps:
+                values = []
+                for reply in deps:          # the replies of the calls whose refs were arguments
+                    kind, _, _, dep_body = protocol.parse_reply(reply)
+                    if kind == protocol.ERROR:
+                        return call_id, protocol.reply(protocol.ERROR, call_id, False, bytes(dep_body))
+                    values.append(pickle.loads(dep_body))
+                args = tuple(values[a.index] if type(a) is protocol.Dep else a for a in args)
+                kwargs = {k: values[v.index] if type(v) is protocol.Dep else v for k, v in kwargs.items()}
+            args, kwargs = resolve_top_level(args, kwargs)
             fn = getattr(self.instance, method)
-            if inspect.iscoroutinefunction(fn):
-                result = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()).result()
-            else:
-                result = fn(*args, **kwargs)
-            del args, kwargs
+        except BaseException as e:
+            return call_id, self._error(call_id, e, method)
+        return call_id, (fn, args, kwargs, same_store)
+
+    def _error(self, call_id: int, exc: BaseException, method: str) -> bytes:
+        err = remote_error(exc, self.name, method)
+        return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(err))
+
+    def _encode(self, call_id: int, result: Any, method: str, caller_pid: int, same_store: bool) -> bytes:
+        try:
             if same_store:
                 kind, out, held = encode_result(result)
             else:
                 kind, out, held = protocol.OK_VALUE, dumps_by_value(result), None
         except BaseException as e:
-            err = remote_error(e, self.name, method)
-            return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(err))
+            return self._error(call_id, e, method)
         if held:
             with self.lock:
                 self.held[call_id] = (caller_pid, held)
@@ -368,3 +459,26 @@ class _Host:
             if self.loop is None:
                 self.loop = start_event_loop()
             return self.loop
+
+
+class _AsyncHost(_Host):
+    """The host of an async actor: a Ray async actor, so that every method of the user's
+    class, sync ones included, runs on Ray's one event-loop thread, and Ray's
+    ``max_concurrency`` bounds the coroutines."""
+
+    async def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool,
+                   *deps: bytes) -> bytes:
+        call_id, prepared = self._prepare(method, body, caller_node, by_ref, deps)
+        if isinstance(prepared, bytes):
+            return prepared
+        fn, args, kwargs, same_store = prepared
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except worker.ExitActor:
+            return self._exit(call_id, method)
+        except BaseException as e:
+            return self._error(call_id, e, method)
+        del args, kwargs
+        return self._encode(call_id, result, method, caller_pid, same_store)

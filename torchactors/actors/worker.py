@@ -3,12 +3,19 @@
 Box in the data flow: socket -> actor loop -> method -> result ref -> socket. One thread
 reads every connection (epoll); a call from one caller runs in the order it was sent.
 With ``max_concurrency == 1`` a plain method runs on the loop thread itself (no thread hop per
-call); with ``max_concurrency > 1`` on a thread pool; ``async def`` methods on an event loop.
+call); with ``max_concurrency > 1`` on a thread pool. An actor with any ``async def`` method
+is an async actor (Ray's rule): every method, sync ones included, runs on its one event-loop
+thread, and at most ``max_concurrency`` coroutines run at once.
+
+A call whose arguments wait for other calls' results (CALL_DEPS) is held in its caller's
+queue until its DEP messages arrive; in an ordered (sync, single-threaded) actor that caller's
+later calls wait behind it, other callers' calls do not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import inspect
 import logging
@@ -26,7 +33,8 @@ from typing import Any, Optional
 import cloudpickle
 
 from torchactors.actors import protocol
-from torchactors.errors import ActorError
+from torchactors.actors.handle import is_async_class
+from torchactors.errors import ActorDiedError, ActorError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
 from torchactors.runtime.transport import (AUTH_TIMEOUT, AuthenticationError, Connection, ConnectionClosed,
@@ -103,7 +111,45 @@ def encode_result(result: Any) -> tuple[int, bytes, Optional[list]]:
 def remote_error(exc: BaseException, actor: str, method: str) -> ActorError:
     """What the caller's get raises for an exception in a method: type, message, traceback."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return ActorError(type(exc).__qualname__, str(exc), tb, actor, method)
+    return ActorError(type(exc).__qualname__, str(exc), tb, actor, method, type(exc).__module__)
+
+
+class ExitActor(SystemExit):
+    """Raised by ``ta.exit_actor()``: unwinds the method (``except Exception`` does not catch
+    it); the actor then ends."""
+
+
+_in_actor = False       # set in an actor's process (local or Ray backend)
+
+
+def exit_actor() -> None:
+    if not _in_actor:
+        raise TypeError("ta.exit_actor() was called outside an actor; call it inside an actor's method")
+    raise ExitActor(0)
+
+
+def exit_process(code: int = 0) -> None:
+    """End this actor's process from any thread: its atexit handlers run first."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        os._exit(code)
+
+
+class _Waiting:
+    """A call held in its caller's queue: for its dependencies, or behind one that waits."""
+
+    __slots__ = ("method", "args", "kwargs", "missing", "values", "error")
+
+    def __init__(self, method: Optional[str], args: tuple, kwargs: dict, missing: int) -> None:
+        self.method = method        # None: the caller's STOP
+        self.args, self.kwargs = args, kwargs
+        self.missing = missing
+        self.values: dict[int, Any] = {}
+        self.error: Optional[BaseException] = None
+
+    def ready(self) -> bool:
+        return self.missing == 0 or self.error is not None
 
 
 class _Peer:
@@ -115,6 +161,7 @@ class _Peer:
         self.send_lock = threading.Lock()
         self.held: dict[int, list] = {}
         self.outbox: deque[memoryview] = deque()
+        self.waiting: dict[int, _Waiting] = {}     # seq -> held call, in arrival order
 
     def ack(self, upto: int) -> None:
         for seq in [s for s in self.held if s <= upto]:
@@ -131,8 +178,10 @@ class ActorServer:
         self.poller = select.epoll()
         self.pool: Optional[ThreadPoolExecutor] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        if self.max_concurrency > 1:
-            self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor-call")
+        self.slots: Optional[asyncio.Semaphore] = None
+        self.ordered = True         # calls run inline on the loop thread, one at a time
+        self.inflight = 0           # calls handed to the pool or event loop, not replied yet
+        self.inflight_lock = threading.Lock()
         self._methods: dict[str, tuple[Any, bool]] = {}
         self._refusals = _Refusals(self.listener.path)
         self._fd_shortage = _Refusals(self.listener.path)       # logged apart: the operator's problem
@@ -143,6 +192,13 @@ class ActorServer:
     def _construct(self, spec: dict) -> Any:
         try:
             cls = cloudpickle.loads(spec["cls"])
+            if is_async_class(cls):
+                self.loop = start_event_loop()
+                self.slots = asyncio.Semaphore(self.max_concurrency)
+                self.ordered = False
+            elif self.max_concurrency > 1:
+                self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor-call")
+                self.ordered = False
             args, kwargs = pickle.loads(spec["args"])
             args, kwargs = resolve_top_level(args, kwargs)
             return cls(*args, **kwargs)
@@ -151,11 +207,6 @@ class ActorServer:
             self.job.write_error(self.key, text)
             logger.error("constructor of %s failed:\n%s", self.name, text)
             os._exit(1)
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        if self.loop is None:
-            self.loop = start_event_loop()
-        return self.loop
 
     def serve_forever(self) -> None:
         # epoll directly, not the selectors module: one less layer of Python per call.
@@ -278,6 +329,75 @@ class ActorServer:
         kind, seq, ack, method, body = protocol.parse_request(msg)
         if ack:
             peer.ack(ack)
+        if kind != protocol.CALL or peer.waiting:
+            self._control(peer, kind, seq, method, body)
+            return
+        try:
+            call = [(), {}] if body == _EMPTY_ARGS else list(resolve_top_level(*_load_args(body)))
+            fn, is_async = self._method(method)
+        except ProtocolError:
+            raise
+        except BaseException as e:
+            self._reply_error(peer, seq, method, e)
+            return
+        if self.ordered:
+            self._run_inline(peer, seq, method, fn, call)
+        else:
+            self._dispatch(peer, seq, method, fn, is_async, *call)
+
+    def _run_inline(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
+        """Run ``fn(*args, **kwargs)`` (``call`` = [args, kwargs], emptied: see below) and reply."""
+        args, kwargs = call
+        call.clear()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            self._reply_error(peer, seq, method, e)
+            return
+        # Drop our holds on the arguments before replying, so the caller's next put can
+        # reuse their memory as soon as it has the reply.
+        del args, kwargs
+        self._reply(peer, seq, method, result)
+
+    def _dispatch(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, args: tuple,
+                  kwargs: dict) -> None:
+        """Run a call on the event loop (async actor) or the pool (threaded actor)."""
+        with self.inflight_lock:
+            self.inflight += 1
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._on_loop, peer, seq, method, fn, is_async, args, kwargs)
+        else:
+            self.pool.submit(fn, *args, **kwargs).add_done_callback(lambda f: self._finish(peer, seq, method, f))
+
+    def _on_loop(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, args: tuple,
+                 kwargs: dict) -> None:
+        if is_async:
+            self.loop.create_task(self._run_coroutine(peer, seq, method, fn, args, kwargs))
+        else:                           # a sync method of an async actor blocks the loop, as in Ray
+            self._run_inline(peer, seq, method, fn, [args, kwargs])
+            self._done()
+
+    async def _run_coroutine(self, peer: _Peer, seq: int, method: str, fn: Any, args: tuple,
+                             kwargs: dict) -> None:
+        try:
+            async with self.slots:
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as e:      # ExitActor and CancelledError too: never out of the task
+                    self._reply_error(peer, seq, method, e)
+                    return
+            del args, kwargs
+            self._reply(peer, seq, method, result)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self.inflight_lock:
+            self.inflight -= 1
+
+    # -- calls that wait (dependencies, ordering), and control requests -----------------------
+
+    def _control(self, peer: _Peer, kind: int, seq: int, method: str, body: memoryview) -> None:
         if kind == protocol.ACK:
             return
         if kind == protocol.KILL:
@@ -285,33 +405,102 @@ class ActorServer:
             os._exit(0)
         if kind == protocol.PING:
             self._send(peer, seq, protocol.reply(protocol.OK_VALUE, seq, False, _NONE), None)
-            return
-        try:
-            if body == _EMPTY_ARGS:
-                args, kwargs = (), {}
+        elif kind == protocol.DEP:
+            if not method.isdigit():
+                raise ProtocolError(f"a dependency's index is {method!r}, not a number")
+            self._dep_arrived(peer, seq, int(method), body)
+        elif kind == protocol.STOP:
+            if self.ordered and peer.waiting:
+                peer.waiting[seq] = _Waiting(None, (), {}, 0)       # after this caller's held calls
             else:
-                args, kwargs = resolve_top_level(*_load_args(body))
-            fn, is_async = self._method(method)
-        except ProtocolError:
-            raise
-        except BaseException as e:
-            self._reply_error(peer, seq, method, e)
-            return
-        if is_async:
-            fut = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop())
-            fut.add_done_callback(lambda f: self._finish(peer, seq, method, f))
-        elif self.pool is not None:
-            self.pool.submit(fn, *args, **kwargs).add_done_callback(lambda f: self._finish(peer, seq, method, f))
-        else:
+                self._stop()
+        elif kind in (protocol.CALL, protocol.CALL_DEPS):
             try:
-                result = fn(*args, **kwargs)
+                args, kwargs = _load_args(body) if body != _EMPTY_ARGS else ((), {})
+            except ProtocolError:
+                raise
             except BaseException as e:
                 self._reply_error(peer, seq, method, e)
                 return
-            # Drop our holds on the arguments before replying, so the caller's next put can
-            # reuse their memory as soon as it has the reply.
-            del args, kwargs
-            self._reply(peer, seq, method, result)
+            missing = 0
+            if kind == protocol.CALL_DEPS:
+                missing = sum(type(a) is protocol.Dep for a in args) + sum(
+                    type(v) is protocol.Dep for v in kwargs.values())
+            waiting = _Waiting(method, args, kwargs, missing)
+            if missing or (self.ordered and peer.waiting):
+                peer.waiting[seq] = waiting
+            else:
+                self._start(peer, seq, waiting)
+        else:
+            logger.warning("%s: unknown request kind %d ignored", self.name, kind)
+
+    def _dep_arrived(self, peer: _Peer, seq: int, index: int, body: memoryview) -> None:
+        waiting = peer.waiting.get(seq)
+        if waiting is None or waiting.error is not None:
+            return
+        try:
+            ok, value = pickle.loads(body)
+        except BaseException as e:
+            ok, value = False, e
+        if ok:
+            waiting.values[index] = value
+        else:
+            waiting.error = value
+        waiting.missing -= 1
+        self._advance(peer)
+
+    def _advance(self, peer: _Peer) -> None:
+        """Start the held calls that can run: in an ordered actor only from the head of the
+        caller's queue; otherwise any whose dependencies arrived."""
+        for seq in list(peer.waiting):
+            waiting = peer.waiting[seq]
+            if not waiting.ready():
+                if self.ordered:
+                    return
+                continue
+            del peer.waiting[seq]
+            if waiting.method is None:
+                self._stop()
+                return
+            self._start(peer, seq, waiting)
+
+    def _start(self, peer: _Peer, seq: int, waiting: _Waiting) -> None:
+        method = waiting.method
+        if waiting.error is not None:       # a dependency failed: its error is this call's
+            try:
+                body = pickle.dumps(waiting.error)
+            except Exception as e:
+                body = pickle.dumps(remote_error(e, self.name, method))
+            self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, body), None)
+            return
+        values = waiting.values
+        try:
+            call = list(resolve_top_level(
+                tuple(values[a.index] if type(a) is protocol.Dep else a for a in waiting.args),
+                {k: values[v.index] if type(v) is protocol.Dep else v for k, v in waiting.kwargs.items()}))
+            fn, is_async = self._method(method)
+        except BaseException as e:
+            self._reply_error(peer, seq, method, e)
+            return
+        finally:
+            waiting.args, waiting.kwargs, waiting.values = (), {}, {}
+            del values      # only ``call`` holds the arguments now (see _run_inline)
+        if self.ordered:
+            self._run_inline(peer, seq, method, fn, call)
+        else:
+            self._dispatch(peer, seq, method, fn, is_async, *call)
+
+    def _stop(self) -> None:
+        """A caller's STOP (its last handle went, or __ray_terminate__): end once the calls
+        in progress have replied."""
+        if self.ordered:
+            exit_process(0)
+        threading.Thread(target=self._exit_when_idle, daemon=True, name="actor-stop").start()
+
+    def _exit_when_idle(self) -> None:
+        while self.inflight > 0:
+            time.sleep(0.005)
+        exit_process(0)
 
     def _method(self, name: str) -> tuple[Any, bool]:
         """The bound method and whether it is ``async``, looked up once per name."""
@@ -322,11 +511,14 @@ class ActorServer:
         return found
 
     def _finish(self, peer: _Peer, seq: int, method: str, fut: Any) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            self._reply_error(peer, seq, method, exc)
-        else:
-            self._reply(peer, seq, method, fut.result())
+        try:
+            exc = fut.exception()
+            if exc is not None:
+                self._reply_error(peer, seq, method, exc)
+            else:
+                self._reply(peer, seq, method, fut.result())
+        finally:
+            self._done()
 
     def _reply(self, peer: _Peer, seq: int, method: str, result: Any) -> None:
         try:
@@ -337,8 +529,19 @@ class ActorServer:
         self._send(peer, seq, protocol.reply(kind, seq, held is not None, body), held)
 
     def _reply_error(self, peer: _Peer, seq: int, method: str, exc: BaseException) -> None:
+        if isinstance(exc, ExitActor):
+            self._exit_on_purpose(peer, seq, method)
         err = remote_error(exc, self.name, method)
         self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
+
+    def _exit_on_purpose(self, peer: _Peer, seq: int, method: str) -> None:
+        """``ta.exit_actor()`` in ``method``: no restart; this call and the ones queued behind
+        it fail with ActorDiedError saying so (the callers read the reason from the job)."""
+        reason = f"it exited on purpose: ta.exit_actor() was called in its method {method}()"
+        self.job.mark_killed(self.key, reason)
+        err = ActorDiedError(self.name, exit_code=0, detail=reason, final=True, actor_id=self.key)
+        self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
+        exit_process(0)
 
     def _send(self, peer: _Peer, seq: int, msg: bytes, held: Optional[list]) -> None:
         """Send a reply without ever blocking (any thread): a caller that does not read must
@@ -386,7 +589,9 @@ def _load_args(body: memoryview) -> tuple[tuple, dict]:
 
 def serve(payload: bytes, ctx: ChildContext) -> None:
     """Target of the supervisor for actor processes."""
+    global _in_actor
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    _in_actor = True
     spec = pickle.loads(payload)
     from torchactors.actors import api
 

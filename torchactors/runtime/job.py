@@ -68,7 +68,9 @@ class Job:
         return os.path.join(self.dir, "actors", actor_id + ".json")
 
     def write_status(self, actor_id: str, status: dict) -> None:
-        write_file(self._actors, actor_id + ".json", json.dumps(status).encode())
+        """Only the actor's supervisor writes its status: ``owner`` (this pid) lets a caller
+        tell that the actor died with its owner when nobody is left to update the file."""
+        write_file(self._actors, actor_id + ".json", json.dumps({**status, "owner": os.getpid()}).encode())
 
     def read_status(self, actor_id: str) -> Optional[dict]:
         data = read_file(self._actors, actor_id + ".json")
@@ -77,12 +79,23 @@ class Job:
         except ValueError:
             return None
 
-    def mark_killed(self, actor_id: str) -> None:
-        """Tell the actor's supervisor that its death is wanted (no restart)."""
-        write_file(self._actors, actor_id + ".killed", b"")
+    def mark_killed(self, actor_id: str, reason: str = "it was killed with ta.kill()") -> None:
+        """Tell the actor's supervisor that its death is wanted and final (no restart);
+        ``reason`` is what its callers' ActorDiedError says. The first reason stays."""
+        try:
+            write_file(self._actors, actor_id + ".killed", reason.encode(), exclusive=True)
+        except FileExistsError:
+            pass
 
     def was_killed(self, actor_id: str) -> bool:
         return read_file(self._actors, actor_id + ".killed") is not None
+
+    def killed_reason(self, actor_id: str) -> str:
+        """Why the actor's death is final ('' if it is not)."""
+        data = read_file(self._actors, actor_id + ".killed")
+        if data is None:
+            return ""
+        return data.decode(errors="replace") or "it was killed with ta.kill()"
 
     def write_error(self, actor_id: str, text: str) -> None:
         write_file(self._actors, actor_id + ".error", text.encode(errors="replace"))

@@ -269,9 +269,9 @@ class Supervisor:
         _sweep_torch_shm(p.popen.pid)
         exit_code, sig = (None, signal.Signals(-code).name) if code < 0 else (code, None)
         killed = self._stopping or self.job.was_killed(p.spec.key)
-        restart = not killed and p.restarts_left > 0
+        restart = not killed and p.restarts_left != 0       # -1: unlimited
         if restart:
-            p.restarts_left -= 1
+            p.restarts_left -= p.restarts_left > 0
             p.restart_at = time.monotonic() + p.next_delay()
         state = "restarting" if restart else "dead"
         p.last_end = {"exit_code": exit_code, "signal": sig}

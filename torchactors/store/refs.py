@@ -99,6 +99,32 @@ class ObjectRef:
             ctx.refs.append(ref)
         return (_rebuild_ref, (ref.owner, ref.slot, ref.gen, ref.owner_pid, ref.loc, ref.meta, ref.job))
 
+    # -- asyncio (used by the actors' async methods and asyncio drivers) --------------------
+
+    def __await__(self) -> Any:
+        """``await ref``: the value, waited for on a helper thread, so the event loop never blocks."""
+        return self.as_future().__await__()
+
+    def as_future(self) -> Any:
+        """An ``asyncio.Future`` of the value, on the running event loop."""
+        import asyncio
+
+        return asyncio.wrap_future(self.future())
+
+    def future(self) -> Any:
+        """A ``concurrent.futures.Future`` of the value. An unfinished call's value is waited
+        for on a daemon thread of its own (a pool would stall ``gather`` over refs whose calls
+        wait on one another, and would be joined at exit)."""
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        if self._pending is None or self._pending.done():
+            _resolve_into(future, self)
+        else:
+            threading.Thread(target=_resolve_into, args=(future, self), daemon=True,
+                             name="torchactors-await").start()
+        return future
+
     def __del__(self) -> None:
         if self._counted:
             self._counted = False
@@ -109,6 +135,17 @@ class ObjectRef:
 
 
 _core_module = None
+
+
+def _resolve_into(future: Any, ref: "ObjectRef") -> None:
+    if not future.set_running_or_notify_cancel():
+        return          # cancelled (e.g. asyncio.wait_for timed out) before it started
+    try:
+        value = _core().current().get(ref)
+    except BaseException as e:
+        future.set_exception(e)
+    else:
+        future.set_result(value)
 
 
 def _core():
