@@ -19,7 +19,10 @@ import torch
 
 import torchactors as ta
 
-torch.set_num_threads(1)
+if not ta.is_initialized():
+    # The test process only: an actor process imports this module too when it imports a test
+    # module for its class (a runtime is attached by then), and its thread count is its own.
+    torch.set_num_threads(1)
 # Everything imported so far lives for the whole session: keep it out of the garbage
 # collector's scans, so that the gc.collect() calls the leak checks make stay cheap.
 gc.collect()

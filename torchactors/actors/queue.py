@@ -42,7 +42,7 @@ from typing import Any, Iterable, Optional
 from torchactors.errors import ActorDiedError
 from torchactors.store import core, futex, serialize
 from torchactors.store.refs import SerializationContext
-from torchactors.store.segments import Segment
+from torchactors.store.segments import OwnSegment, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class _Ring:
         self.host = host
         self.shared = False         # the host keeps the ring for the job once it was sent
         self.mm = seg.mm
-        self.cells = memoryview(self.mm).cast("q")
+        self.cells = memoryview(self.mm).cast("B").cast("q")
         self.base = seg.base
         self.mutexes = (ctypes.c_void_p(self.base + _MUTEX_AT[0]), ctypes.c_void_p(self.base + _MUTEX_AT[1]))
         self.key = (record[1], record[3])
@@ -368,7 +368,7 @@ _rings_lock = threading.Lock()
 
 def _create(maxsize: int) -> _Ring:
     store = core.current()
-    seg = Segment(0, HEADER + RING_BYTES, populate=False)
+    seg = OwnSegment("queue", HEADER + RING_BYTES)
     ring = _Ring(seg, (store.index, os.getpid(), seg.fd, seg.inode), host=True)
     for side in (_PRODUCERS, _CONSUMERS):
         _init_mutex(ring.base + _MUTEX_AT[side])
@@ -386,7 +386,7 @@ def _attach(record: tuple) -> _Ring:
         ring = _hosted.get(key) or _attached.get(key)
         if ring is not None:
             return ring
-        seg = core.current().maps.map(pid, fd_number, inode)     # mapped once per process
+        seg = core.current().maps.map(pid, fd_number, inode, 0, HEADER + RING_BYTES)     # mapped once per process
         if seg is None:
             raise ActorDiedError(f"queue host (process {index}, pid {pid})",
                                  detail="the process that created this ta.Queue is gone, and the queue with it")

@@ -38,7 +38,7 @@ from torchactors.errors import GetTimeoutError, OwnerDiedError
 from torchactors.runtime import job as job_module
 from torchactors.store import core, cuda, futex
 from torchactors.store.refs import ObjectRef
-from torchactors.store.segments import Segment
+from torchactors.store.segments import OwnSegment, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class _Channel:
         self.name = name
         self.seg = seg
         self.mm = seg.mm
-        self.cells = memoryview(seg.mm).cast("q")
+        self.cells = memoryview(seg.mm).cast("B").cast("q")
         self.current_addr = seg.base + _H_CURRENT * 8
         self.record = record
         self.publisher: Optional[_Publisher] = None
@@ -425,7 +425,7 @@ def _find(store: core.Store, name: str) -> Optional[_Channel]:
         record = job_module.read_record(store.job_dir, "weights", name)
         if record is None:
             return None
-        seg = store.maps.map(record["pid"], record["fd"], record["inode"])
+        seg = store.maps.map(record["pid"], record["fd"], record["inode"], 0, AREA0 + MAX_BUFFERS * AREA_SIZE)
         if seg is None:
             ch = _channels.get(key)
             if ch is not None:
@@ -442,7 +442,7 @@ def _become_publisher(store: core.Store, name: str, max_buffers: int) -> _Channe
         ch = _channels.get(key)
         if ch is not None and ch.publisher is not None and ch.store is store:
             return ch
-        seg = Segment(0, AREA0 + MAX_BUFFERS * AREA_SIZE, populate=False)
+        seg = OwnSegment("weights", AREA0 + MAX_BUFFERS * AREA_SIZE)
         record = {"pid": os.getpid(), "index": store.index, "fd": seg.fd, "inode": seg.inode}
         try:
             job_module.write_record(store.job_dir, "weights", name, record)

@@ -499,10 +499,10 @@ class Membership:
         """How many refs to our own object ``slot`` live processes hold, this one included.
         Exact for refs that stay put (a ref moving between processes is counted by its sender
         until the receiver has counted it, so the sum never drops below the truth)."""
-        i = self._owner_base + slot * HOLD_CELL
-        n = self.holds.cells[i]
+        i = slot * HOLD_CELL
+        n = self.holds.cells[self._owner_base + i]
         for p in list(self.peers.values()):
-            holds = p.holds
+            holds = p.holds             # a peer's table as mapped here: only our objects' column
             if holds is not None and p.alive():
                 try:
                     n += holds.cells[i]

@@ -184,6 +184,27 @@ class Segment:
         self.fd = -1
 
 
+class OwnSegment(Segment):
+    """A window on a memfd of its own, outside the pool's capacity and free lists: a queue's
+    ring or a weights channel's header, which live as long as their object. Closing it closes
+    the file (peers that mapped it keep their mappings)."""
+
+    __slots__ = ()
+
+    def __init__(self, tag: str, size: int) -> None:
+        file = DataFile(f"torchactors-{os.getpid()}-{tag}", 1)
+        try:
+            file.take(size)
+            super().__init__(0, size, file.fd, file.inode, 0, file, populate=False)
+        except BaseException:
+            file.close()
+            raise
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 class SharedFile:
     """A storage torch already shares through an fd (``share_memory_()``): peers open that fd
     as they open a segment's, and the owner reads the storage itself. No mapping, no new fd."""
