@@ -25,6 +25,7 @@ import secrets
 from typing import Optional
 
 from torchactors.runtime import job as job_module
+from torchactors.store.registry import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +103,6 @@ def nobody_holds(actor_id: str) -> bool:
     for name in names:
         if name.startswith("t-"):
             return False
-        if name.startswith("p-") and _running(int(name[2:])):
+        if name.startswith("p-") and pid_alive(int(name[2:])):
             return False
-    return True
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

@@ -95,7 +95,7 @@ def sweep_stale_jobs() -> int:
     removed = 0
     for name in os.listdir(base):
         pid = name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             path = os.path.join(base, name)
             try:
                 st = os.lstat(path)
@@ -107,7 +107,8 @@ def sweep_stale_jobs() -> int:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is a process with this pid running (or a zombie)? True for another user's process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -216,7 +217,7 @@ class Peer:
             readable, _, _ = select.select([self.pidfd], [], [], 0)
             if readable:
                 self.dead = True
-        elif not _pid_alive(self.pid):
+        elif not pid_alive(self.pid):
             self.dead = True
         if self.dead and self.pidfd >= 0:
             os.close(self.pidfd)
@@ -278,7 +279,7 @@ class Membership:
                 pid = json.load(f)["pid"]
         except (OSError, ValueError, KeyError):
             return False
-        if _pid_alive(pid):
+        if pid_alive(pid):
             return False
         dead = f"{path}.dead-{os.getpid()}"
         try:
