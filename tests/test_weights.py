@@ -140,6 +140,22 @@ def test_a_held_state_dict_is_never_overwritten():
     ta.kill(reader)
 
 
+def test_a_version_held_in_the_driver_survives_an_actor_publishing_many_more():
+    # The publisher is not process 0 here (the IMPALA learner's case): it must read the
+    # driver's holds in the column the driver keeps for that process's objects.
+    publisher = Publisher.remote("from-actor")
+    assert ta.get(publisher.publish.remote(1.0), timeout=60) == 1
+    w = ta.Weights("from-actor")
+    v0, sd0 = w.latest()
+    assert v0 == 1 and check_constant(1, sd0)
+    for v in range(2, 50):
+        assert ta.get(publisher.publish.remote(float(v)), timeout=30) == v
+    assert check_constant(1, sd0)                   # never overwritten while held here
+    v, sd = w.latest()
+    assert v == 49 and check_constant(49, sd)
+    ta.kill(publisher)
+
+
 def test_publisher_waits_when_every_buffer_is_held_and_goes_on_when_one_is_dropped():
     w = ta.Weights("bounded", max_buffers=2)
     w.publish(constant_sd(1.0))
