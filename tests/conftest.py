@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
+import signal
 import time
+from typing import Any, Callable, Optional
 
 import psutil
 import pytest
@@ -126,6 +129,27 @@ class StoreProcess:
         ref = ta.store.put(torch.arange(n, dtype=torch.float32))
         self.held.append(ref)
         return {"ref": ref}
+
+
+def fork_store_process(job_dir: str, work: Callable[[Any], Any], capacity: Optional[int] = None) -> tuple[int, Any]:
+    """Fork a process that joins the job's store, sends back ``work(store)`` (pickled: refs
+    are counted in flight) and waits to be killed. Returns its pid and what it sent."""
+    from torchactors.store import core
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:            # the child: never returns
+        try:
+            os.close(r)
+            blob = pickle.dumps(work(core.attach(job_dir, capacity=capacity)))
+            os.write(w, len(blob).to_bytes(4, "little") + blob)
+            signal.pause()
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        n = int.from_bytes(f.read(4), "little")
+        return pid, pickle.loads(f.read(n))
 
 
 def _new_children_alive(before: set[int]) -> list[psutil.Process]:

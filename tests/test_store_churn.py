@@ -10,7 +10,6 @@ process (fast); the actor versions of the same figures are in the slow soaks at 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from torchactors import store
 from torchactors.errors import OwnerDiedError, StoreFullError
 from torchactors.store import core
 
-from conftest import StoreProcess, open_fds, wait_for
+from conftest import StoreProcess, fork_store_process, open_fds, wait_for
 
 MiB = 1 << 20
 
@@ -47,23 +46,8 @@ def shmem_mib() -> float:
 
 def fork_owner(job_dir: str, sizes: list[int]) -> tuple[int, list]:
     """A process of the job (forked) that puts one tensor per size, sends the refs and waits."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            st = core.attach(job_dir)
-            refs = [st.put(torch.full((n // 4,), float(i))) for i, n in enumerate(sizes)]
-            blob = pickle.dumps(refs)
-            os.write(w, len(blob).to_bytes(4, "little") + blob)
-            signal.pause()
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        n = int.from_bytes(f.read(4), "little")
-        refs = pickle.loads(f.read(n))
-    return pid, refs
+    return fork_store_process(job_dir, lambda st: [st.put(torch.full((n // 4,), float(i)))
+                                                   for i, n in enumerate(sizes)])
 
 
 def kill(pid: int) -> None:

@@ -8,36 +8,21 @@ that thousands of incarnations take seconds; the actor path is in test_actors' r
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 
 import pytest
 import torch
 
+from conftest import fork_store_process
 from torchactors import store
 from torchactors.errors import OwnerDiedError
-from torchactors.store import core
 
 
 def incarnation(job_dir: str, value: float) -> tuple[int, int, object]:
     """Fork a process that joins the job, puts a tensor, sends its ref and waits to be killed.
-    Returns its pid, its index and the ref."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:            # the child: never returns
-        try:
-            os.close(r)
-            st = core.attach(job_dir, capacity=4 << 20)     # small arenas: a cheap first put
-            ref = st.put(torch.full((16,), value))
-            blob = pickle.dumps((st.index, ref))
-            os.write(w, len(blob).to_bytes(4, "little") + blob)
-            signal.pause()
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        n = int.from_bytes(f.read(4), "little")
-        index, ref = pickle.loads(f.read(n))
+    Returns its pid, its index and the ref. Small arenas: a cheap first put."""
+    pid, (index, ref) = fork_store_process(job_dir, lambda st: (st.index, st.put(torch.full((16,), value))),
+                                           capacity=4 << 20)
     return pid, index, ref
 
 
