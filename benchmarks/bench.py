@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BACKEND_ENV, BENCH_DIR, REPO_ROOT, THREAD_ENV, Config, parse_size  # noqa: E402
 import report  # noqa: E402
+from common import BACKEND_ENV, BENCH_DIR, REPO_ROOT, THREAD_ENV, Config, parse_size  # noqa: E402
 
 log = logging.getLogger("bench")
 

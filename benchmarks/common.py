@@ -18,8 +18,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ class Config:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
         return cls(**json.loads(text))
 
 

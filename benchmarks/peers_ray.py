@@ -17,10 +17,27 @@ import warnings
 
 import ray
 import torch
-
-from common import (QUEUE_MAXSIZE, QUEUE_PRODUCERS, QUEUE_SIZES, WEIGHT_READERS, Config, Recorder, key,
-                    make_rollout_buffer, make_state_dict, make_tensor, memcpy, queue_item, queue_key, queue_messages,
-                    start_ns, startup_reps, summarize, touch, weight_sync_key)
+from common import (
+    QUEUE_MAXSIZE,
+    QUEUE_PRODUCERS,
+    QUEUE_SIZES,
+    WEIGHT_READERS,
+    Config,
+    Recorder,
+    key,
+    make_rollout_buffer,
+    make_state_dict,
+    make_tensor,
+    memcpy,
+    queue_item,
+    queue_key,
+    queue_messages,
+    start_ns,
+    startup_reps,
+    summarize,
+    touch,
+    weight_sync_key,
+)
 
 
 @ray.remote

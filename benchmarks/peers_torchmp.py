@@ -17,10 +17,28 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-
-from common import (QUEUE_MAXSIZE, QUEUE_PRODUCERS, QUEUE_SIZES, WEIGHT_READERS, Config, Recorder, idle_pss, key,
-                    make_rollout_buffer, make_state_dict, make_tensor, memcpy, queue_item, queue_key, queue_messages,
-                    start_ns, startup_reps, summarize, touch, weight_sync_key)
+from common import (
+    QUEUE_MAXSIZE,
+    QUEUE_PRODUCERS,
+    QUEUE_SIZES,
+    WEIGHT_READERS,
+    Config,
+    Recorder,
+    idle_pss,
+    key,
+    make_rollout_buffer,
+    make_state_dict,
+    make_tensor,
+    memcpy,
+    queue_item,
+    queue_key,
+    queue_messages,
+    start_ns,
+    startup_reps,
+    summarize,
+    touch,
+    weight_sync_key,
+)
 
 MPQUEUE_ENV = "TORCHACTORS_BENCH_MPQUEUE"   # "1": run queue_throughput on multiprocessing.Queue only
 

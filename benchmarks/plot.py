@@ -16,6 +16,7 @@ from typing import Any
 log = logging.getLogger("plot")
 
 from report import SYSTEMS  # benchmarks/ is on sys.path: this runs as a script
+
 _SIZE = re.compile(r"^(\w+)\[(\d+)(B|KB|MB|GB)\]$")
 _SCALE = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
 

@@ -28,9 +28,18 @@ import time
 from typing import Any
 
 import torch
-
-from common import (WEIGHT_READERS, Config, Recorder, key, make_rollout_buffer, make_state_dict, make_tensor, memcpy,
-                    summarize, weight_sync_key)
+from common import (
+    WEIGHT_READERS,
+    Config,
+    Recorder,
+    key,
+    make_rollout_buffer,
+    make_state_dict,
+    make_tensor,
+    memcpy,
+    summarize,
+    weight_sync_key,
+)
 
 _LEN = struct.Struct("<I")
 
@@ -196,7 +205,7 @@ class _WeightReaders:
             recv_msg(s)
 
     def close(self) -> None:
-        for s, p in zip(self.socks, self.procs):
+        for s, p in zip(self.socks, self.procs, strict=False):
             send_msg(s, ("exit",))
             p.wait(timeout=10)
             s.close()

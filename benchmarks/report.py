@@ -6,8 +6,9 @@ actor_learner (shown in rollouts/s) that is torchactors rate / peer rate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from common import START_NS, fmt_size, key
 
@@ -73,7 +74,7 @@ def _fmt(v: float | None, rate: bool = False) -> str:
 def _grid(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths)))
+                               for i, (c, w) in enumerate(zip(r, widths, strict=False)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
 
 

@@ -10,9 +10,9 @@ import time
 from typing import Any
 
 import torch
-import torchactors as ta
-
 from common import make_rollout_buffer
+
+import torchactors as ta
 
 
 def as_tensor(x: Any) -> torch.Tensor:

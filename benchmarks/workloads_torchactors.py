@@ -13,12 +13,34 @@ import time
 from typing import Any
 
 import torch
-import torchactors as ta
-
-from common import (BACKEND_ENV, QUEUE_MAXSIZE, QUEUE_PRODUCERS, QUEUE_SIZES, WEIGHT_READERS, Config, Recorder,
-                    idle_pss, key, make_state_dict, make_tensor, memcpy, queue_item, queue_key, queue_messages, scale,
-                    start_ns, startup_reps, summarize, time_op, time_rate, touch, weight_sync_key)
+from common import (
+    BACKEND_ENV,
+    QUEUE_MAXSIZE,
+    QUEUE_PRODUCERS,
+    QUEUE_SIZES,
+    WEIGHT_READERS,
+    Config,
+    Recorder,
+    idle_pss,
+    key,
+    make_state_dict,
+    make_tensor,
+    memcpy,
+    queue_item,
+    queue_key,
+    queue_messages,
+    scale,
+    start_ns,
+    startup_reps,
+    summarize,
+    time_op,
+    time_rate,
+    touch,
+    weight_sync_key,
+)
 from ta_actors import Idle, Producer, QueueProducer, WeightReader, Worker
+
+import torchactors as ta
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +166,7 @@ def _scaling(cfg: Config, rec: Recorder) -> None:
             workers = [Worker.remote() for _ in range(n)]
             try:
                 ta.get([w.noop.remote() for w in workers])
-                res = time_op(lambda: ta.get([w.noop.remote() for w in workers]), cfg)
+                res = time_op(lambda workers=workers: ta.get([w.noop.remote() for w in workers]), cfg)
                 series["actor_rtt"][str(n)] = scale(res, 1.0 / n)
                 log.info("scaling actor_rtt x%d: %.3g s per call", n, res["median"] / n)
             finally:

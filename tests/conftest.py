@@ -14,7 +14,8 @@ import os
 import pickle
 import signal
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -131,7 +132,7 @@ class StoreProcess:
         return {"ref": ref}
 
 
-def fork_store_process(job_dir: str, work: Callable[[Any], Any], capacity: Optional[int] = None) -> tuple[int, Any]:
+def fork_store_process(job_dir: str, work: Callable[[Any], Any], capacity: int | None = None) -> tuple[int, Any]:
     """Fork a process that joins the job's store, sends back ``work(store)`` (pickled: refs
     are counted in flight) and waits to be killed. Returns its pid and what it sent."""
     from torchactors.store import core

@@ -202,7 +202,7 @@ def test_unpicklable_argument_raises_at_call_site_naming_it(counter):
 
 def test_unknown_method_names_the_methods_it_has(counter):
     with pytest.raises(AttributeError, match="incr"):
-        counter.nope
+        _ = counter.nope
 
 
 def test_handles_pass_between_actors(counter):

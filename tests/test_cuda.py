@@ -492,7 +492,7 @@ def test_state_dict_broadcast_shares_one_gpu_copy(gpu):
         before = ta.get([w.allocated.remote() for w in workers], timeout=120)
         after = ta.get([w.hold.remote(ref) for w in workers], timeout=120)
         weight_bytes = model.weight.numel() * 4
-        assert all(a - b < weight_bytes for a, b in zip(after, before)), "mapped, not allocated, in the actors"
+        assert all(a - b < weight_bytes for a, b in zip(after, before, strict=False)), "mapped, not allocated, in the actors"
         ta.get(workers[0].add_one_to_held.remote("weight"), timeout=60)
         expected = float(model.weight.detach().double().sum())      # our copy changed too
         sums = ta.get([w.held_sum.remote("weight") for w in workers], timeout=60)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+from conftest import counted_fds
 
 import torchactors as ta
-from conftest import counted_fds
 
 
 @ta.actor(num_threads=1)

@@ -95,7 +95,7 @@ def test_keyword_args():
         KwActor.remote(0, 1, 2, arg3=3)
     with pytest.raises(TypeError):
         KwActor.remote(0, arg0=1)
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="arg0"):
         ta.get(actor.get_values.remote())
 
 
@@ -202,15 +202,15 @@ def test_actor_inheritance():
 
 def test_decorator_args():
     # Ray: test_actor.py::test_decorator_args
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="needs options"):
         @ta.remote()
         class A:
             pass
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="invalid_kwarg"):
         @ta.remote(invalid_kwarg=0)
         class B:
             pass
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="invalid_kwarg"):
         @ta.remote(num_cpus=0, invalid_kwarg=0)
         class C:
             pass

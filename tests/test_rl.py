@@ -49,7 +49,7 @@ def test_env_matches_reference_until_done_and_resets():
     env = VecCartPole(4, seed=1)
     ref = [tuple(s.tolist()) for s in env.state]
     assert env.state.abs().max() <= 0.05
-    for t in range(30):
+    for _ in range(30):
         action = torch.ones(4, dtype=torch.int64)  # always push right: falls within ~10 steps
         step = env.step(action)
         assert step.obs.dtype == torch.float32 and step.reward.tolist() == [1.0] * 4

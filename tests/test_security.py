@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for
 
 import torchactors as ta
 from torchactors.actors import protocol
 from torchactors.runtime import job as job_module
 from torchactors.runtime.transport import connect
-
-from conftest import wait_for
 
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -286,7 +285,7 @@ def _closed_by_peer(sock: socket.socket, seconds: float = 10.0) -> bool:
                 return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -396,9 +395,10 @@ for i in range(n):
     held.append(s)                      # connect, hold (silent or garbage)
     while len(held) > hold:
         held.popleft().close()
+print(n, flush=True)
+sys.stdin.readline()                    # hold the last connections until the test has counted
 for s in held:
     s.close()
-print(n)
 """
 
 
@@ -407,17 +407,22 @@ def _flood(target, attempts: int, capfd) -> None:
     limit = ta.get(target.limit_fds.remote(40))
     path = _socket_path(target)
     flooder = subprocess.Popen([sys.executable, "-c", FLOODER, path, str(attempts), "300"],
-                               stdout=subprocess.PIPE, text=True)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    done: list = []
+    threading.Thread(target=lambda: done.append(flooder.stdout.readline()), daemon=True).start()
     most_fds, calls = 0, 0
     try:
-        while flooder.poll() is None:
+        deadline = time.monotonic() + 120
+        while not done and flooder.poll() is None and time.monotonic() < deadline:
             assert ta.get(target.echo.remote(calls), timeout=10) == calls     # an authenticated caller
             calls += 1
-            try:
-                most_fds = max(most_fds, len(os.listdir(f"/proc/{pid}/fd")))
-            except OSError:
-                pass
-        out, _ = flooder.communicate(timeout=60)
+            most_fds = max(most_fds, len(os.listdir(f"/proc/{pid}/fd")))
+        # the flooder holds its last 300 connections now: the actor is at its limit
+        for _ in range(20):
+            most_fds = max(most_fds, len(os.listdir(f"/proc/{pid}/fd")))
+            time.sleep(0.01)
+        out, _ = flooder.communicate("\n", timeout=60)
+        out = done[0] if done else out
     finally:
         if flooder.poll() is None:
             flooder.kill()

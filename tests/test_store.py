@@ -16,13 +16,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import wait_for
 
 import torchactors as ta
 from torchactors import errors, store
 from torchactors.errors import GetTimeoutError, ObjectFreedError, StoreFullError
 from torchactors.store import core
-
-from conftest import wait_for
 
 MiB = 1 << 20
 
@@ -199,7 +198,7 @@ def test_views_of_one_storage_put_together_come_back_as_views_of_one_storage():
     new = store.get(store.put(data))
     assert isinstance(new[0], torch.UntypedStorage)
     assert bytes(new[0]) == bytes(data[0])
-    for orig, got in zip(data[1:], new[1:]):
+    for orig, got in zip(data[1:], new[1:], strict=False):
         assert torch.equal(got, orig)
         assert got.stride() == orig.stride() and got.storage_offset() == orig.storage_offset()
     ptr = new[0].data_ptr()

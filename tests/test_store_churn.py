@@ -18,13 +18,12 @@ import time
 
 import pytest
 import torch
+from conftest import StoreProcess, fork_store_process, open_fds, wait_for
 
 import torchactors as ta
 from torchactors import store
 from torchactors.errors import OwnerDiedError, StoreFullError
 from torchactors.store import core
-
-from conftest import StoreProcess, fork_store_process, open_fds, wait_for
 
 MiB = 1 << 20
 
@@ -68,7 +67,7 @@ def test_a_reader_unmaps_a_killed_owners_segments_once_no_view_of_them_remains()
         assert mapped_windows(pid) == 2            # its arena and its large window
         del values, refs
         kill(pid)
-        assert wait_for(lambda: mapped_windows(pid) == 0, 2.0), f"cycle {cycle}: still mapped"
+        assert wait_for(lambda pid=pid: mapped_windows(pid) == 0, 2.0), f"cycle {cycle}: still mapped"
     assert st.maps.count() == maps0
     assert open_fds() <= fds0 + 1
     assert shmem_mib() < shm0 + 64 + 16, (shm0, shmem_mib())       # within one arena (others' noise aside)
@@ -84,7 +83,7 @@ def test_a_live_view_of_a_dead_owner_keeps_only_its_own_window():
     assert wait_for(lambda: mapped_windows(pid) == 1, 2.0)
     assert small[0].item() == 0.0 and small.sum().item() == 0.0      # still valid memory
     del small
-    assert wait_for(lambda: mapped_windows(pid) == 0, 2.0)
+    assert wait_for(lambda pid=pid: mapped_windows(pid) == 0, 2.0)
 
 
 def test_a_stale_ref_of_a_dead_owner_raises_owner_died_after_its_mappings_went():
@@ -92,7 +91,7 @@ def test_a_stale_ref_of_a_dead_owner_raises_owner_died_after_its_mappings_went()
     pid, refs = fork_owner(st.job_dir, [1 * MiB])
     assert store.get(refs[0])[0].item() == 0.0
     kill(pid)
-    assert wait_for(lambda: mapped_windows(pid) == 0, 2.0)
+    assert wait_for(lambda pid=pid: mapped_windows(pid) == 0, 2.0)
     with pytest.raises(OwnerDiedError):
         store.get(refs[0])
 
@@ -280,7 +279,7 @@ def kill_cycles(cycles: int) -> None:
         assert got[0].item() == float(pid)
         del got
         os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: restarted(h, pid), 60.0)
+        assert wait_for(lambda pid=pid: restarted(h, pid), 60.0)
     assert wait_for(lambda: foreign_windows() <= maps0 + 1, 3.0), (maps0, foreign_windows())
     assert wait_for(lambda: open_fds() <= fds0 + 2, 3.0), (fds0, open_fds())
     assert shmem_mib() < shm0 + 64 + 32, (shm0, shmem_mib())       # within one arena (others' noise aside)

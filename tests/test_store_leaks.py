@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import StoreProcess, fd_links, open_fds, process_alive, shm_entries, shm_entry_of, wait_for
 
 import torchactors as ta
 from torchactors import store
 from torchactors.store import core
-
-from conftest import StoreProcess, fd_links, open_fds, process_alive, shm_entries, shm_entry_of, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CYCLES = 10_000

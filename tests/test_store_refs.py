@@ -15,15 +15,14 @@ import sys
 
 import pytest
 import torch
+from conftest import StoreProcess, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import torchactors as ta
 from torchactors import store
 from torchactors.errors import ObjectFreedError, OwnerDiedError
 from torchactors.store.refs import ObjectRef
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from conftest import StoreProcess, wait_for
 
 ERRORS = (OwnerDiedError, ObjectFreedError, ValueError)
 
@@ -32,7 +31,7 @@ def forge(ref: ObjectRef, **fields) -> ObjectRef:
     """A ref rebuilt as unpickling would, with some fields changed (what a forger can do)."""
     fn, args = ref.__reduce__()
     names = ["owner", "slot", "gen", "owner_pid", "loc", "meta", "job"]
-    args = dict(zip(names, args))
+    args = dict(zip(names, args, strict=False))
     args.update(fields)
     return fn(*[args[n] for n in names])
 

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import fork_store_process
+
 from torchactors import store
 from torchactors.errors import OwnerDiedError
 

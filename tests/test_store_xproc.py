@@ -15,13 +15,12 @@ import time
 
 import pytest
 import torch
+from conftest import StoreProcess, wait_for
 
 import torchactors as ta
 from torchactors import store
 from torchactors.actors.handle import encode_args
 from torchactors.errors import ObjectFreedError
-
-from conftest import StoreProcess, wait_for
 
 
 def mapping_name(ptr: int) -> str:

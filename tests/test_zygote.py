@@ -14,14 +14,13 @@ import time
 
 import pytest
 import torch
+from conftest import process_alive, wait_for
 
 import torchactors as ta
 from torchactors.actors import api
 from torchactors.runtime.config import parse_config
 from torchactors.runtime.runner import run_job
 from torchactors.runtime.supervisor import Backoff
-
-from conftest import process_alive, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,8 +11,17 @@ from torchactors.actors.handle import ActorClass, ActorHandle, actor, method, re
 from torchactors.actors.pool import ActorPool
 from torchactors.actors.queue import Queue
 from torchactors.actors.weights import Weights
-from torchactors.errors import (ActorDiedError, ActorError, ConfigError, GetTimeoutError, ObjectFreedError,
-                                OwnerDiedError, RemoteTraceback, StoreFullError, TorchActorsError)
+from torchactors.errors import (
+                                ActorDiedError,
+                                ActorError,
+                                ConfigError,
+                                GetTimeoutError,
+                                ObjectFreedError,
+                                OwnerDiedError,
+                                RemoteTraceback,
+                                StoreFullError,
+                                TorchActorsError,
+)
 from torchactors.store import ObjectRef, free, get, put, stats
 
 # Ray spells it ray.actor.exit_actor(): the same function under ta.actor, for ported code.

@@ -8,7 +8,7 @@ re-raised in the caller with the same attributes.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional
+from typing import Any
 
 
 class TorchActorsError(Exception):
@@ -68,7 +68,7 @@ class RemoteTraceback(TorchActorsError):
 _dual_classes: dict[type, type] = {}
 
 
-def _remote_class(module: Optional[str], qualname: Optional[str]) -> Optional[type]:
+def _remote_class(module: str | None, qualname: str | None) -> type | None:
     """The remote exception's class, if this process can import it (else None)."""
     if not module or not qualname or "<locals>" in qualname:
         return None
@@ -107,9 +107,9 @@ class ActorDiedError(TorchActorsError):
 
     _fields = ("actor", "exit_code", "signal_name", "restarts_left", "restarting", "actor_id")
 
-    def __init__(self, actor: str, exit_code: Optional[int] = None, signal_name: Optional[str] = None,
+    def __init__(self, actor: str, exit_code: int | None = None, signal_name: str | None = None,
                  restarts_left: int = 0, detail: str = "", restarting: bool = False,
-                 actor_id: Optional[str] = None, final: bool = False) -> None:
+                 actor_id: str | None = None, final: bool = False) -> None:
         self.actor = actor
         self.actor_id = actor_id or actor
         self.exit_code = exit_code
@@ -137,7 +137,7 @@ class GetTimeoutError(TorchActorsError, TimeoutError):
 
     _fields = ("timeout",)
 
-    def __init__(self, message: str, timeout: Optional[float] = None) -> None:
+    def __init__(self, message: str, timeout: float | None = None) -> None:
         self.timeout = timeout
         super().__init__(message)
 
@@ -185,8 +185,8 @@ class ConfigError(TorchActorsError, ValueError):
 
     _fields = ("file", "line", "key", "allowed")
 
-    def __init__(self, message: str, file: Optional[str] = None, line: Optional[int] = None,
-                 key: Optional[str] = None, allowed: Any = None) -> None:
+    def __init__(self, message: str, file: str | None = None, line: int | None = None,
+                 key: str | None = None, allowed: Any = None) -> None:
         self.file = file
         self.line = line
         self.key = key

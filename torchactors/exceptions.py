@@ -2,8 +2,15 @@
 spelled ``ta.exceptions.X``) catches the same failures. Nothing is defined here: every error
 lives in ``torchactors.errors``."""
 
-from torchactors.errors import (ActorDiedError, ActorError, GetTimeoutError, ObjectFreedError, OwnerDiedError,
-                                StoreFullError, TorchActorsError)
+from torchactors.errors import (
+                                ActorDiedError,
+                                ActorError,
+                                GetTimeoutError,
+                                ObjectFreedError,
+                                OwnerDiedError,
+                                StoreFullError,
+                                TorchActorsError,
+)
 
 RayError = TorchActorsError             # base of every error
 RayTaskError = ActorError               # a method raised (also an instance of the remote class)

@@ -14,15 +14,23 @@ import pickle
 import queue
 import signal
 import threading
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from torchactors.actors import handle as handle_module
 from torchactors.actors import lifetime, protocol
 from torchactors.actors.channel import Channel, failed_ref
-from torchactors.actors.handle import (ActorHandle, DependencyFailed, dumps_class, encode_args, method_returns,
-                                       new_actor_id, public_methods)
+from torchactors.actors.handle import (
+    ActorHandle,
+    DependencyFailed,
+    dumps_class,
+    encode_args,
+    method_returns,
+    new_actor_id,
+    public_methods,
+)
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
@@ -37,13 +45,13 @@ logger = logging.getLogger(__name__)
 class _Owned:
     """An actor this process started: what must live as long as it may restart."""
 
-    def __init__(self, actor_id: str, name: Optional[str], held: list) -> None:
+    def __init__(self, actor_id: str, name: str | None, held: list) -> None:
         self.actor_id = actor_id
         self.name = name        # its key in the job's names (namespace included), if named
         self.held = held        # refs in the constructor arguments (a restart re-reads them)
 
 
-def name_key(name: str, namespace: Optional[str]) -> str:
+def name_key(name: str, namespace: str | None) -> str:
     """An actor's key among the job's names: Ray's namespaces are prefixes of one table."""
     return name if not namespace else f"{namespace}/{name}"
 
@@ -53,11 +61,11 @@ class Runtime:
         self.job = job
         self.start_method = start_method      # the default of actors that do not choose one
         self.store = store_core.current()
-        self._supervisor: Optional[Supervisor] = None
+        self._supervisor: Supervisor | None = None
         self.channels: dict[str, Channel] = {}
         self.owned: dict[str, _Owned] = {}
         self.lock = threading.Lock()
-        self._dropped: Optional[queue.SimpleQueue] = None     # actors whose last handle went
+        self._dropped: queue.SimpleQueue | None = None     # actors whose last handle went
         handle_module.on_borrow = self._watch_handles       # a lent handle arrived: count it here
 
     @property
@@ -185,7 +193,7 @@ class Runtime:
         return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"],
                            record.get("returns"))
 
-    def get_actor(self, name: str, namespace: Optional[str] = None) -> ActorHandle:
+    def get_actor(self, name: str, namespace: str | None = None) -> ActorHandle:
         record = self.job.lookup_name(name_key(name, namespace))
         if record is None:
             where = f" in namespace {namespace!r}" if namespace else ""
@@ -234,12 +242,12 @@ class Runtime:
             self.job.remove()
 
 
-_runtime: Optional[Runtime] = None
+_runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
-def init(backend: str = "local", num_threads: Optional[int] = None, store_capacity: Any = None,
-         address: Optional[str] = None, start_method: str = "zygote") -> Runtime:
+def init(backend: str = "local", num_threads: int | None = None, store_capacity: Any = None,
+         address: str | None = None, start_method: str = "zygote") -> Runtime:
     """Start torchactors in this process (optional: the first use does it with defaults).
 
     ``backend="local"``: actors are processes of this machine started by our supervisor.
@@ -321,7 +329,7 @@ def kill(handle: ActorHandle, no_restart: bool = True) -> None:
     runtime().kill(handle, no_restart)
 
 
-def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the actor started with ``.options(name=name)`` anywhere in the job."""
     if not name:
         raise ValueError(f"Please supply a non-empty name to get_actor, not {name!r}")
@@ -340,7 +348,7 @@ def exit_actor() -> None:
     worker.exit_actor()
 
 
-def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[float] = None,
+def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: float | None = None,
          fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Split ``refs`` into (ready, not ready), in input order, once ``num_returns`` are ready
     (checked as Ray does: a list of distinct refs, ``[]`` gives ``([], [])``). ``fetch_local``
@@ -361,7 +369,7 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
     return store_core.current().wait(refs, num_returns, timeout)
 
 
-def wait_ready(handles: list[ActorHandle], timeout: Optional[float] = None) -> None:
+def wait_ready(handles: list[ActorHandle], timeout: float | None = None) -> None:
     """Block until every actor in ``handles`` has finished its constructor and answers calls
     (raises ActorDiedError for one that died, GetTimeoutError after ``timeout``)."""
     rt = runtime()

@@ -14,13 +14,19 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 from torchactors.actors import protocol
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime.job import Job
-from torchactors.runtime.transport import (MAX_MESSAGE, AuthenticationError, Connection, ConnectionClosed,
-                                          ProtocolError, connect)
+from torchactors.runtime.transport import (
+    MAX_MESSAGE,
+    AuthenticationError,
+    Connection,
+    ConnectionClosed,
+    ProtocolError,
+    connect,
+)
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef, SerializationContext
 
@@ -39,10 +45,10 @@ class PendingResult:
 
     __slots__ = ("kind", "value")
 
-    def _wait(self, timeout: Optional[float]) -> None:
+    def _wait(self, timeout: float | None) -> None:
         raise NotImplementedError
 
-    def result(self, timeout: Optional[float] = None) -> Any:
+    def result(self, timeout: float | None = None) -> Any:
         if not self.kind:
             self._wait(timeout)
         if self.kind == protocol.ERROR:
@@ -69,11 +75,11 @@ class Settled(PendingResult):
     def done(self) -> bool:
         return True
 
-    def _wait(self, timeout: Optional[float]) -> None:
+    def _wait(self, timeout: float | None) -> None:
         pass
 
     @staticmethod
-    def wait_any(pendings: list, timeout: Optional[float]) -> None:
+    def wait_any(pendings: list, timeout: float | None) -> None:
         pass
 
 
@@ -97,7 +103,7 @@ class Returned(PendingResult):
     def done(self) -> bool:
         return self.kind != 0 or self.whole.done()
 
-    def _wait(self, timeout: Optional[float]) -> None:
+    def _wait(self, timeout: float | None) -> None:
         try:
             values = self.whole.result(timeout)
             if isinstance(values, ObjectRef):       # the tuple was put into the actor's store
@@ -117,7 +123,7 @@ class Returned(PendingResult):
                 f"{type(values).__name__} {str(values)[:80]!r}; return a tuple of {self.count} values")
 
     @staticmethod
-    def wait_any(pendings: list, timeout: Optional[float]) -> None:
+    def wait_any(pendings: list, timeout: float | None) -> None:
         wholes = [p.whole if isinstance(p, Returned) else p for p in pendings]
         type(wholes[0]).wait_any(wholes, timeout)
 
@@ -134,7 +140,7 @@ class PendingCall(PendingResult):
 
     __slots__ = ("channel", "seq", "held", "id", "msg", "retries", "extra")
 
-    def __init__(self, channel: "Channel", seq: int, held: list, msg: Optional[bytes] = None,
+    def __init__(self, channel: Channel, seq: int, held: list, msg: bytes | None = None,
                  retries: int = 0) -> None:
         self.channel = channel
         self.seq = seq
@@ -144,7 +150,7 @@ class PendingCall(PendingResult):
         self.id = f"{channel.actor_id}.call{seq}"
         self.msg = msg              # the request, kept while it may be sent again (retries != 0)
         self.retries = retries      # -1: unlimited
-        self.extra: Optional[list] = None   # its DEP requests, sent again after it on a retry
+        self.extra: list | None = None   # its DEP requests, sent again after it on a retry
 
     def done(self) -> bool:
         return self.kind != 0
@@ -152,11 +158,11 @@ class PendingCall(PendingResult):
     def settle(self, kind: int, value: Any) -> None:
         self.kind, self.value, self.held, self.msg, self.extra = kind, value, None, None, None
 
-    def _wait(self, timeout: Optional[float]) -> None:
+    def _wait(self, timeout: float | None) -> None:
         self.channel.pump_until(self, timeout)
 
     @staticmethod
-    def wait_any(pendings: list["PendingCall"], timeout: Optional[float]) -> None:
+    def wait_any(pendings: list[PendingCall], timeout: float | None) -> None:
         """Block until at least one of ``pendings`` settles, or ``timeout``.
 
         Reads only sockets whose read lock it holds: a socket another thread is reading may
@@ -197,7 +203,7 @@ class PendingCall(PendingResult):
                 ch.read_lock.release()
 
 
-def _alive(pid: Optional[int]) -> bool:
+def _alive(pid: int | None) -> bool:
     """Whether process ``pid`` runs (not gone, not a zombie); True when unknown (None)."""
     if not pid:
         return True
@@ -227,14 +233,14 @@ class Channel:
         # > 0: a call pending when the actor dies is sent again to its next incarnation (at
         # most this many times), and calls made while it restarts wait for it (Ray's rule).
         self.max_task_retries = max_task_retries
-        self.conn: Optional[Connection] = None
+        self.conn: Connection | None = None
         self.incarnation = -1
         self.seq = 0
         self.read_upto = 0          # highest reply seq read (acknowledged with the next request)
         self.pendings: dict[int, PendingCall] = {}
         self.send_lock = threading.Lock()
         self.read_lock = threading.Lock()
-        self.dead: Optional[ActorDiedError] = None
+        self.dead: ActorDiedError | None = None
         self.ack_due = False
         self.connecting = False
         self.connected = threading.Event()
@@ -443,7 +449,7 @@ class Channel:
                 raise ActorDiedError(self.name, detail=f"it did not start listening within {CONNECT_TIMEOUT:.0f}s")
             time.sleep(0.005)
 
-    def wait_connected(self, timeout: Optional[float]) -> None:
+    def wait_connected(self, timeout: float | None) -> None:
         if self.connecting:
             self.connected.wait(timeout)
 
@@ -470,7 +476,7 @@ class Channel:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def pump_until(self, pending: PendingCall, timeout: Optional[float]) -> None:
+    def pump_until(self, pending: PendingCall, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not pending.done():
             left = None if deadline is None else deadline - time.monotonic()
@@ -497,7 +503,7 @@ class Channel:
         finally:
             self.read_lock.release()
 
-    def _read(self, timeout: Optional[float], only_buffered: bool = False) -> int:
+    def _read(self, timeout: float | None, only_buffered: bool = False) -> int:
         conn = self.conn
         if conn is None and self.connecting:
             return 0

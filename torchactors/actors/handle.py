@@ -13,7 +13,8 @@ import itertools
 import os
 import pickle
 import types
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -139,7 +140,7 @@ def _check_num_returns(n: Any) -> int:
     return n
 
 
-def method(fn: Optional[Callable] = None, *, num_returns: int = 1, **unsupported: Any) -> Any:
+def method(fn: Callable | None = None, *, num_returns: int = 1, **unsupported: Any) -> Any:
     """``@ta.method(num_returns=2)`` on an actor method: its ``.remote()`` returns one ref per value."""
     if unsupported:
         raise TypeError(f"@ta.method: unsupported option(s) {sorted(unsupported)}; supported: num_returns")
@@ -183,7 +184,7 @@ class ActorClass:
                         f"actor class. Inherit from the plain class instead and decorate the subclass with "
                         f"@ta.actor (or @ta.remote)")
 
-    def options(self, **options: Any) -> "ActorClass":
+    def options(self, **options: Any) -> ActorClass:
         """The same class with some options overridden for the next ``.remote()``."""
         return ActorClass(self._cls, {**self._options, **check_options(options)})
 
@@ -201,7 +202,7 @@ class ActorClass:
                 raise TypeError(f"{self.__name__}.remote(): {e} (the arguments do not match "
                                 f"{self.__name__}.__init__{self._signature})") from None
 
-    def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         from torchactors.actors import api
 
         self.check_arguments(args, kwargs)
@@ -222,7 +223,7 @@ def _decorate(target: Any, options: dict, how: str) -> ActorClass:
     return ActorClass(target, options)
 
 
-def actor(cls: Optional[type] = None, **options: Any) -> Any:
+def actor(cls: type | None = None, **options: Any) -> Any:
     """``@ta.actor`` or ``@ta.actor(num_threads=1, device="cpu", max_restarts=0, max_concurrency=1)``."""
     if cls is None:
         check_options(options)
@@ -263,8 +264,8 @@ def dumps_class(cls: type) -> bytes:
 
 # Handle-scoped lifetime (see lifetime.py): what to call when this process drops its last
 # handle of a counted actor, and how to make sure this process watches for that.
-on_last_handle: Optional[Callable[[str], None]] = None
-on_borrow: Optional[Callable[[], None]] = None
+on_last_handle: Callable[[str], None] | None = None
+on_borrow: Callable[[], None] | None = None
 
 
 class ActorHandle:
@@ -272,7 +273,7 @@ class ActorHandle:
     It carries the actor's ``max_task_retries``: every caller retries the same way."""
 
     def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0,
-                 returns: Optional[dict] = None, lent: Optional[str] = None) -> None:
+                 returns: dict | None = None, lent: str | None = None) -> None:
         self._actor_id = ActorID(actor_id)
         self._name = name
         self._methods = methods
@@ -326,7 +327,7 @@ class _Builtin:
         self.handle = handle
         self.kind = kind
 
-    def remote(self) -> Optional[ObjectRef]:
+    def remote(self) -> ObjectRef | None:
         from torchactors.actors import api
 
         rt = api.runtime()
@@ -335,7 +336,7 @@ class _Builtin:
         rt.terminate(self.handle)
         return None
 
-    def __call__(self) -> Optional[ObjectRef]:        # h.ready()
+    def __call__(self) -> ObjectRef | None:        # h.ready()
         return self.remote()
 
 
@@ -354,7 +355,7 @@ class ActorMethod:
         self.name = name
         self.num_returns = num_returns
 
-    def options(self, num_returns: int = 1, **unsupported: Any) -> "ActorMethod":
+    def options(self, num_returns: int = 1, **unsupported: Any) -> ActorMethod:
         """``h.m.options(num_returns=2).remote(...)``."""
         if unsupported:
             raise TypeError(f"{self.name}.options(): unsupported option(s) {sorted(unsupported)}; "
@@ -401,7 +402,7 @@ def _defer_pending(args: tuple, kwargs: dict, deps: list) -> tuple[tuple, dict]:
 
 
 def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef],
-                deps: Optional[list] = None) -> tuple[bytes, list]:
+                deps: list | None = None) -> tuple[bytes, list]:
     """Pickle call arguments: tensors at any depth are put into the store and travel as
     refs. Returns the body and the refs it carries (the caller holds them until the actor
     has read the call). An argument that cannot be pickled is named in the error. With

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from typing import Optional
 
 from torchactors.runtime import job as job_module
 from torchactors.store.registry import pid_alive
@@ -45,12 +44,12 @@ def forget_all() -> None:
     _owner.clear()
 
 
-def _holders(actor_id: str) -> Optional[str]:
+def _holders(actor_id: str) -> str | None:
     job = job_module.current()
     return None if job is None else os.path.join(job.dir, "actors", actor_id + ".holders")
 
 
-def lend(actor_id: str) -> Optional[str]:
+def lend(actor_id: str) -> str | None:
     """A counted handle is being pickled: the token the receiver will trade for its own hold
     (None for actors not counted here: named, detached, or not ours)."""
     where = _holders(actor_id)

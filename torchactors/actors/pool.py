@@ -11,7 +11,8 @@ store's ``get``/``wait`` on the refs the calls return.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torchactors.errors import ActorDiedError, GetTimeoutError
 from torchactors.store import core
@@ -91,7 +92,7 @@ class ActorPool:
         """Are there results not yet returned?"""
         return bool(self._future_to_actor)
 
-    def get_next(self, timeout: Optional[float] = None, ignore_if_timedout: bool = False) -> Any:
+    def get_next(self, timeout: float | None = None, ignore_if_timedout: bool = False) -> Any:
         """The next result in submission order. ``TimeoutError`` after ``timeout``; with
         ``ignore_if_timedout`` the late task is skipped (its actor goes back to the pool) first."""
         if not self.has_next():
@@ -114,7 +115,7 @@ class ActorPool:
             raise GetTimeoutError(f"{TIMEOUT_MESSAGE}. The task {future} has been ignored.", timeout)
         return self._get_result(future, actor)
 
-    def get_next_unordered(self, timeout: Optional[float] = None, ignore_if_timedout: bool = False) -> Any:
+    def get_next_unordered(self, timeout: float | None = None, ignore_if_timedout: bool = False) -> Any:
         """Any finished result. ``TimeoutError`` if none finishes within ``timeout``; with
         ``ignore_if_timedout`` returns None instead (no task is dropped: none was late)."""
         if not self.has_next():
@@ -151,7 +152,7 @@ class ActorPool:
         """Is an actor idle, with no submission waiting for one?"""
         return len(self._idle_actors) > 0 and len(self._pending_submits) == 0
 
-    def pop_idle(self) -> Optional[Any]:
+    def pop_idle(self) -> Any | None:
         """Take an idle actor out of the pool (None if none is free)."""
         if self.has_free():
             return self._idle_actors.pop()

@@ -37,7 +37,8 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from torchactors.errors import ActorDiedError
 from torchactors.store import core, futex, serialize
@@ -132,7 +133,7 @@ class _Ring:
         self.key = (record[1], record[3])
         self.store = core.current()
         self._checked = 0.0
-        self._dead: Optional[ActorDiedError] = None
+        self._dead: ActorDiedError | None = None
 
     def addr(self, cell: int) -> int:
         return self.base + cell * 8
@@ -155,7 +156,7 @@ class _Ring:
             _in_flight.pop(self.key, None)
             raise self._dead
 
-    def _sleep(self, side: int, waiting: int, word: int, seen: int, deadline: Optional[float]) -> bool:
+    def _sleep(self, side: int, waiting: int, word: int, seen: int, deadline: float | None) -> bool:
         """Called with ``side``'s lock held after seeing ``word == seen``: sleep until it changes
         (or a slice passes); returns False once ``deadline`` passed. Leaves the lock held."""
         left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
@@ -184,7 +185,7 @@ class _Ring:
 
     # -- producers -----------------------------------------------------------------------------
 
-    def put(self, frames: list[tuple[bytes, int, list]], block: bool, deadline: Optional[float]) -> None:
+    def put(self, frames: list[tuple[bytes, int, list]], block: bool, deadline: float | None) -> None:
         """Append ``frames`` (payload, flags, refs to hold) atomically, in order."""
         self.check_host()
         cells = self.cells
@@ -223,7 +224,7 @@ class _Ring:
         self.drop_consumed()
 
     @staticmethod
-    def _fit(frames: list, head: int, tail: int, cap: int) -> Optional[int]:
+    def _fit(frames: list, head: int, tail: int, cap: int) -> int | None:
         """``head`` if all frames fit in the free space (wrap gaps included), else None."""
         end = head
         for payload, _, _ in frames:
@@ -246,7 +247,7 @@ class _Ring:
 
     # -- consumers -----------------------------------------------------------------------------
 
-    def get(self, n: int, block: bool, deadline: Optional[float]) -> list:
+    def get(self, n: int, block: bool, deadline: float | None) -> list:
         """Take exactly ``n`` items (all or none)."""
         self.check_host()
         cells = self.cells
@@ -362,7 +363,7 @@ def _load(payload: bytes, flags: int) -> Any:
 
 _in_flight: dict[tuple, collections.deque] = {}        # ring key -> (item number, refs held)
 _hosted: dict[tuple, _Ring] = {}                        # rings this process hosts and has sent
-_attached: "weakref.WeakValueDictionary[tuple, _Ring]" = weakref.WeakValueDictionary()
+_attached: weakref.WeakValueDictionary[tuple, _Ring] = weakref.WeakValueDictionary()
 _rings_lock = threading.Lock()
 
 
@@ -395,7 +396,7 @@ def _attach(record: tuple) -> _Ring:
         return ring
 
 
-def _rebuild_queue(record: tuple, maxsize: int) -> "Queue":
+def _rebuild_queue(record: tuple, maxsize: int) -> Queue:
     q = Queue.__new__(Queue)
     q._ring = _attach(record)
     q.maxsize = maxsize
@@ -436,14 +437,14 @@ class Queue:
 
     # -- put ------------------------------------------------------------------------------------
 
-    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Append ``item``; blocks while the queue is full (``queue.Full`` after ``timeout``)."""
         self.put_many([item], block, timeout)
 
     def put_nowait(self, item: Any) -> None:
         self.put_many([item], block=False)
 
-    def put_many(self, items: Iterable[Any], block: bool = True, timeout: Optional[float] = None) -> None:
+    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
         """Append all ``items`` at once, in order (all or none: ``queue.Full`` if they do not
         fit in time). One lock and one wake-up for the whole batch."""
         frames = [_dump(x, core.current()) for x in items]
@@ -460,14 +461,14 @@ class Queue:
 
     # -- get ------------------------------------------------------------------------------------
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Take the oldest item; blocks while the queue is empty (``queue.Empty`` after ``timeout``)."""
         return self._ring.get(1, block, _deadline(block, timeout))[0]
 
     def get_nowait(self) -> Any:
         return self._ring.get(1, False, None)[0]
 
-    def get_many(self, n: int, block: bool = True, timeout: Optional[float] = None) -> list:
+    def get_many(self, n: int, block: bool = True, timeout: float | None = None) -> list:
         """Take the ``n`` oldest items at once (all or none: blocks until ``n`` are there;
         ``queue.Empty`` if they are not in time, or at once with ``block=False``)."""
         if not isinstance(n, int) or n < 0:
@@ -497,7 +498,7 @@ class Queue:
         return bool(self.maxsize) and self.qsize() >= self.maxsize
 
 
-def _deadline(block: bool, timeout: Optional[float]) -> Optional[float]:
+def _deadline(block: bool, timeout: float | None) -> float | None:
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be a non-negative number or None")
     return None if not block or timeout is None else time.monotonic() + timeout

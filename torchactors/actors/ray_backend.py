@@ -24,15 +24,22 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import cloudpickle
 
-from torchactors.actors import protocol
-from torchactors.actors import worker
+from torchactors.actors import protocol, worker
 from torchactors.actors.channel import PendingResult, failed_ref
-from torchactors.actors.handle import (ActorHandle, DependencyFailed, dumps_class, encode_args,
-                                       is_async_class, method_returns, new_actor_id, public_methods)
+from torchactors.actors.handle import (
+    ActorHandle,
+    DependencyFailed,
+    dumps_class,
+    encode_args,
+    is_async_class,
+    method_returns,
+    new_actor_id,
+    public_methods,
+)
 from torchactors.actors.worker import encode_result, remote_error, resolve_top_level, start_event_loop
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime import job as job_module
@@ -81,7 +88,7 @@ class RayActorHandle(ActorHandle):
     """An ActorHandle that also carries the Ray actor it names (picklable inside a Ray job)."""
 
     def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int, ray_actor: Any,
-                 returns: Optional[dict] = None) -> None:
+                 returns: dict | None = None) -> None:
         super().__init__(actor_id, name, methods, max_task_retries, returns)
         self._ray_actor = ray_actor
 
@@ -101,7 +108,7 @@ class RayPendingCall(PendingResult):
 
     __slots__ = ("oref", "held", "host", "handle", "runtime", "id")
 
-    def __init__(self, oref: Any, held: list, handle: "RayActorHandle", runtime: "RayRuntime") -> None:
+    def __init__(self, oref: Any, held: list, handle: RayActorHandle, runtime: RayRuntime) -> None:
         self.oref = oref
         self.held = held            # refs in the request: kept until the reply is in
         self.host = handle._ray_actor
@@ -116,7 +123,7 @@ class RayPendingCall(PendingResult):
             self._wait(None)
         return self.kind != 0
 
-    def _wait(self, timeout: Optional[float]) -> None:
+    def _wait(self, timeout: float | None) -> None:
         ray = _ray()
         try:
             reply = ray.get(self.oref, timeout=timeout)
@@ -146,7 +153,7 @@ class RayPendingCall(PendingResult):
         self.kind, self.value, self.held = kind, value, None
 
     @staticmethod
-    def wait_any(pendings: list["RayPendingCall"], timeout: Optional[float]) -> None:
+    def wait_any(pendings: list[RayPendingCall], timeout: float | None) -> None:
         _ray().wait([p.oref for p in pendings if not p.kind], num_returns=1, timeout=timeout)
 
 
@@ -169,7 +176,7 @@ class RayRuntime:
         # Named and detached actors are held until shutdown; unnamed ones only while the user
         # holds a handle: dropping the last one lets Ray stop the actor (handle-scoped lifetime).
         self.owned: dict[str, RayActorHandle] = {}
-        self.unnamed: "weakref.WeakValueDictionary[str, RayActorHandle]" = weakref.WeakValueDictionary()
+        self.unnamed: weakref.WeakValueDictionary[str, RayActorHandle] = weakref.WeakValueDictionary()
         self.killed: set[str] = set()
         self._refs_ok: dict[str, Any] = {}     # actor id -> its ("node", joined job dir) future or answer
 
@@ -242,7 +249,7 @@ class RayRuntime:
             raise TypeError(f"{handle!r} is an actor of the local backend; this process runs backend='ray'")
         return handle._ray_actor
 
-    def _killed(self, handle: ActorHandle) -> Optional[ObjectRef]:
+    def _killed(self, handle: ActorHandle) -> ObjectRef | None:
         """A call to an actor this process killed fails at once (Ray's kill is asynchronous)."""
         if handle._actor_id not in self.killed:
             return None
@@ -276,7 +283,7 @@ class RayRuntime:
             return refused
         return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self))
 
-    def get_actor(self, name: str, namespace: Optional[str] = None) -> RayActorHandle:
+    def get_actor(self, name: str, namespace: str | None = None) -> RayActorHandle:
         ray = _ray()
         try:
             host = ray.get_actor(name, namespace=namespace)
@@ -312,7 +319,7 @@ class RayRuntime:
                 ray.shutdown()
 
 
-def start(capacity: Optional[int], address: Optional[str]) -> RayRuntime:
+def start(capacity: int | None, address: str | None) -> RayRuntime:
     """The driver's side of ``ta.init(backend="ray")``: connect to (or start) Ray, make the job."""
     ray = _ray()
     started = not ray.is_initialized()
@@ -349,15 +356,15 @@ class _Host:
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
         self.swept = time.monotonic()
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.exited: Optional[ActorDiedError] = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.exited: ActorDiedError | None = None
         cls = cloudpickle.loads(spec["cls"])
         args, kwargs = resolve_top_level(*pickle.loads(spec["args"]))
         self.instance = cls(*args, **kwargs)
         self.methods = public_methods(cls)
         self.returns = method_returns(cls)
 
-    def where(self) -> tuple[str, Optional[str]]:
+    def where(self) -> tuple[str, str | None]:
         return self.node, self.job_dir
 
     def describe(self) -> tuple[str, list[str], int, dict]:

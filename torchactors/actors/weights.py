@@ -30,7 +30,7 @@ import os
 import pickle
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -80,7 +80,7 @@ class _FlatPickler(pickle.Pickler):
         self.leaves: list[torch.Tensor] = []
         self._index: dict[int, int] = {}
 
-    def persistent_id(self, obj: Any) -> Optional[int]:
+    def persistent_id(self, obj: Any) -> int | None:
         if not isinstance(obj, torch.Tensor):
             return None
         if obj.layout != torch.strided:
@@ -124,7 +124,7 @@ def _plan(leaves: list[torch.Tensor]) -> tuple:
         offset = -(-sizes[b] // ALIGN_BYTES) * ALIGN_BYTES
         places.append((b, offset // es, tuple(t.shape)))
         sizes[b] = offset + t.numel() * es
-    return tuple((dev, dt, n) for (dev, dt), n in zip(buckets, sizes)), tuple(places)
+    return tuple((dev, dt, n) for (dev, dt), n in zip(buckets, sizes, strict=True)), tuple(places)
 
 
 def _leaf_views(buckets: list[torch.Tensor], places: tuple) -> list[torch.Tensor]:
@@ -158,7 +158,7 @@ class _BufferSet:
             typed.append(flat)
         self.views = _leaf_views(typed, places)
         self.lease = store.put({"buckets": [(dev, dtype, nbytes, ref) for (dev, dtype, nbytes), ref
-                                            in zip(bucket_specs, self.bucket_refs)], "places": places})
+                                            in zip(bucket_specs, self.bucket_refs, strict=True)], "places": places})
         self.lease_bytes = pickle.dumps(_ref_args(self.lease), protocol=pickle.HIGHEST_PROTOCOL)
         if len(self.lease_bytes) > LEASE_MAX:
             raise ValueError(f"this state dict's layout needs {len(self.lease_bytes)} bytes of lease, more than "
@@ -167,7 +167,7 @@ class _BufferSet:
 
     def copy_from(self, leaves: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for dst, src in zip(self.views, leaves):
+            for dst, src in zip(self.views, leaves, strict=False):
                 dst.copy_(src.detach(), non_blocking=dst.device.type != "cpu")
         for device, event in self.events.items():
             event.record(torch.cuda.current_stream(device))
@@ -178,11 +178,11 @@ def _ref_args(ref: ObjectRef) -> tuple:
 
 
 class _Publisher:
-    def __init__(self, store: core.Store, channel: "_Channel", max_buffers: int) -> None:
+    def __init__(self, store: core.Store, channel: _Channel, max_buffers: int) -> None:
         self.store = store
         self.channel = channel
         self.max_buffers = max_buffers
-        self.sets: list[Optional[_BufferSet]] = [None] * MAX_BUFFERS
+        self.sets: list[_BufferSet | None] = [None] * MAX_BUFFERS
         self.version = 0
         self.lock = threading.Lock()
 
@@ -281,7 +281,7 @@ class _Lease:
                 self.buckets.append((device, dtype, nbytes, store.get(bref)))
         self.events: dict[int, Any] = {}
 
-    def views(self, lease: ObjectRef, event_bytes: bytes, own_events: Optional[dict]) -> list[torch.Tensor]:
+    def views(self, lease: ObjectRef, event_bytes: bytes, own_events: dict | None) -> list[torch.Tensor]:
         """Views of the leaves, pinned to ``lease``; CUDA ones ordered after the publication's
         copies (``own_events``: the publisher's own events, when it reads its own channel)."""
         typed = []
@@ -317,7 +317,7 @@ class _Channel:
         self.cells = memoryview(seg.mm).cast("B").cast("q")
         self.current_addr = seg.base + _H_CURRENT * 8
         self.record = record
-        self.publisher: Optional[_Publisher] = None
+        self.publisher: _Publisher | None = None
         self.leases: dict[tuple[int, int], _Lease] = {}
 
     @staticmethod
@@ -387,7 +387,7 @@ class _Channel:
         for key in [k for k in self.leases if k not in live]:
             del self.leases[key]
 
-    def wait_newer(self, version: int, deadline: Optional[float]) -> None:
+    def wait_newer(self, version: int, deadline: float | None) -> None:
         """Sleep until the channel's version exceeds ``version``."""
         while True:
             cur = self.cells[_H_CURRENT]
@@ -406,7 +406,7 @@ _channels: dict[tuple[str, str], _Channel] = {}
 _channels_lock = threading.Lock()
 
 
-def _find(store: core.Store, name: str) -> Optional[_Channel]:
+def _find(store: core.Store, name: str) -> _Channel | None:
     """This process's view of channel ``name``: cached, or opened from the job's record."""
     key = (store.job_dir, name)
     ch = _channels.get(key)
@@ -501,7 +501,7 @@ class Weights:
             return 0, None
         return ch.read()
 
-    def wait_newer(self, version: int, timeout: Optional[float] = None) -> tuple[int, Any]:
+    def wait_newer(self, version: int, timeout: float | None = None) -> tuple[int, Any]:
         """Block until a version newer than ``version`` is published, then return the newest.
         Raises ``GetTimeoutError`` after ``timeout`` seconds, ``OwnerDiedError`` at once when
         the publisher dies (the versions already read stay valid)."""

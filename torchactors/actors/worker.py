@@ -28,7 +28,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 import cloudpickle
 
@@ -37,8 +37,15 @@ from torchactors.actors.handle import is_async_class
 from torchactors.errors import ActorDiedError, ActorError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
-from torchactors.runtime.transport import (AUTH_TIMEOUT, AuthenticationError, Connection, ConnectionClosed,
-                                          Handshake, Listener, ProtocolError)
+from torchactors.runtime.transport import (
+    AUTH_TIMEOUT,
+    AuthenticationError,
+    Connection,
+    ConnectionClosed,
+    Handshake,
+    Listener,
+    ProtocolError,
+)
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef, SerializationContext
 
@@ -93,7 +100,7 @@ def start_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def encode_result(result: Any) -> tuple[int, bytes, Optional[list]]:
+def encode_result(result: Any) -> tuple[int, bytes, list | None]:
     """A method's result as a reply: small plain values inline; anything else put into this
     process's store and sent as a ref, with the refs the sender must hold until the caller
     acknowledges the reply."""
@@ -141,12 +148,12 @@ class _Waiting:
 
     __slots__ = ("method", "args", "kwargs", "missing", "values", "error")
 
-    def __init__(self, method: Optional[str], args: tuple, kwargs: dict, missing: int) -> None:
+    def __init__(self, method: str | None, args: tuple, kwargs: dict, missing: int) -> None:
         self.method = method        # None: the caller's STOP
         self.args, self.kwargs = args, kwargs
         self.missing = missing
         self.values: dict[int, Any] = {}
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     def ready(self) -> bool:
         return self.missing == 0 or self.error is not None
@@ -176,9 +183,9 @@ class ActorServer:
         self.max_concurrency = spec["max_concurrency"]
         self.listener = Listener(self.job.socket_path(ctx.key, ctx.incarnation), self.job.secret)
         self.poller = select.epoll()
-        self.pool: Optional[ThreadPoolExecutor] = None
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.slots: Optional[asyncio.Semaphore] = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.slots: asyncio.Semaphore | None = None
         self.ordered = True         # calls run inline on the loop thread, one at a time
         self.inflight = 0           # calls handed to the pool or event loop, not replied yet
         self.inflight_lock = threading.Lock()
@@ -186,7 +193,7 @@ class ActorServer:
         self._refusals = _Refusals(self.listener.path)
         self._fd_shortage = _Refusals(self.listener.path)       # logged apart: the operator's problem
         self._backoff = 0.0                      # the listener's current rest after EMFILE
-        self._listen_at: Optional[float] = None  # when a resting listener listens again
+        self._listen_at: float | None = None  # when a resting listener listens again
         self.instance = self._construct(spec)
 
     def _construct(self, spec: dict) -> Any:
@@ -312,7 +319,7 @@ class ActorServer:
         joining[hs.fileno()] = hs
         self.poller.register(hs.fileno(), select.EPOLLIN)
 
-    def _refuse(self, joining: dict[int, Handshake], fd: int, why: str, log: Optional[_Refusals] = None) -> None:
+    def _refuse(self, joining: dict[int, Handshake], fd: int, why: str, log: _Refusals | None = None) -> None:
         hs = joining.pop(fd)
         self.poller.unregister(fd)
         hs.close()
@@ -543,7 +550,7 @@ class ActorServer:
         self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
         exit_process(0)
 
-    def _send(self, peer: _Peer, seq: int, msg: bytes, held: Optional[list]) -> None:
+    def _send(self, peer: _Peer, seq: int, msg: bytes, held: list | None) -> None:
         """Send a reply without ever blocking (any thread): a caller that does not read must
         not stall the loop that serves the others. What its socket has no room for waits in
         its outbox, in order, and the loop sends it when epoll says there is room."""

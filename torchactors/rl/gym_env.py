@@ -22,8 +22,9 @@ import functools
 import importlib
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class EnvSpec:
     wrappers: tuple[tuple[str, dict], ...] = ()  # (name, keyword arguments), applied in order
 
     @classmethod
-    def from_mapping(cls, raw: "EnvSpec | Mapping[str, Any]") -> "EnvSpec":
+    def from_mapping(cls, raw: EnvSpec | Mapping[str, Any]) -> EnvSpec:
         """An ``EnvSpec`` from the YAML mapping (or itself); wrappers as ``Name`` or ``{Name: {kw: v}}``."""
         if isinstance(raw, EnvSpec):
             return raw
@@ -211,7 +212,7 @@ def _spaces(gym: Any, obs_space: Any, act_space: Any) -> EnvSpaces:
     return EnvSpaces(obs_shape=shape, obs_dtype=dtype, num_actions=int(act_space.n))
 
 
-def _make_error(gym: Any, spec: EnvSpec, e: Exception, wrapper: Optional[int] = None) -> EnvSpecError:
+def _make_error(gym: Any, spec: EnvSpec, e: Exception, wrapper: int | None = None) -> EnvSpecError:
     """Turn what ``gym.make`` or wrapper number ``wrapper`` raised into a message that says what to change."""
     what = f"env {spec.id!r}" if wrapper is None else f"env.wrappers[{wrapper}] ({spec.wrappers[wrapper][0]})"
     path = ("id",) if wrapper is None else ("wrappers", str(wrapper), spec.wrappers[wrapper][0])
@@ -225,7 +226,7 @@ def _make_error(gym: Any, spec: EnvSpec, e: Exception, wrapper: Optional[int] = 
                         allowed="an env that gymnasium can make with these kwargs and wrappers")
 
 
-def check_spec(raw: "EnvSpec | Mapping[str, Any]") -> EnvSpaces:
+def check_spec(raw: EnvSpec | Mapping[str, Any]) -> EnvSpaces:
     """Make one env as the spec says (then close it) and return its spaces; ``EnvSpecError`` if it cannot work."""
     spec = EnvSpec.from_mapping(raw)
     if spec.vectorization not in VECTORIZATIONS:
@@ -286,7 +287,7 @@ class GymVecEnv:
     arrays: copy them before the next step.
     """
 
-    def __init__(self, spec: "EnvSpec | Mapping[str, Any]", seed: int = 0) -> None:
+    def __init__(self, spec: EnvSpec | Mapping[str, Any], seed: int = 0) -> None:
         self.spec = EnvSpec.from_mapping(spec)
         self.seed = seed
         gym = _gymnasium()
@@ -307,7 +308,7 @@ class GymVecEnv:
         self.num_envs = self.env.num_envs
         self.spaces = _spaces(gym, self.env.single_observation_space, self.env.single_action_space)
         self._returns: list[Any] = []
-        self._obs: Optional[torch.Tensor] = None
+        self._obs: torch.Tensor | None = None
 
     def reset(self) -> torch.Tensor:
         """Reset every copy (seeded ``seed``, ``seed + 1``, ...); returns observations [B, ...]."""
@@ -357,7 +358,7 @@ def _same_step_envpool(pool: Any) -> Any:
         def metadata(self) -> dict:
             return {**self.env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
 
-        def reset(self, seed: Optional[int] = None, options: Optional[dict] = None) -> tuple[Any, dict]:
+        def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
             obs, _ = self.env.reset()  # envpool is seeded at construction
             return obs, {}
 

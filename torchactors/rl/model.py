@@ -12,7 +12,7 @@ with a trailing dimension of 1) and ``forward(obs) -> (logits, value)``, on any 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ class NatureCNN(nn.Module):
         return self.policy_head(h), self.value_head(h).squeeze(-1)
 
 
-def build_model(spaces: "EnvSpaces | None", hidden: int = 64) -> Union[PolicyValueNet, NatureCNN]:
+def build_model(spaces: EnvSpaces | None, hidden: int = 64) -> PolicyValueNet | NatureCNN:
     """The MLP for vector observations (CartPole's when ``spaces`` is None), the Nature CNN for pixels."""
     if spaces is None:
         return PolicyValueNet(hidden=hidden)

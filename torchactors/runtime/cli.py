@@ -17,8 +17,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from torchactors.errors import ConfigError, UnsafeDirectoryError
 from torchactors.runtime.config import load_config
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse, letting ``key=value`` overrides appear after ``--out DIR`` too."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
@@ -134,7 +134,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchactors`` console script; returns the exit code."""
     args = _parse(argv)
     logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),

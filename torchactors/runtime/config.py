@@ -22,9 +22,10 @@ import inspect
 import logging
 import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import yaml
 
@@ -65,7 +66,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(minimum: Optional[int] = None, maximum: Optional[int] = None) -> Callable[[Any], int]:
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
     def check(v: Any) -> int:
         if not _is_int(v) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
             raise _Invalid()
@@ -107,7 +108,7 @@ def _name(v: Any) -> str:
     return v
 
 
-def _size(v: Any) -> Union[str, int]:
+def _size(v: Any) -> str | int:
     """A store capacity as ``ta.init`` reads it (the store's own parser), and positive."""
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise _Invalid()
@@ -139,7 +140,7 @@ def _start_method(v: Any) -> str:
     return v
 
 
-def _backoff(v: Any) -> Optional[dict]:
+def _backoff(v: Any) -> dict | None:
     try:
         Backoff.parse(v)
     except ValueError as e:
@@ -249,9 +250,9 @@ class JobSection:
 @dataclass(frozen=True)
 class RuntimeSection:
     backend: str = "local"
-    address: Optional[str] = None
-    num_threads: Optional[int] = None
-    store_capacity: Union[str, int, None] = None
+    address: str | None = None
+    num_threads: int | None = None
+    store_capacity: str | int | None = None
     start_method: str = "zygote"
 
 
@@ -261,23 +262,23 @@ class RoleConfig:
     class_path: str  # the YAML key is `class`
     replicas: int = 1
     args: dict = field(default_factory=dict)
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     device: str = "cpu"
     max_restarts: int = 0
     max_task_retries: int = 0
     max_concurrency: int = 1
     env: dict = field(default_factory=dict)
     ray_options: dict = field(default_factory=dict)
-    start_timeout: Optional[float] = START_TIMEOUT_S
-    start_method: Optional[str] = None
-    restart_backoff: Optional[dict] = None
+    start_timeout: float | None = START_TIMEOUT_S
+    start_method: str | None = None
+    restart_backoff: dict | None = None
 
 
 @dataclass(frozen=True)
 class StopSection:
-    max_frames: Optional[int] = None
-    max_seconds: Optional[float] = None
-    target_return: Optional[float] = None
+    max_frames: int | None = None
+    max_seconds: float | None = None
+    target_return: float | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ def _is_actor_class(obj: Any) -> bool:
     return callable(getattr(obj, "remote", None)) and callable(getattr(obj, "options", None))
 
 
-def plain_class(obj: Any) -> Optional[type]:
+def plain_class(obj: Any) -> type | None:
     """The user's class behind ``obj`` (itself, or the class an ``@ta.actor`` wrapper holds)."""
     if not _is_actor_class(obj):
         return obj if inspect.isclass(obj) else None
@@ -362,8 +363,8 @@ def runner_args(cls: type) -> frozenset[str]:
 # --------------------------------------------------------------------------- YAML with lines
 
 
-def _config_error(file: str, message: str, *, line: Optional[int] = None, override: Optional[str] = None,
-                  key: Optional[str] = None, allowed: Any = None) -> ConfigError:
+def _config_error(file: str, message: str, *, line: int | None = None, override: str | None = None,
+                  key: str | None = None, allowed: Any = None) -> ConfigError:
     """One message shape for every mistake: ``file:line: what; allowed: ...`` (or the override for a line)."""
     if isinstance(allowed, (list, tuple)):
         allowed = tuple(allowed)
@@ -382,7 +383,7 @@ class _Doc:
         self.lines: dict[Path_, int] = {}
         self.overridden: dict[Path_, str] = {}
 
-    def where(self, path: Path_) -> tuple[Optional[int], Optional[str]]:
+    def where(self, path: Path_) -> tuple[int | None, str | None]:
         """The line or override that set ``path`` or, failing that, its nearest ancestor."""
         for i in range(len(path), -1, -1):
             p = path[:i]
@@ -450,7 +451,7 @@ class _Builder:
         self.open: set[int] = set()     # nodes being built: meeting one again is a cycle
         self.repeats = 0
 
-    def fail(self, node: Optional[yaml.Node], path: Path_, message: str, allowed: Any) -> ConfigError:
+    def fail(self, node: yaml.Node | None, path: Path_, message: str, allowed: Any) -> ConfigError:
         line = node.start_mark.line + 1 if node is not None else self.doc.where(path)[0]
         return _config_error(self.doc.file, message, line=line, key=".".join(path) or None, allowed=allowed)
 
@@ -556,7 +557,7 @@ def _dotted(path: Path_) -> str:
 
 def _apply_override(doc: _Doc, text: str) -> None:
     """Set ``dotted.path=value`` in ``doc.data``; the value is parsed as YAML (``3`` is an int)."""
-    def fail(message: str, allowed: Any = None, key: Optional[str] = None) -> ConfigError:
+    def fail(message: str, allowed: Any = None, key: str | None = None) -> ConfigError:
         return _config_error(doc.file, message, override=text, key=key, allowed=allowed)
 
     dotted, sep, raw = text.partition("=")
@@ -812,7 +813,7 @@ def parse_config(text: str, file: str = "<string>", overrides: Iterable[str] = (
     return _validate(doc, overrides)
 
 
-def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> JobConfig:
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
     """Load, override and validate a job file; ``ConfigError`` names file, line, key and what is allowed."""
     file = str(path)
     try:

@@ -19,7 +19,7 @@ import os
 import secrets
 import shutil
 import stat
-from typing import Any, Optional
+from typing import Any
 
 from torchactors.store import core as store_core
 from torchactors.store import registry
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class Job:
-    def __init__(self, job_dir: str, secret: bytes, driver: bool, capacity: Optional[int]) -> None:
+    def __init__(self, job_dir: str, secret: bytes, driver: bool, capacity: int | None) -> None:
         self.dir = job_dir
         self.secret = secret
         self.driver = driver
@@ -40,7 +40,7 @@ class Job:
                 pass
 
     @classmethod
-    def create(cls, capacity: Optional[int]) -> "Job":
+    def create(cls, capacity: int | None) -> Job:
         """A new job with this process as its driver. A store already started standalone
         (``put`` before ``init``) becomes the driver's store, so its refs stay valid."""
         existing = store_core.active()
@@ -54,7 +54,7 @@ class Job:
         return job
 
     @classmethod
-    def join(cls, job_dir: str, secret: bytes, capacity: Optional[int]) -> "Job":
+    def join(cls, job_dir: str, secret: bytes, capacity: int | None) -> Job:
         job = cls(job_dir, secret, False, capacity)
         store_core.attach(job.dir, capacity=capacity)
         return job
@@ -72,7 +72,7 @@ class Job:
         tell that the actor died with its owner when nobody is left to update the file."""
         write_file(self._actors, actor_id + ".json", json.dumps({**status, "owner": os.getpid()}).encode())
 
-    def read_status(self, actor_id: str) -> Optional[dict]:
+    def read_status(self, actor_id: str) -> dict | None:
         data = read_file(self._actors, actor_id + ".json")
         try:
             return None if data is None else json.loads(data)
@@ -117,7 +117,7 @@ class Job:
             raise ValueError(f"an actor named {name!r} already exists in this job; pick another name "
                              f"or ta.kill() the old one first") from None
 
-    def lookup_name(self, name: str) -> Optional[dict]:
+    def lookup_name(self, name: str) -> dict | None:
         data = read_file(os.path.join(self.dir, "names"), _safe(name))
         try:
             return None if data is None else json.loads(data)
@@ -174,7 +174,7 @@ def write_file(directory: str, name: str, data: bytes, exclusive: bool = False) 
         os.close(dfd)
 
 
-def read_file(directory: str, name: str) -> Optional[bytes]:
+def read_file(directory: str, name: str) -> bytes | None:
     """The bytes of ``directory/name`` (at most ``MAX_FILE``) if it is a regular file of this
     user; None if it is absent, a link, a FIFO or someone else's (never blocks, never follows)."""
     try:
@@ -209,14 +209,14 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02x}" for c in name)
 
 
-_job: Optional[Job] = None
+_job: Job | None = None
 
 
-def current() -> Optional[Job]:
+def current() -> Job | None:
     return _job
 
 
-def set_current(job: Optional[Job]) -> None:
+def set_current(job: Job | None) -> None:
     global _job
     _job = job
 
@@ -247,7 +247,7 @@ def write_record(job_dir: str, kind: str, name: str, record: dict, replace: bool
             os.unlink(tmp)
 
 
-def read_record(job_dir: str, kind: str, name: str) -> Optional[dict]:
+def read_record(job_dir: str, kind: str, name: str) -> dict | None:
     """The record written by ``write_record``, or None if there is none (yet)."""
     try:
         with open(os.path.join(job_dir, kind, _safe(name))) as f:

@@ -26,9 +26,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO, Union
+from typing import Any, TextIO
 
 import yaml
 
@@ -70,10 +71,10 @@ class JobContext:
         self._lock = threading.Lock()
         self._latest: dict[str, Any] = {"frames": 0, "episodes": 0, "mean_return": None, "updates": 0}
         self._extra: dict[str, Any] = {}
-        self._started: Optional[float] = None
-        self._ended: Optional[float] = None
+        self._started: float | None = None
+        self._ended: float | None = None
         self._interrupted = threading.Event()
-        self._reason: Optional[str] = None
+        self._reason: str | None = None
 
     # -- the program's side
 
@@ -81,8 +82,8 @@ class JobContext:
         """True once Ctrl-C was pressed or a ``stop:`` condition holds; the program should return."""
         return self._check() is not None
 
-    def report(self, frames: Optional[int] = None, episodes: Optional[int] = None,
-               mean_return: Optional[float] = None, updates: Optional[int] = None, **extra: Any) -> None:
+    def report(self, frames: int | None = None, episodes: int | None = None,
+               mean_return: float | None = None, updates: int | None = None, **extra: Any) -> None:
         """Record the job's cumulative progress; a counter left out keeps its last value."""
         with self._lock:
             for key, value in (("frames", frames), ("episodes", episodes), ("updates", updates)):
@@ -122,7 +123,7 @@ class JobContext:
         if self._started is not None and self._ended is None:
             self._ended = self._clock()
 
-    def _check(self) -> Optional[str]:
+    def _check(self) -> str | None:
         """The first stop reason that holds, latched: later calls keep the first reason."""
         if self._reason is not None:
             return self._reason
@@ -224,8 +225,8 @@ class _Interrupts:
         self.stream = stream
         self.phase = "starting"  # starting -> program -> cleanup
         self.count = 0
-        self.first_at: Optional[float] = None
-        self.forced_at: Optional[float] = None
+        self.first_at: float | None = None
+        self.forced_at: float | None = None
         self.old_handler: Any = None
         self.installed = False
         self.emergency: Callable[[], None] = lambda: None
@@ -278,7 +279,7 @@ class _Interrupts:
             pass
 
 
-def default_out_dir(config: JobConfig, root: Union[str, Path] = "runs") -> Path:
+def default_out_dir(config: JobConfig, root: str | Path = "runs") -> Path:
     """``runs/<job name>-<YYYYmmdd-HHMMSS>``, with a ``-N`` suffix if that exists already."""
     base = Path(root) / f"{config.job.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path, n = base, 1
@@ -367,7 +368,7 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _restarts(handle: Any) -> Optional[int]:
+def _restarts(handle: Any) -> int | None:
     """How often the actor behind ``handle`` was restarted, or None where the backend cannot say."""
     try:  # TODO: a public per-actor info call; until then the local backend's supervisor knows
         from torchactors.actors import api
@@ -398,7 +399,7 @@ def _store_stats(ta: Any) -> Any:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def _summary(config: JobConfig, ctx: JobContext, ta: Any, wall_s: float, error: Optional[BaseException]) -> dict:
+def _summary(config: JobConfig, ctx: JobContext, ta: Any, wall_s: float, error: BaseException | None) -> dict:
     m = ctx._snapshot()
     ret = m["mean_return"]
     target = config.stop.target_return
@@ -456,8 +457,8 @@ def _shutdown(ta: Any) -> None:
         log.exception("ta.shutdown() failed")
 
 
-def run_job(config: JobConfig, out_dir: Union[str, Path, None] = None, *, grace_s: float = 5.0,
-            stream: Optional[TextIO] = None) -> dict:
+def run_job(config: JobConfig, out_dir: str | Path | None = None, *, grace_s: float = 5.0,
+            stream: TextIO | None = None) -> dict:
     """Run a validated job to its end and return the summary (also written to ``out_dir/summary.json``).
 
     The summary's ``stopped_by`` says why it ended; ``interrupted`` means Ctrl-C (the CLI exits
@@ -475,7 +476,7 @@ def run_job(config: JobConfig, out_dir: Union[str, Path, None] = None, *, grace_
     metrics = open(out / "metrics.csv", "w", newline="")
     ticker = _Ticker(ctx, metrics, stream, interrupts.check_overdue)
     ta: Any = None
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     done = threading.Lock()  # the summary is written once: by the main thread, or by the emergency exit
 
     def finish(join_ticker: bool = True) -> dict:

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from torchactors.runtime.job import Job, describe
 from torchactors.runtime.zygote import ForkedProcess, Zygote, ZygoteError, ZygoteUnsafe
@@ -49,7 +49,7 @@ class Backoff:
     reset_after: float = 30.0
 
     @classmethod
-    def parse(cls, value: Any) -> "Backoff":
+    def parse(cls, value: Any) -> Backoff:
         """The ``restart_backoff`` option: None (the defaults), a Backoff, or a dict of some of
         its fields. Raises ValueError naming what is wrong."""
         if value is None or isinstance(value, Backoff):
@@ -97,10 +97,10 @@ class _Proc:
     def __init__(self, spec: ProcessSpec) -> None:
         self.spec = spec
         self.incarnation = -1
-        self.popen: Union[subprocess.Popen, ForkedProcess, None] = None
+        self.popen: subprocess.Popen | ForkedProcess | None = None
         self.pidfd = -1
         self.restarts_left = spec.max_restarts
-        self.restart_at: Optional[float] = None
+        self.restart_at: float | None = None
         self.fast_left = spec.backoff.fast
         self.delay = spec.backoff.initial
         self.started_at = 0.0
@@ -122,10 +122,10 @@ class Supervisor:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.procs: dict[str, _Proc] = {}
-        self._requests: "queue.Queue[tuple]" = queue.Queue()
+        self._requests: queue.Queue[tuple] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
-        self._zygote: Optional[Zygote] = None
+        self._zygote: Zygote | None = None
         self._zygote_unsafe = False       # it refused once: spawn from then on
         self._thread = threading.Thread(target=self._run, name="torchactors-supervisor", daemon=True)
         self._thread.start()
@@ -149,7 +149,7 @@ class Supervisor:
         self._request(("zygote",))
 
     @property
-    def zygote_pid(self) -> Optional[int]:
+    def zygote_pid(self) -> int | None:
         """The pid of the zygote, if one is running."""
         z = self._zygote
         return z.pid if z is not None and z.alive() else None
@@ -283,7 +283,7 @@ class Supervisor:
                            f"killed by {sig}" if sig else f"exited with code {exit_code}",
                            f"restarting in {p.restart_at - time.monotonic():.1f}s" if restart else "not restarting")
 
-    def _ready_zygote(self) -> Optional[Zygote]:
+    def _ready_zygote(self) -> Zygote | None:
         """The running zygote, or a new one if there is none (or it died)."""
         if self._zygote_unsafe:
             return None
@@ -294,7 +294,7 @@ class Supervisor:
             self._zygote = Zygote()
         return self._zygote
 
-    def _fork(self, env: dict, boot: dict) -> Optional[ForkedProcess]:
+    def _fork(self, env: dict, boot: dict) -> ForkedProcess | None:
         """A child forked from the zygote; None if it must be spawned instead (the zygote
         found itself unsafe to fork: a bug or a strange site set-up, logged once)."""
         retried = False

@@ -17,7 +17,6 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ def _mac(secret: bytes, nonce: bytes, role: bytes) -> bytes:
     return hmac.new(secret, role + nonce, "sha256").digest()
 
 
-def connect(path: str, secret: bytes, timeout: Optional[float] = AUTH_TIMEOUT) -> Connection:
+def connect(path: str, secret: bytes, timeout: float | None = AUTH_TIMEOUT) -> Connection:
     """Connect to a listener at ``path`` and authenticate both ways (``timeout=None``: wait
     as long as the listener takes to accept)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -225,7 +224,7 @@ class Handshake:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def advance(self) -> Optional[Connection]:
+    def advance(self) -> Connection | None:
         """Read what the peer has sent. The authenticated Connection once its answer is whole,
         None while more is due; AuthenticationError if it fails (then ``close`` it)."""
         try:
@@ -268,7 +267,7 @@ class Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self) -> Optional[Handshake]:
+    def accept(self) -> Handshake | None:
         """The next peer's handshake, started; None if no peer is waiting after all. Other
         failures of ``accept`` (EMFILE: out of fds) are the owner's to handle."""
         try:

@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 import traceback
-from typing import Optional
 
 from torchactors.runtime import child
 
@@ -99,7 +98,7 @@ class Zygote:
     def alive(self) -> bool:
         return not self.dead and self.popen.poll() is None
 
-    def fork(self, environ: dict, boot: dict) -> "ForkedProcess":
+    def fork(self, environ: dict, boot: dict) -> ForkedProcess:
         """A child forked from the zygote that runs ``child.run(boot)`` with ``environ`` as its
         environment. Raises ZygoteError if the zygote is gone, late or refuses."""
         self._wait_ready()
@@ -185,7 +184,7 @@ class Zygote:
         self.sock.settimeout(max(0.001, timeout))
         try:
             data, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
-        except socket.timeout:
+        except TimeoutError:
             raise ZygoteError(f"the zygote (pid {self.pid}) did not answer within {timeout:.0f}s") from None
         except OSError as e:
             self.dead = True
@@ -210,9 +209,9 @@ class ForkedProcess:
         self.zygote = zygote
         self.pid = pid
         self.pidfd = pidfd
-        self.returncode: Optional[int] = None
+        self.returncode: int | None = None
 
-    def wait(self, timeout: Optional[float] = None) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             ready, _, _ = select.select([self.pidfd], [], [], timeout)
             if not ready:
@@ -233,7 +232,7 @@ class ForkedProcess:
 
 # -- the zygote process ------------------------------------------------------------------------
 
-def fork_safety_problem() -> Optional[str]:
+def fork_safety_problem() -> str | None:
     """Why this process must not fork now, or None: CUDA initialized, or more than one thread
     (Python's or any native pool's, counted in /proc/self/task)."""
     import torch

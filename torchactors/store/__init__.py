@@ -7,7 +7,8 @@ Works alone: it imports nothing from the runtime or the actors.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torchactors.store.core import Store, attach, current, parse_size
 from torchactors.store.refs import ObjectRef
@@ -15,7 +16,7 @@ from torchactors.store.refs import ObjectRef
 __all__ = ["ObjectRef", "Store", "put", "get", "free", "wait", "stats", "attach", "current", "parse_size"]
 
 
-def put(obj: Any, timeout: Optional[float] = None) -> ObjectRef:
+def put(obj: Any, timeout: float | None = None) -> ObjectRef:
     """Store ``obj`` (a tensor or any picklable structure holding tensors) and return its ref.
 
     A snapshot: later writes to ``obj`` do not change the object, except for tensors whose
@@ -24,7 +25,7 @@ def put(obj: Any, timeout: Optional[float] = None) -> ObjectRef:
     return current().put(obj, timeout)
 
 
-def get(ref: Any, timeout: Optional[float] = None, copy: bool = False) -> Any:
+def get(ref: Any, timeout: float | None = None, copy: bool = False) -> Any:
     """The value of ``ref`` (or a list of values for a list of refs). Tensors are views of
     shared memory, not copies; ``copy=True`` gives private copies."""
     return current().get(ref, timeout, copy)
@@ -38,7 +39,7 @@ def free(ref: Any) -> None:
 
 
 def wait(refs: Sequence[ObjectRef], num_returns: int = 1,
-         timeout: Optional[float] = None) -> tuple[list[ObjectRef], list[ObjectRef]]:
+         timeout: float | None = None) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Split ``refs`` into (ready, not ready), in input order, once ``num_returns`` are ready."""
     return current().wait(refs, num_returns, timeout)
 

@@ -22,7 +22,8 @@ import pickle
 import threading
 import time
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -68,8 +69,8 @@ class _Entry:
 
     __slots__ = ("gen", "seg", "offset", "cls", "keep", "external", "loc", "meta")
 
-    def __init__(self, gen: int, seg: Optional[Segment], offset: int, cls: int, keep: Any, external: bool,
-                 loc: Optional[tuple], meta: tuple) -> None:
+    def __init__(self, gen: int, seg: Segment | None, offset: int, cls: int, keep: Any, external: bool,
+                 loc: tuple | None, meta: tuple) -> None:
         self.gen = gen
         self.loc = loc              # the ref's loc and meta as put: a ref that differs is not this object's
         self.meta = meta
@@ -137,7 +138,7 @@ def _signature(meta: tuple) -> int:
     return 0
 
 
-def _where(loc: Optional[tuple], meta: tuple) -> tuple:
+def _where(loc: tuple | None, meta: tuple) -> tuple:
     """What the header table publishes of an object: fd, file offset, nbytes, signature of
     its meta (fd -1, offset and nbytes 0 for an object with no bytes)."""
     if loc is None:
@@ -150,8 +151,8 @@ def _malformed(ref: Any, what: str) -> ValueError:
 
 
 class Store:
-    def __init__(self, job_dir: Optional[str] = None, index: Optional[int] = None,
-                 capacity: Optional[int] = None) -> None:
+    def __init__(self, job_dir: str | None = None, index: int | None = None,
+                 capacity: int | None = None) -> None:
         self.own_job_dir = job_dir is None
         self.job_dir = job_dir or registry.create_job_dir()
         self.membership = registry.Membership(self.job_dir, index)
@@ -171,13 +172,13 @@ class Store:
         self.membership.on_new_peer = self.watcher.event.set
         self._holding = 0           # objects holding refs or storages that lost their last local ref
         self.single_putters: dict[str, Callable[[torch.Tensor], tuple]] = {"cpu": self._put_cpu_tensor}
-        self.getters: dict[str, Callable[[ObjectRef, Optional[Segment]], Any]] = {
+        self.getters: dict[str, Callable[[ObjectRef, Segment | None], Any]] = {
             "t": self._get_cpu_tensor, "p": self._get_pickled, "v": self._get_inline}
         cuda.install(self)      # the "cuda" putter, "c" getter and reducer; initializes no CUDA
 
     # -- put ------------------------------------------------------------------------------
 
-    def put(self, obj: Any, timeout: Optional[float] = None) -> ObjectRef:
+    def put(self, obj: Any, timeout: float | None = None) -> ObjectRef:
         """Copy ``obj``'s tensor bytes once into shared memory and return its ref."""
         if isinstance(obj, ObjectRef):
             return obj
@@ -188,14 +189,14 @@ class Store:
                 return self._register(*putter(obj, timeout))
         return self._register(*self._put_structure(obj, timeout))
 
-    def put_empty(self, nbytes: int, timeout: Optional[float] = None) -> ObjectRef:
+    def put_empty(self, nbytes: int, timeout: float | None = None) -> ObjectRef:
         """A new object of ``nbytes`` uninitialized bytes (a flat uint8 tensor) for a buffer that
         its owner fills in place, e.g. a weights bucket: no source tensor to copy from."""
         seg, off, cls = self._allocate(nbytes, timeout)
         return self._register(seg, off, cls, None, ("t", torch.uint8, (nbytes,), (1,), 0, nbytes, False, False),
                               False)
 
-    def _put_cpu_tensor(self, t: torch.Tensor, timeout: Optional[float]) -> tuple:
+    def _put_cpu_tensor(self, t: torch.Tensor, timeout: float | None) -> tuple:
         storage = t.untyped_storage()
         es = t.element_size()
         shape, stride = tuple(t.shape), t.stride()
@@ -214,7 +215,7 @@ class Store:
             nbytes = (offset + t.numel()) * es
         else:
             extent = offset + 1
-            for n, st in zip(shape, stride):
+            for n, st in zip(shape, stride, strict=True):
                 extent += (n - 1) * st
             nbytes = extent * es
         seg, off, cls = self._allocate(nbytes, timeout)
@@ -222,7 +223,7 @@ class Store:
         meta = ("t", t.dtype, shape, stride, offset, nbytes) + flags
         return seg, off, cls, None, meta, False
 
-    def _put_structure(self, obj: Any, timeout: Optional[float]) -> tuple:
+    def _put_structure(self, obj: Any, timeout: float | None) -> tuple:
         with SerializationContext() as ctx:
             skeleton, layout = serialize.dumps_for_store(obj)
         # Aliased shared storages first: the owner's get finds storage i at keep[i].
@@ -232,13 +233,13 @@ class Store:
             return None, 0, 0, keep, ("v", skeleton, shared), False
         total = layout.nbytes + len(skeleton)
         seg, off, cls = self._allocate(total, timeout)
-        for storage, rel in zip(layout.storages, layout.offsets):
+        for storage, rel in zip(layout.storages, layout.offsets, strict=True):
             if storage.nbytes():        # an empty storage may have no data pointer at all
                 ctypes.memmove(seg.base + off + rel, storage.data_ptr(), storage.nbytes())
         seg.mm[off + layout.nbytes:off + total] = skeleton
         return seg, off, cls, keep, ("p", layout.nbytes, len(skeleton), shared), False
 
-    def _register(self, seg: Optional[Segment], offset: int, cls: int, keep: Any, meta: tuple,
+    def _register(self, seg: Segment | None, offset: int, cls: int, keep: Any, meta: tuple,
                   external: bool) -> ObjectRef:
         with self.lock:
             if self.closed:
@@ -267,7 +268,7 @@ class Store:
                     self._reclaim()
         return ObjectRef(self.index, slot, gen, self.pid, loc, meta, self.job)
 
-    def _allocate(self, nbytes: int, timeout: Optional[float]) -> tuple[Segment, int, int]:
+    def _allocate(self, nbytes: int, timeout: float | None) -> tuple[Segment, int, int]:
         with self.lock:
             cls = size_class(nbytes)
             if cls > self.pool.capacity:        # would never fit: no point waiting
@@ -295,7 +296,7 @@ class Store:
 
     # -- get ------------------------------------------------------------------------------
 
-    def get(self, ref: Any, timeout: Optional[float] = None, copy: bool = False) -> Any:
+    def get(self, ref: Any, timeout: float | None = None, copy: bool = False) -> Any:
         if isinstance(ref, (list, tuple)):
             deadline = None if timeout is None else time.monotonic() + timeout
             return [self.get(r, None if deadline is None else max(0.0, deadline - time.monotonic()), copy)
@@ -339,7 +340,7 @@ class Store:
             raise ObjectFreedError(ref.id, "its memory was returned to the system")
         return seg
 
-    def _shared_storages(self, ref: ObjectRef) -> Optional[Callable[[int], torch.UntypedStorage]]:
+    def _shared_storages(self, ref: ObjectRef) -> Callable[[int], torch.UntypedStorage] | None:
         """For a stored structure: index -> the shared storage it aliases."""
         locs = ref.meta[-1]
         if not locs:
@@ -421,7 +422,7 @@ class Store:
                 or not self.membership.valid(ref.owner, ref.slot):
             raise _malformed(ref, f"owner {ref.owner!r}, slot {ref.slot!r} out of range")
 
-    def _get_cpu_tensor(self, ref: ObjectRef, seg: Optional[Segment]) -> torch.Tensor:
+    def _get_cpu_tensor(self, ref: ObjectRef, seg: Segment | None) -> torch.Tensor:
         _, dtype, shape, stride, offset, nbytes, requires_grad, is_param = ref.meta
         if seg is None:
             t = torch.empty_strided(shape, stride, dtype=dtype)
@@ -441,7 +442,7 @@ class Store:
         with serialize.BlockReader(lambda rel, n: make_storage(seg, base + rel, n, ref), self._shared_storages(ref)):
             return pickle.loads(seg.mm[base + nbytes:base + nbytes + nskel])
 
-    def _get_inline(self, ref: ObjectRef, seg: Optional[Segment]) -> Any:
+    def _get_inline(self, ref: ObjectRef, seg: Segment | None) -> Any:
         with serialize.BlockReader(lambda rel, n: torch.UntypedStorage(0), self._shared_storages(ref)):
             return pickle.loads(ref.meta[1])
 
@@ -539,7 +540,7 @@ class Store:
     # -- wait and stats -------------------------------------------------------------------
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
-             timeout: Optional[float] = None) -> tuple[list[ObjectRef], list[ObjectRef]]:
+             timeout: float | None = None) -> tuple[list[ObjectRef], list[ObjectRef]]:
         refs = list(refs)
         if num_returns > len(refs) or num_returns < 0:
             raise ValueError(f"num_returns={num_returns} must be between 0 and len(refs)={len(refs)}")
@@ -549,7 +550,7 @@ class Store:
             done = [r._pending is None or r._pending.done() for r in refs]
             if sum(done) >= num_returns:
                 break
-            pendings = [r._pending for r, d in zip(refs, done) if not d]
+            pendings = [r._pending for r, d in zip(refs, done, strict=False) if not d]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if left == 0.0 and polled:
                 break
@@ -557,7 +558,7 @@ class Store:
             polled = True
         ready: list[ObjectRef] = []
         rest: list[ObjectRef] = []
-        for r, d in zip(refs, done):
+        for r, d in zip(refs, done, strict=False):
             (ready if d and len(ready) < num_returns else rest).append(r)
         return ready, rest
 
@@ -591,7 +592,7 @@ class Store:
 
 # -- the process's store ------------------------------------------------------------------------
 
-_store: Optional[Store] = None
+_store: Store | None = None
 _store_lock = threading.Lock()
 
 
@@ -608,7 +609,7 @@ def current() -> Store:
     return s
 
 
-def attach(job_dir: Optional[str] = None, index: Optional[int] = None, capacity: Optional[int] = None) -> Store:
+def attach(job_dir: str | None = None, index: int | None = None, capacity: int | None = None) -> Store:
     """Start this process's store inside job ``job_dir`` (the runtime calls this)."""
     with _store_lock:
         if _store is not None and not _store.closed:
@@ -622,7 +623,7 @@ def _set(s: Store) -> Store:
     return s
 
 
-def active() -> Optional[Store]:
+def active() -> Store | None:
     return _store if _store is not None and not _store.closed else None
 
 

@@ -56,7 +56,8 @@ import logging
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -82,13 +83,13 @@ _EXPORT = "_torchactors_ipc"    # on an owner's storage: its live _Export, reuse
 
 _lock = threading.RLock()       # reentrant: finalizers below may run while it is held
 _local = threading.local()
-_owned: "weakref.WeakValueDictionary[tuple, torch.UntypedStorage]" = weakref.WeakValueDictionary()
-_opened: "weakref.WeakValueDictionary[tuple, torch.UntypedStorage]" = weakref.WeakValueDictionary()
+_owned: weakref.WeakValueDictionary[tuple, torch.UntypedStorage] = weakref.WeakValueDictionary()
+_opened: weakref.WeakValueDictionary[tuple, torch.UntypedStorage] = weakref.WeakValueDictionary()
 _events_live = 0
 _warned_clone = False
 
 
-def install(store: "Store") -> None:
+def install(store: Store) -> None:
     """Register the "cuda" putter, the "c" getter and the "cuda" reducer; no CUDA call."""
     store.single_putters["cuda"] = lambda t, timeout: put_cuda_tensor(store, t)
     store.getters["c"] = lambda ref, seg: rebuild(store, ref, ref.meta)
@@ -102,7 +103,7 @@ def describe_cuda_meta(meta: tuple) -> dict:
     if not isinstance(meta, tuple) or len(meta) != len(CUDA_META_FIELDS) or meta[0] != "c":
         raise ValueError(f"not a CUDA object's meta: expected a {len(CUDA_META_FIELDS)}-tuple starting "
                          f"with 'c' ({', '.join(CUDA_META_FIELDS)}), got {meta!r:.200}")
-    return dict(zip(CUDA_META_FIELDS, meta))
+    return dict(zip(CUDA_META_FIELDS, meta, strict=False))
 
 
 # -- put ----------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class _Export:
         self.key = (storage.data_ptr(), storage.nbytes())
         (self.device, self.handle, self.nbytes, self.offset_bytes, self.counter, self.counter_offset,
          _event, _sync) = storage._share_cuda_()
-        self.storage: Optional[torch.UntypedStorage] = storage
+        self.storage: torch.UntypedStorage | None = storage
         self.live = 0
 
     def drop(self) -> None:
@@ -144,7 +145,7 @@ class _Kept:
     __slots__ = ("export", "event")
 
     def __init__(self, export: _Export, event: Any) -> None:
-        self.export: Optional[_Export] = export
+        self.export: _Export | None = export
         self.event = event
 
     def __del__(self) -> None:
@@ -161,7 +162,7 @@ class _Kept:
             pass
 
 
-def put_cuda_tensor(store: Optional["Store"], t: torch.Tensor) -> tuple:
+def put_cuda_tensor(store: Store | None, t: torch.Tensor) -> tuple:
     """``Store.single_putters["cuda"]``: (seg, offset, cls, keep, meta, external) like the CPU one."""
     _reclaim(store)
     meta, kept = share(t)
@@ -170,7 +171,7 @@ def put_cuda_tensor(store: Optional["Store"], t: torch.Tensor) -> tuple:
 
 def reduce_cuda_tensor(t: torch.Tensor, layout: serialize.StoreLayout) -> serialize.Reduced:
     """``REDUCERS["cuda"]``: the tensor stays where it is; the skeleton carries its meta."""
-    from torchactors.store import core     # imported late: core imports this module
+    from torchactors.store import core  # imported late: core imports this module
     _reclaim(core.active())
     meta, kept = share(t)
     if kept is not None:
@@ -178,7 +179,7 @@ def reduce_cuda_tensor(t: torch.Tensor, layout: serialize.StoreLayout) -> serial
     return (rebuild_cuda_tensor, (meta,))
 
 
-def share(t: torch.Tensor) -> tuple[tuple, Optional[_Kept]]:
+def share(t: torch.Tensor) -> tuple[tuple, _Kept | None]:
     """The "c" meta of ``t`` and what the owner must keep while the object lives."""
     device = t.device.index
     flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
@@ -236,7 +237,7 @@ def _export(storage: torch.UntypedStorage) -> _Export:
         return export
 
 
-def _ready_event(device: torch.device) -> tuple[Any, Optional[bytes]]:
+def _ready_event(device: torch.device) -> tuple[Any, bytes | None]:
     """An interprocess event recorded on the current stream after the data is ready, and its
     handle; or (None, None) after synchronizing the stream when too many events are live."""
     global _events_live
@@ -259,7 +260,7 @@ def _ready_event(device: torch.device) -> tuple[Any, Optional[bytes]]:
         raise
 
 
-def _reclaim(store: Optional["Store"]) -> None:
+def _reclaim(store: Store | None) -> None:
     """A CUDA put is a reclaim point: CUDA objects use no pool block, so nothing else would
     return the GPU memory of released ones."""
     if store is not None and store.candidates and not store.closed:
@@ -274,7 +275,7 @@ class _Pin:
 
     __slots__ = ("opened", "ref", "device")
 
-    def __init__(self, opened: Any, ref: Any, device: Optional[int]) -> None:
+    def __init__(self, opened: Any, ref: Any, device: int | None) -> None:
         self.opened = opened
         self.ref = ref
         self.device = device
@@ -305,7 +306,7 @@ def rebuild_cuda_tensor(meta: tuple) -> torch.Tensor:
     return rebuild(reading[0], reading[1], meta)
 
 
-def rebuild(store: "Store", ref: "ObjectRef", meta: tuple) -> torch.Tensor:
+def rebuild(store: Store, ref: ObjectRef, meta: tuple) -> torch.Tensor:
     """The "c" getter: a view of the object's GPU bytes, ordered after the producer's writes."""
     (_, device, handle, nbytes, offset_bytes, event_handle, dtype, shape, stride, offset,
      requires_grad, is_param) = meta
@@ -344,7 +345,7 @@ def _open(device: int, handle: bytes, nbytes: int, offset_bytes: int) -> torch.U
         return s
 
 
-def _reading(store: "Store", getter: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _reading(store: Store, getter: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     """Wrap a structure getter so that rebuild functions know the object being read."""
     def get(ref: Any, seg: Any) -> Any:
         prev = getattr(_local, "reading", None)

@@ -13,7 +13,7 @@ and ``get``/``wait`` use it without knowing what an actor is.
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any
 
 _local = threading.local()
 
@@ -25,7 +25,7 @@ class SerializationContext:
     def __init__(self) -> None:
         self.refs: list[ObjectRef] = []
 
-    def __enter__(self) -> "SerializationContext":
+    def __enter__(self) -> SerializationContext:
         self._prev = getattr(_local, "ctx", None)
         _local.ctx = self
         return self
@@ -44,7 +44,7 @@ class ObjectRef:
 
     __slots__ = ("owner", "slot", "gen", "owner_pid", "loc", "meta", "job", "_pending", "_counted", "__weakref__")
 
-    def __init__(self, owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple],
+    def __init__(self, owner: int, slot: int, gen: int, owner_pid: int, loc: tuple | None,
                  meta: Any, job: str = "", count: bool = True) -> None:
         self.owner = owner
         self.slot = slot
@@ -60,7 +60,7 @@ class ObjectRef:
             self._counted = True
 
     @classmethod
-    def pending(cls, pending: Any) -> "ObjectRef":
+    def pending(cls, pending: Any) -> ObjectRef:
         """A ref to a value still being computed; ``pending`` resolves it."""
         ref = cls(-1, -1, 0, 0, None, None, count=False)
         ref._pending = pending
@@ -137,7 +137,7 @@ class ObjectRef:
 _core_module = None
 
 
-def _resolve_into(future: Any, ref: "ObjectRef") -> None:
+def _resolve_into(future: Any, ref: ObjectRef) -> None:
     if not future.set_running_or_notify_cancel():
         return          # cancelled (e.g. asyncio.wait_for timed out) before it started
     try:
@@ -157,7 +157,7 @@ def _core():
     return _core_module
 
 
-def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: Optional[tuple], meta: Any,
+def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: tuple | None, meta: Any,
                  job: str = "") -> ObjectRef:
     """Unpickling: count the ref only in a store of its own job, and only when it names a cell
     of the hold table; any other ref is kept uncounted, and ``get`` says what is wrong with it.

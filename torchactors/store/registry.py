@@ -34,11 +34,10 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Callable, Optional
-
-from torchactors.store.segments import Mapping
+from collections.abc import Callable
 
 from torchactors.errors import UnsafeDirectoryError
+from torchactors.store.segments import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ class _Table:
     ``first`` cell on). Mapped with libc (no descriptor kept); the mapping goes with the last
     reference to ``cells``, so a reader racing a ``close`` reads valid memory, never freed."""
 
-    def __init__(self, ncells: int, fd: Optional[int] = None, first: int = 0) -> None:
+    def __init__(self, ncells: int, fd: int | None = None, first: int = 0) -> None:
         self.owned = fd is None
         if fd is None:
             fd = os.memfd_create(f"torchactors-table-{os.getpid()}", os.MFD_CLOEXEC)
@@ -179,7 +178,7 @@ class Peer:
 
     __slots__ = ("index", "pid", "holds", "header", "pidfd", "dead", "holds_fd", "columns", "error")
 
-    def __init__(self, index: int, pid: int, holds: Optional[_Table], header: Optional[_Table],
+    def __init__(self, index: int, pid: int, holds: _Table | None, header: _Table | None,
                  pidfd: int, holds_fd: int = -1) -> None:
         self.index = index
         self.pid = pid
@@ -189,9 +188,9 @@ class Peer:
         self.dead = False
         self.holds_fd = holds_fd                # the number in the peer's own fd table
         self.columns: dict[int, _Table] = {}    # owner index -> window of the peer's hold table
-        self.error: Optional[Exception] = None
+        self.error: Exception | None = None
 
-    def column(self, owner: int) -> Optional[_Table]:
+    def column(self, owner: int) -> _Table | None:
         """The peer's hold counts of ``owner``'s objects (mapped on first use), or None."""
         table = self.columns.get(owner)
         if table is None and not self.dead and self.holds is not None:
@@ -228,7 +227,7 @@ class Peer:
 class Membership:
     """This process's place in a job: its index and tables, and the peers it has met."""
 
-    def __init__(self, job_dir: str, index: Optional[int] = None) -> None:
+    def __init__(self, job_dir: str, index: int | None = None) -> None:
         self.job_dir = job_dir
         self.holds = _Table(MAX_PROCS * MAX_SLOTS * HOLD_CELL)
         self.header = _Table(MAX_SLOTS * HEADER_CELL)
@@ -242,9 +241,9 @@ class Membership:
         self._busy = False
         self._deferred: list[int] = []
         self._owner_base = self.index * MAX_SLOTS * HOLD_CELL
-        self.on_new_peer: Optional[Callable[[], None]] = None     # the store's watcher wants to know
+        self.on_new_peer: Callable[[], None] | None = None     # the store's watcher wants to know
 
-    def _claim_index(self, hint: Optional[int]) -> int:
+    def _claim_index(self, hint: int | None) -> int:
         """The lowest free index from ``hint`` on; an index whose process died is free again."""
         procs = os.path.join(self.job_dir, "procs")
         info = json.dumps({"pid": os.getpid(), "holds_fd": self.holds.fd, "header_fd": self.header.fd})

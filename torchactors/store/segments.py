@@ -23,7 +23,6 @@ import mmap
 import os
 import resource
 import threading
-from typing import Optional
 
 import torch
 
@@ -129,7 +128,7 @@ class DataFile:
         self.free_ranges: dict[int, list[int]] = {}     # size -> file offsets of dropped windows
         self.max_windows = max_windows
 
-    def take(self, size: int) -> Optional[int]:
+    def take(self, size: int) -> int | None:
         """A file offset for a new window of ``size`` bytes, or None if the file is full."""
         free = self.free_ranges.get(size)
         if free:
@@ -167,7 +166,7 @@ class Segment:
                  "__weakref__")
 
     def __init__(self, seg_id: int, size: int, fd: int, inode: int, file_off: int = 0,
-                 file: Optional[DataFile] = None, populate: bool = True) -> None:
+                 file: DataFile | None = None, populate: bool = True) -> None:
         self.seg_id = seg_id
         self.owned = file is not None
         self.file = file
@@ -218,7 +217,7 @@ class SharedFile:
         self.size = size
 
 
-def shared_file(storage: torch.UntypedStorage) -> Optional[SharedFile]:
+def shared_file(storage: torch.UntypedStorage) -> SharedFile | None:
     """The fd torch shares ``storage`` through (the storage keeps it open), or None."""
     if not storage.is_shared() or storage.device.type != "cpu":
         return None
@@ -244,7 +243,7 @@ class SegmentPool:
         self._next_seg = 1
         self._free_small: dict[int, list[tuple[Segment, int]]] = {}   # class -> [(arena, offset)]
         self._free_large: dict[int, list[Segment]] = {}               # class -> [segment]
-        self._arena: Optional[Segment] = None
+        self._arena: Segment | None = None
         self._arena_top = 0
         self._large_files: list[DataFile] = []
         self.reserved = 0           # bytes of all segments we hold (live blocks + pooled free ones)
@@ -295,7 +294,7 @@ class SegmentPool:
         self._release_window(seg.file, seg.file_off, seg.size)
         seg.close()
 
-    def allocate(self, nbytes: int) -> Optional[tuple[Segment, int, int]]:
+    def allocate(self, nbytes: int) -> tuple[Segment, int, int] | None:
         """Return (segment, offset, block size) or None if the capacity would be exceeded."""
         cls = size_class(nbytes)
         with self.lock:
@@ -308,7 +307,7 @@ class SegmentPool:
                 self.used += cls
             return found
 
-    def _alloc_small(self, cls: int) -> Optional[tuple[Segment, int, int]]:
+    def _alloc_small(self, cls: int) -> tuple[Segment, int, int] | None:
         free = self._free_small.get(cls)
         if free:
             seg, off = free.pop()
@@ -322,7 +321,7 @@ class SegmentPool:
         self._arena_top += cls
         return self._arena, off, cls
 
-    def _alloc_large(self, cls: int) -> Optional[tuple[Segment, int, int]]:
+    def _alloc_large(self, cls: int) -> tuple[Segment, int, int] | None:
         free = self._free_large.get(cls)
         if free:
             return free.pop(), 0, cls
@@ -388,7 +387,7 @@ class MappingCache:
         self._maps: dict[tuple[int, int, int, int], Segment] = {}   # (pid, fd, inode, file offset)
         self._bytes = 0
 
-    def map(self, pid: int, fd: int, inode: int, file_off: int, size: int) -> Optional[Segment]:
+    def map(self, pid: int, fd: int, inode: int, file_off: int, size: int) -> Segment | None:
         """The window, or None if the owner no longer has that file open (freed, or dead)."""
         key = (pid, fd, inode, file_off)
         seg = self._maps.get(key)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import io
 import pickle
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 import torch
@@ -92,7 +93,7 @@ class StoreLayout:
         self.shared_storages: list[torch.UntypedStorage] = []
         self._shared_index: dict[int, int] = {}
 
-    def add_shared(self, storage: torch.UntypedStorage) -> Optional[int]:
+    def add_shared(self, storage: torch.UntypedStorage) -> int | None:
         """Index of ``storage`` among the object's aliased shared storages, or None when it
         is not shared through an fd (then its bytes are copied with ``add``)."""
         if not storage.nbytes():
@@ -361,12 +362,12 @@ class BlockReader:
     storage, each pinning the ref so the bytes outlive any tensor viewing them."""
 
     def __init__(self, make_storage: Callable[[int, int], torch.UntypedStorage],
-                 shared: Optional[Callable[[int], torch.UntypedStorage]] = None) -> None:
+                 shared: Callable[[int], torch.UntypedStorage] | None = None) -> None:
         self.make_storage = make_storage
         self.shared = shared            # index -> an aliased shared storage of the object
         self.cache: dict[int, torch.UntypedStorage] = {}
 
-    def __enter__(self) -> "BlockReader":
+    def __enter__(self) -> BlockReader:
         self._prev = getattr(_local, "reader", None)
         _local.reader = self
         return self
@@ -376,7 +377,7 @@ class BlockReader:
 
 
 def _reader() -> BlockReader:
-    reader: Optional[BlockReader] = getattr(_local, "reader", None)
+    reader: BlockReader | None = getattr(_local, "reader", None)
     if reader is None:
         raise RuntimeError("a stored tensor can only be rebuilt by torchactors' get()")
     return reader

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torchactors.store.core import Store
@@ -30,12 +30,12 @@ DEATH_CHECK_S = 0.25    # how often live peers are checked while there are any
 
 
 class Watcher:
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.event = threading.Event()
         self.reclaim_due = False
         self.closed = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
     def start(self) -> None:
