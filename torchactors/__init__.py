@@ -25,7 +25,7 @@ from torchactors.errors import (
 from torchactors.store import ObjectRef, free, get, put, stats
 
 # Ray spells it ray.actor.exit_actor(): the same function under ta.actor, for ported code.
-actor.exit_actor = exit_actor
+setattr(actor, "exit_actor", exit_actor)  # noqa: B010 (a function attribute mypy cannot see)
 
 __version__ = "0.1.0"
 

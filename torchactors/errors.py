@@ -20,7 +20,7 @@ class TorchActorsError(Exception):
         return (_rebuild_error, (type(self), self.args, {f: getattr(self, f, None) for f in self._fields}))
 
 
-def _rebuild_error(cls: type, args: tuple, fields: dict) -> TorchActorsError:
+def _rebuild_error(cls: type[TorchActorsError], args: tuple, fields: dict) -> TorchActorsError:
     try:
         err = cls.__new__(cls)
     except TypeError:               # MemoryError's __new__ refuses subclasses that mix in others
@@ -65,7 +65,7 @@ class RemoteTraceback(TorchActorsError):
         return str(self.args[0]) if self.args else ""
 
 
-_dual_classes: dict[type, type] = {}
+_dual_classes: dict[type, type[ActorError]] = {}
 
 
 def _remote_class(module: str | None, qualname: str | None) -> type | None:
@@ -84,11 +84,13 @@ def _remote_class(module: str | None, qualname: str | None) -> type | None:
 
 
 def _rebuild_actor_error(args: tuple, fields: dict) -> ActorError:
-    cls: type = ActorError
+    cls: type[ActorError] = ActorError
     remote = _remote_class(fields.get("remote_module"), fields.get("remote_type"))
     if remote is not None:
-        cls = _dual_classes.get(remote)
-        if cls is None:
+        dual = _dual_classes.get(remote)
+        if dual is not None:
+            cls = dual
+        else:
             try:
                 cls = type(f"ActorError[{remote.__qualname__}]", (ActorError, remote),
                            {"__module__": __name__, "__reduce__": ActorError.__reduce__})
@@ -96,6 +98,7 @@ def _rebuild_actor_error(args: tuple, fields: dict) -> ActorError:
                 cls = ActorError
             _dual_classes[remote] = cls
     err = _rebuild_error(cls, args, fields)
+    assert isinstance(err, ActorError)
     if fields.get("remote_traceback"):
         err.__cause__ = RemoteTraceback(fields["remote_traceback"])
     return err
