@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchactors as ta
-from torchactors.runtime import job as job_module
+from torchactors.actors import api
 from torchactors.runtime.transport import AUTH_TIMEOUT, AuthenticationError, connect
 
 
@@ -406,7 +406,7 @@ def test_named_actor_lookup(counter):
 
 def test_unauthenticated_connection_is_refused_and_actor_keeps_serving(counter):
     ta.get(counter.incr.remote(0))
-    job = job_module.current()
+    job = api.runtime().job
     path = job.socket_path(counter._actor_id, 0)
     assert oct(os.stat(job.dir).st_mode & 0o777) == "0o700"
     with pytest.raises((AuthenticationError, ConnectionError, OSError)):
@@ -432,7 +432,7 @@ def _silent_client(path: str) -> socket.socket:
 
 def test_a_client_silent_mid_handshake_stalls_no_other_caller(counter):
     before = ta.get(counter.incr.remote(0))
-    job = job_module.current()
+    job = api.runtime().job
     path = job.socket_path(counter._actor_id, 0)
     silent = _silent_client(path)
     try:
@@ -447,7 +447,7 @@ def test_a_client_silent_mid_handshake_stalls_no_other_caller(counter):
 @pytest.mark.slow
 def test_a_client_silent_mid_handshake_is_dropped_after_the_auth_timeout(counter):
     ta.get(counter.incr.remote(0))
-    silent = _silent_client(job_module.current().socket_path(counter._actor_id, 0))
+    silent = _silent_client(api.runtime().job.socket_path(counter._actor_id, 0))
     silent.settimeout(AUTH_TIMEOUT + 5)
     t0 = time.monotonic()
     assert silent.recv(100) == b""

@@ -17,6 +17,8 @@ from collections import deque
 from typing import Any
 
 from torchactors.actors import protocol
+from torchactors.actors.calls import decode_reply
+from torchactors.actors.pending import PendingResult, failed_ref
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime.job import Job
 from torchactors.runtime.status import ActorStatus
@@ -28,7 +30,6 @@ from torchactors.runtime.transport import (
     ProtocolError,
     connect,
 )
-from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 logger = logging.getLogger(__name__)
@@ -38,102 +39,6 @@ DEATH_DETAIL_WAIT = 0.5     # how long to wait for the supervisor's word on how 
 SPIN_S = 50e-6              # a get polls this long before it sleeps (see Connection.read_spinning)
 RECHECK_S = 0.002           # how often wait() re-checks calls whose socket another thread reads
 WRITER_POLL_S = 0.05        # how often the writer of a full socket looks again (and reads replies)
-
-
-class PendingResult:
-    """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it. A
-    backend's subclass says how to wait for the reply (``_wait``) and sets ``kind``/``value``."""
-
-    __slots__ = ("kind", "value")
-
-    def _wait(self, timeout: float | None) -> None:
-        raise NotImplementedError
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.kind:
-            self._wait(timeout)
-        if self.kind == protocol.ERROR:
-            raise self.value
-        return self.value
-
-    def materialize(self) -> ObjectRef:
-        """The result as a store ref (to pass it on): the actor's ref, or a put of a small value."""
-        value = self.result()
-        if self.kind != protocol.OK_REF:
-            self.value = value = store_core.current().put(value)
-            self.kind = protocol.OK_REF
-        return value
-
-
-class Settled(PendingResult):
-    """A result known when the call is made (e.g. the error of a call's failed dependency)."""
-
-    __slots__ = ("id",)
-
-    def __init__(self, kind: int, value: Any, label: str) -> None:
-        self.kind, self.value, self.id = kind, value, label
-
-    def done(self) -> bool:
-        return True
-
-    def _wait(self, timeout: float | None) -> None:
-        pass
-
-    @staticmethod
-    def wait_any(pendings: list, timeout: float | None) -> None:
-        pass
-
-
-def failed_ref(error: BaseException, label: str) -> ObjectRef:
-    return ObjectRef.pending(Settled(protocol.ERROR, error, label))
-
-
-class Returned(PendingResult):
-    """Value ``index`` of a call declared with ``num_returns=n``: one ref per returned value."""
-
-    __slots__ = ("whole", "index", "count", "id")
-
-    def __init__(self, whole: PendingResult, index: int, count: int) -> None:
-        self.whole, self.index, self.count = whole, index, count
-        self.kind, self.value = 0, None
-        self.id = f"{getattr(whole, 'id', 'call')}[{index}]"
-
-    def __getattr__(self, item: str) -> Any:      # channel/oref: wait_any of the whole call's kind
-        return getattr(self.whole, item)
-
-    def done(self) -> bool:
-        return self.kind != 0 or self.whole.done()
-
-    def _wait(self, timeout: float | None) -> None:
-        try:
-            values = self.whole.result(timeout)
-            if isinstance(values, ObjectRef):       # the tuple was put into the actor's store
-                values = store_core.current().get(values)
-        except GetTimeoutError:
-            raise
-        except BaseException as e:
-            self.kind, self.value = protocol.ERROR, e
-            return
-        try:
-            if len(values) != self.count:
-                raise TypeError
-            self.kind, self.value = protocol.OK_VALUE, values[self.index]
-        except TypeError:
-            self.kind, self.value = protocol.ERROR, ValueError(
-                f"{self.id}: the method was declared with num_returns={self.count} but returned "
-                f"{type(values).__name__} {str(values)[:80]!r}; return a tuple of {self.count} values")
-
-    @staticmethod
-    def wait_any(pendings: list, timeout: float | None) -> None:
-        wholes = [p.whole if isinstance(p, Returned) else p for p in pendings]
-        type(wholes[0]).wait_any(wholes, timeout)
-
-
-def split_returns(ref: ObjectRef, count: int, label: str) -> Any:
-    """One ref per value of a ``num_returns=count`` call (None for 0, as in Ray)."""
-    if count == 0:
-        return None
-    return [ObjectRef.pending(Returned(ref._pending, i, count)) for i in range(count)]
 
 
 class PendingCall(PendingResult):
@@ -530,12 +435,8 @@ class Channel:
         return len(messages)
 
     def _settle(self, msg: bytes) -> None:
-        kind, seq, holds, body = protocol.parse_reply(msg)
+        kind, seq, holds, value = decode_reply(msg)
         pending = self.pendings.pop(seq, None)
-        try:
-            value = pickle.loads(body)
-        except BaseException as e:         # e.g. the result's class cannot be imported here
-            kind, value = protocol.ERROR, e
         self.read_upto = max(self.read_upto, seq)
         if holds:
             # The actor may now drop its hold on the result. If a send is under way (we are

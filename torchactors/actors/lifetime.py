@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 
-from torchactors.runtime import job as job_module
+from torchactors.actors import _current
 from torchactors.store.registry import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def forget_all() -> None:
 
 
 def _holders(actor_id: str) -> str | None:
-    job = job_module.current()
-    return None if job is None else os.path.join(job.dir, "actors", actor_id + ".holders")
+    backend = _current.backend
+    return None if backend is None else os.path.join(backend.job.dir, "actors", actor_id + ".holders")
 
 
 def lend(actor_id: str) -> str | None:

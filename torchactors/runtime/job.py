@@ -23,12 +23,22 @@ from typing import Any
 
 from torchactors.runtime.status import ActorStatus
 from torchactors.store import core as store_core
+from torchactors.store.core import Store
 from torchactors.store import registry
 
 logger = logging.getLogger(__name__)
 
 
 class Job:
+    """One job's directory and secret, and the small files in it every process reads.
+
+    It owns the per-actor files (status, kill marks, constructor errors, socket paths) and
+    the names table; it knows nothing of actors' code. The driver's backend creates it
+    (``Job.create``), each child joins it from its boot record (``Job.join``, in
+    runtime/child.py) and finds it in its ``ChildContext``; the supervisor writes status
+    files, channels read them. See docs/design.md, "Processes" and "Security".
+    """
+
     def __init__(self, job_dir: str, secret: bytes, driver: bool, capacity: int | None) -> None:
         self.dir = job_dir
         self.secret = secret
@@ -41,24 +51,24 @@ class Job:
                 pass
 
     @classmethod
-    def create(cls, capacity: int | None) -> Job:
-        """A new job with this process as its driver. A store already started standalone
-        (``put`` before ``init``) becomes the driver's store, so its refs stay valid."""
+    def create(cls, capacity: int | None) -> tuple[Job, Store]:
+        """A new job with this process as its driver, and the driver's store in it. A store
+        already started standalone (``put`` before ``init``) becomes the driver's store, so
+        its refs stay valid."""
         existing = store_core.active()
         if existing is not None and existing.own_job_dir:
             existing.own_job_dir = False
             if capacity is not None:
                 existing.pool.capacity = capacity
-            return cls(existing.job_dir, secrets.token_bytes(32), True, capacity)
+            return cls(existing.job_dir, secrets.token_bytes(32), True, capacity), existing
         job = cls(registry.create_job_dir(), secrets.token_bytes(32), True, capacity)
-        store_core.attach(job.dir, index=0, capacity=capacity)
-        return job
+        return job, store_core.attach(job.dir, index=0, capacity=capacity)
 
     @classmethod
-    def join(cls, job_dir: str, secret: bytes, capacity: int | None) -> Job:
+    def join(cls, job_dir: str, secret: bytes, capacity: int | None) -> tuple[Job, Store]:
+        """The job a child was started in, and this child's store in it."""
         job = cls(job_dir, secret, False, capacity)
-        store_core.attach(job.dir, capacity=capacity)
-        return job
+        return job, store_core.attach(job.dir, capacity=capacity)
 
     # -- per-actor files ------------------------------------------------------------------
 
@@ -210,18 +220,6 @@ def read_file(directory: str, name: str) -> bytes | None:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02x}" for c in name)
-
-
-_job: Job | None = None
-
-
-def current() -> Job | None:
-    return _job
-
-
-def set_current(job: Job | None) -> None:
-    global _job
-    _job = job
 
 
 def describe(job: Job) -> dict[str, Any]:
