@@ -50,7 +50,7 @@ class PendingCall(PendingResult):
                  retries: int = 0) -> None:
         self.channel = channel
         self.seq = seq
-        self.held = held            # refs in the request, kept until the actor has read it
+        self.held: list | None = held       # refs in the request, kept until the actor has read it
         self.kind = 0
         self.value: Any = None
         self.id = f"{channel.actor_id}.call{seq}"
@@ -94,7 +94,7 @@ class PendingCall(PendingResult):
                 if starting:
                     starting[0].wait_connected(timeout)
                 else:
-                    time.sleep(timeout)
+                    time.sleep(RECHECK_S if timeout is None else timeout)
                 return
             try:
                 ready = _spin_select(owned, SPIN_S)
@@ -156,6 +156,9 @@ class Channel:
         self.outbox: deque[memoryview] = deque()
 
     def fileno(self) -> int:
+        """The socket's fd, for ``select`` over channels (ValueError when not connected)."""
+        if self.conn is None:
+            raise ValueError(f"the channel to {self.name} is not connected")
         return self.conn.fileno()
 
     # -- sending --------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class Channel:
                     ok = False
                     body = pickle.dumps((False, ActorError(type(value).__qualname__, str(value), repr(e))))
             with self.send_lock:
-                if pending.done():
+                if pending.held is None:        # settled meanwhile (settle drops the holds)
                     return
                 pending.held.extend(ctx.refs)
                 msg = protocol.request(protocol.DEP, pending.seq, self.read_upto, str(index), body)
@@ -227,6 +230,7 @@ class Channel:
         while the outbox is not empty) delivers it."""
         self.ack_due = False
         conn = self.conn
+        assert conn is not None, "sent only on a connection"
         if self.outbox:
             self.outbox.extend(conn.frame(msg))
         else:

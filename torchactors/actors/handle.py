@@ -145,7 +145,7 @@ def method(fn: Callable | None = None, *, num_returns: int = 1, **unsupported: A
     n = _check_num_returns(num_returns)
 
     def mark(f: Callable) -> Callable:
-        target = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
+        target: Any = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
         target.__torchactors_num_returns__ = n
         return f
 
@@ -190,7 +190,8 @@ class ActorClass:
         """TypeError at the caller for arguments the constructor cannot take."""
         if self._signature is None:
             try:
-                self._signature = inspect.signature(self._cls.__init__)
+                cls: Any = self._cls        # its __init__, looked up as Python would
+                self._signature = inspect.signature(cls.__init__)
             except (TypeError, ValueError):
                 self._signature = False
         if self._signature:
@@ -283,8 +284,8 @@ class ActorHandle:
     def __del__(self) -> None:
         counts = lifetime.counts
         actor_id = self.__dict__.get("_actor_id")
-        n = counts.get(actor_id)
-        if n is not None:
+        n = None if actor_id is None else counts.get(actor_id)
+        if actor_id is not None and n is not None:
             if n > 1:
                 counts[actor_id] = n - 1
             elif counts.pop(actor_id, None) is not None and on_last_handle is not None:
@@ -360,7 +361,7 @@ class ActorMethod:
         ref = _current.get().call(self.handle, self.name, args, kwargs)
         if self.num_returns == 1:
             return ref
-        return split_returns(ref, self.num_returns, f"{self.handle._name}.{self.name}")
+        return split_returns(ref, self.num_returns)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote(...)")

@@ -135,7 +135,8 @@ class Runtime:
         with self.lock:
             if self._dropped is not None:
                 return
-            self._dropped = dropped = queue.SimpleQueue()
+            dropped: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+            self._dropped = dropped
         handle_module.on_last_handle = dropped.put
         threading.Thread(target=self._stop_dropped, args=(dropped,), daemon=True,
                          name="torchactors-handles").start()
@@ -188,9 +189,10 @@ class Runtime:
                                                                         handle._max_task_retries))
         return ch
 
-    def _named(self, record: dict, name: str) -> ActorHandle:
-        return ActorHandle(record["actor_id"], name, record["methods"], record["max_task_retries"],
-                           record.get("returns"))
+    def _named(self, record: dict, name: str | None) -> ActorHandle:
+        """The handle of the named actor a names-table ``record`` describes."""
+        return ActorHandle(record["actor_id"], name or record["actor_id"], record["methods"],
+                           record["max_task_retries"], record.get("returns"))
 
     def get_actor(self, name: str, namespace: str | None = None) -> ActorHandle:
         record = self.job.lookup_name(name_key(name, namespace))

@@ -10,7 +10,7 @@ error), ``Returned`` one value of a ``num_returns=n`` call.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from torchactors.actors import protocol
 from torchactors.errors import GetTimeoutError
@@ -48,6 +48,8 @@ class PendingResult:
     ``id`` and ``wait_any``."""
 
     __slots__ = ("kind", "value")
+    kind: int           # 0 until the result is in (see Pending)
+    value: Any
 
     def _wait(self, timeout: float | None) -> None:
         raise NotImplementedError
@@ -96,7 +98,7 @@ class Returned(PendingResult):
 
     __slots__ = ("whole", "index", "count", "id")
 
-    def __init__(self, whole: PendingResult, index: int, count: int) -> None:
+    def __init__(self, whole: Pending, index: int, count: int) -> None:
         self.whole, self.index, self.count = whole, index, count
         self.kind, self.value = 0, None
         self.id = f"{getattr(whole, 'id', 'call')}[{index}]"
@@ -128,12 +130,13 @@ class Returned(PendingResult):
 
     @staticmethod
     def wait_any(pendings: list, timeout: float | None) -> None:
-        wholes = [p.whole if isinstance(p, Returned) else p for p in pendings]
+        wholes: list[Any] = [p.whole if isinstance(p, Returned) else p for p in pendings]
         type(wholes[0]).wait_any(wholes, timeout)
 
 
-def split_returns(ref: ObjectRef, count: int, label: str) -> Any:
-    """One ref per value of a ``num_returns=count`` call (None for 0, as in Ray)."""
+def split_returns(ref: ObjectRef, count: int) -> list[ObjectRef] | None:
+    """One ref per value of the ``num_returns=count`` call ``ref`` stands for (None for 0, as in Ray)."""
     if count == 0:
         return None
-    return [ObjectRef.pending(Returned(ref._pending, i, count)) for i in range(count)]
+    whole = cast(Pending, ref._pending)
+    return [ObjectRef.pending(Returned(whole, i, count)) for i in range(count)]

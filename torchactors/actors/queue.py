@@ -126,7 +126,7 @@ class _Ring:
         self.record = record        # (host index, host pid, fd number in the host, inode)
         self.host = host
         self.shared = False         # the host keeps the ring for the job once it was sent
-        self.mm = seg.mm
+        self.mm: Any = seg.mm       # a ctypes char array: its slices read and write bytes
         self.cells = memoryview(self.mm).cast("B").cast("q")
         self.base = seg.base
         self.mutexes = (ctypes.c_void_p(self.base + _MUTEX_AT[0]), ctypes.c_void_p(self.base + _MUTEX_AT[1]))

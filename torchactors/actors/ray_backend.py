@@ -108,7 +108,7 @@ class RayPendingCall(PendingResult):
 
     def __init__(self, oref: Any, held: list, handle: RayActorHandle, runtime: RayRuntime) -> None:
         self.oref = oref
-        self.held = held            # refs in the request: kept until the reply is in
+        self.held: list | None = held       # refs in the request: kept until the reply is in
         self.host = handle._ray_actor
         self.handle = handle
         self.runtime = runtime
@@ -245,12 +245,13 @@ class RayRuntime:
             known = self._refs_ok[handle._actor_id] = node == self.node and job_dir == self.job.dir
         return known
 
-    def _host(self, handle: ActorHandle) -> Any:
+    @staticmethod
+    def _ours(handle: ActorHandle) -> RayActorHandle:
         if not isinstance(handle, RayActorHandle):
             raise TypeError(f"{handle!r} is an actor of the local backend; this process runs backend='ray'")
-        return handle._ray_actor
+        return handle
 
-    def _killed(self, handle: ActorHandle) -> ObjectRef | None:
+    def _killed(self, handle: RayActorHandle) -> ObjectRef | None:
         """A call to an actor this process killed fails at once (Ray's kill is asynchronous)."""
         if handle._actor_id not in self.killed:
             return None
@@ -259,11 +260,11 @@ class RayRuntime:
         return ObjectRef.pending(pending)
 
     def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
-        host = self._host(handle)
-        refused = self._killed(handle)
+        ours = self._ours(handle)
+        refused = self._killed(ours)
         if refused is not None:
             return refused
-        by_ref = self._same_store(handle)
+        by_ref = self._same_store(ours)
         deps: list = []
         try:
             if by_ref:
@@ -274,15 +275,16 @@ class RayRuntime:
             return failed_ref(failed.error, f"{handle._name}.{method}")
         # Refs of unfinished calls go to Ray as top-level arguments: Ray waits for them (not us),
         # and the host decodes their replies in place of the Dep placeholders.
-        oref = host.call.remote(method, body, self.node, os.getpid(), by_ref, *[d._pending.oref for d in deps])
-        return ObjectRef.pending(RayPendingCall(oref, held + deps, handle, self))
+        oref = ours._ray_actor.call.remote(method, body, self.node, os.getpid(), by_ref,
+                                           *[d._pending.oref for d in deps])
+        return ObjectRef.pending(RayPendingCall(oref, held + deps, ours, self))
 
     def ping(self, handle: ActorHandle) -> ObjectRef:
-        host = self._host(handle)
-        refused = self._killed(handle)
+        ours = self._ours(handle)
+        refused = self._killed(ours)
         if refused is not None:
             return refused
-        return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self))
+        return ObjectRef.pending(RayPendingCall(ours._ray_actor.ping.remote(), [], ours, self))
 
     def get_actor(self, name: str, namespace: str | None = None) -> RayActorHandle:
         ray = _ray()
@@ -297,10 +299,10 @@ class RayRuntime:
         if no_restart:
             self.owned.pop(handle._actor_id, None)
             self.killed.add(handle._actor_id)
-        _ray().kill(self._host(handle), no_restart=no_restart)
+        _ray().kill(self._ours(handle)._ray_actor, no_restart=no_restart)
 
     def terminate(self, handle: ActorHandle) -> None:
-        self._host(handle).__ray_terminate__.remote()
+        self._ours(handle)._ray_actor.__ray_terminate__.remote()
 
     def status(self, handle: ActorHandle) -> None:
         """Ray keeps its actors' states in its GCS, read only through its state API (a
@@ -309,7 +311,8 @@ class RayRuntime:
 
     def shutdown(self) -> None:
         ray = _ray()
-        hosts = {**_passed_on, **{h._actor_id: h._ray_actor for h in [*self.owned.values(), *self.unnamed.values()]}}
+        hosts: dict[str, Any] = {**_passed_on, **{h._actor_id: h._ray_actor
+                                                  for h in [*self.owned.values(), *self.unnamed.values()]}}
         for actor_id, host in hosts.items():
             try:
                 ray.kill(host, no_restart=True)
@@ -475,8 +478,9 @@ class _AsyncHost(_Host):
     class, sync ones included, runs on Ray's one event-loop thread, and Ray's
     ``max_concurrency`` bounds the coroutines."""
 
-    async def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool,
-                   *deps: bytes) -> bytes:
+    # The same Ray method name as the sync host's, as a coroutine: Ray runs it on the loop.
+    async def call(self, method: str, body: bytes, caller_node: str, caller_pid: int,  # type: ignore[override]
+                   by_ref: bool, *deps: bytes) -> bytes:
         call_id, prepared = self._prepare(method, body, caller_node, by_ref, deps)
         if isinstance(prepared, bytes):
             return prepared

@@ -194,7 +194,7 @@ class _Publisher:
         plan = _plan(leaves)
         with self.lock:
             b = self._take(plan)
-            bs = self.sets[b]
+            bs = self._set(b)
             bs.copy_from(leaves)
             ch = self.channel
             area = ch.area(b)
@@ -221,7 +221,7 @@ class _Publisher:
                            key=lambda i: ch.cells[ch.area(i) // 8 + _A_STAMP])
             for i in order:
                 if self._claim(i):
-                    if self.sets[i].plan == plan:
+                    if self._set(i).plan == plan:
                         return i
                     self.sets[i] = None         # another layout: the store frees it once unheld
                     return self._make(i, plan)
@@ -236,13 +236,19 @@ class _Publisher:
             time.sleep(0.001)
             waited += 0.001
 
+    def _set(self, i: int) -> _BufferSet:
+        """Buffer set ``i``, which exists (it was made and not dropped)."""
+        bs = self.sets[i]
+        assert bs is not None, f"buffer set {i} was never made"
+        return bs
+
     def _claim(self, i: int) -> bool:
         ch = self.channel
         stamp_cell = ch.area(i) // 8 + _A_STAMP
         old = ch.cells[stamp_cell]
         ch.cells[stamp_cell] = WRITING
         _fence()
-        if self.store.membership.holders(self.sets[i].lease.slot) > 1:     # ours is one
+        if self.store.membership.holders(self._set(i).lease.slot) > 1:     # ours is one
             ch.cells[stamp_cell] = old
             return False
         return True
@@ -272,7 +278,8 @@ class _Lease:
         layout = store.get(ref)
         self.args = args
         self.places = layout["places"]
-        self.buckets = []        # (device, dtype, nbytes, segment and offset, or the opened CUDA tensor)
+        self.buckets: list[tuple[Any, Any, int, Any]] = []   # (device, dtype, nbytes, segment and offset,
+        #                                                      or the opened CUDA tensor)
         for dev, dtype, nbytes, bref in layout["buckets"]:
             device = torch.device(dev)
             if device.type == "cpu":
@@ -293,7 +300,7 @@ class _Lease:
             else:
                 base = where.untyped_storage()
                 storage = cuda.alias_storage(base, base.nbytes(), device, cuda._Pin(base, lease, device.index))
-                typed.append(torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (nbytes // where.element_size(),)))
+                typed.append(torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (nbytes // where.element_size(),), (1,)))
         if own_events is not None:
             for d, event in own_events.items():
                 event.wait(torch.cuda.current_stream(d))
@@ -313,7 +320,7 @@ class _Channel:
         self.store = store
         self.name = name
         self.seg = seg
-        self.mm = seg.mm
+        self.mm: Any = seg.mm       # a ctypes char array: its slices read and write bytes
         self.cells = memoryview(seg.mm).cast("B").cast("q")
         self.current_addr = seg.base + _H_CURRENT * 8
         self.record = record
@@ -365,7 +372,8 @@ class _Channel:
             if info is None:
                 self._forget_old_leases()
                 info = self.leases[key] = _Lease(self.store, args)
-            own = self.publisher.sets[b].events if self.publisher is not None and self.publisher.sets[b] else None
+            mine = self.publisher.sets[b] if self.publisher is not None else None
+            own = mine.events if mine is not None else None
             views = info.views(lease, event_bytes, own)
             del lease       # the views pin it now
             return v, _ViewUnpickler(skeleton, views).load()
@@ -490,9 +498,11 @@ class Weights:
         """Publish a new version (any structure of tensors); returns its number."""
         store = core.current()
         ch = _find(store, self.name)
-        if ch is None or ch.publisher is None:
-            ch = _become_publisher(store, self.name, self.max_buffers)
-        return ch.publisher.publish(state_dict)
+        publisher = None if ch is None else ch.publisher
+        if publisher is None:
+            publisher = _become_publisher(store, self.name, self.max_buffers).publisher
+            assert publisher is not None, "a channel made to publish has its publisher"
+        return publisher.publish(state_dict)
 
     def latest(self) -> tuple[int, Any]:
         """The newest complete version and its state dict; ``(0, None)`` before the first."""

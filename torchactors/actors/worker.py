@@ -291,7 +291,7 @@ class ActorServer:
             self._control(peer, kind, seq, method, body)
             return
         try:
-            call = list(resolve_top_level(*decode_args(body)))
+            call: list = list(resolve_top_level(*decode_args(body)))
             fn, is_async = self._method(method)
         except ProtocolError:
             raise
@@ -301,7 +301,7 @@ class ActorServer:
         if self.ordered:
             self._run_inline(peer, seq, method, fn, call)
         else:
-            self._dispatch(peer, seq, method, fn, is_async, *call)
+            self._dispatch(peer, seq, method, fn, is_async, call)
 
     def _run_inline(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
         """Run ``fn(*args, **kwargs)`` (``call`` = [args, kwargs], emptied: see below) and reply."""
@@ -311,30 +311,35 @@ class ActorServer:
         else:
             self._reply_error(peer, seq, method, value)
 
-    def _dispatch(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, args: tuple,
-                  kwargs: dict) -> None:
+    def _dispatch(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, call: list) -> None:
         """Run a call on the event loop (async actor) or the pool (threaded actor)."""
         with self.inflight_lock:
             self.inflight += 1
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._on_loop, peer, seq, method, fn, is_async, args, kwargs)
+            self.loop.call_soon_threadsafe(self._on_loop, peer, seq, method, fn, is_async, call)
         else:
-            self.pool.submit(fn, *args, **kwargs).add_done_callback(lambda f: self._finish(peer, seq, method, f))
+            assert self.pool is not None, "an unordered sync actor has a pool"
+            self.pool.submit(self._run_pooled, peer, seq, method, fn, call)
 
-    def _on_loop(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, args: tuple,
-                 kwargs: dict) -> None:
-        if is_async:
-            self.loop.create_task(self._run_coroutine(peer, seq, method, fn, args, kwargs))
-        else:                           # a sync method of an async actor blocks the loop, as in Ray
-            self._run_inline(peer, seq, method, fn, [args, kwargs])
+    def _run_pooled(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
+        try:
+            self._run_inline(peer, seq, method, fn, call)
+        finally:
             self._done()
 
-    async def _run_coroutine(self, peer: _Peer, seq: int, method: str, fn: Any, args: tuple,
-                             kwargs: dict) -> None:
+    def _on_loop(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, call: list) -> None:
+        assert self.loop is not None, "called on the loop"
+        if is_async:
+            self.loop.create_task(self._run_coroutine(peer, seq, method, fn, call))
+        else:                           # a sync method of an async actor blocks the loop, as in Ray
+            self._run_inline(peer, seq, method, fn, call)
+            self._done()
+
+    async def _run_coroutine(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
+        assert self.slots is not None, "an async actor has its slots"
         try:
             async with self.slots:
-                ok, value = await run_coroutine(fn, [args, kwargs])
-            del args, kwargs
+                ok, value = await run_coroutine(fn, call)
             if ok:
                 self._reply(peer, seq, method, value)
             else:
@@ -417,12 +422,13 @@ class ActorServer:
 
     def _start(self, peer: _Peer, seq: int, waiting: _Waiting) -> None:
         method = waiting.method
+        assert method is not None, "a held STOP is not started: _advance stops instead"
         if waiting.error is not None:       # a dependency failed: its error is this call's
             self._send(peer, seq, error_reply(seq, waiting.error, self.name, method), None)
             return
         values = waiting.values
         try:
-            call = list(resolve_top_level(*fill_deps(waiting.args, waiting.kwargs, values)))
+            call: list = list(resolve_top_level(*fill_deps(waiting.args, waiting.kwargs, values)))
             fn, is_async = self._method(method)
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
@@ -433,7 +439,7 @@ class ActorServer:
         if self.ordered:
             self._run_inline(peer, seq, method, fn, call)
         else:
-            self._dispatch(peer, seq, method, fn, is_async, *call)
+            self._dispatch(peer, seq, method, fn, is_async, call)
 
     def _stop(self) -> None:
         """A caller's STOP (its last handle went, or __ray_terminate__): end once the calls
@@ -454,16 +460,6 @@ class ActorServer:
             fn = getattr(self.instance, name)
             found = self._methods[name] = (fn, inspect.iscoroutinefunction(fn))
         return found
-
-    def _finish(self, peer: _Peer, seq: int, method: str, fut: Any) -> None:
-        try:
-            exc = fut.exception()
-            if exc is not None:
-                self._reply_error(peer, seq, method, exc)
-            else:
-                self._reply(peer, seq, method, fut.result())
-        finally:
-            self._done()
 
     def _reply(self, peer: _Peer, seq: int, method: str, result: Any) -> None:
         try:

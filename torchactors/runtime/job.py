@@ -23,8 +23,8 @@ from typing import Any
 
 from torchactors.runtime.status import ActorStatus
 from torchactors.store import core as store_core
-from torchactors.store.core import Store
 from torchactors.store import registry
+from torchactors.store.core import Store
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ class Backoff:
         fast = value.get("fast", cls.fast)
         if isinstance(fast, bool) or not isinstance(fast, int) or fast < 0:
             raise ValueError(f"restart_backoff fast must be an int >= 0 (restarts without delay), not {fast!r}")
-        out = {"fast": fast}
+        out: dict[str, Any] = {"fast": fast}
         for key in ("initial", "max", "reset_after"):
             v = value.get(key, getattr(cls, key))
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
@@ -221,9 +221,9 @@ class Supervisor:
                 self.procs[req[1].key] = p
                 self._spawn(p)
             elif req[0] == "kill":
-                p = self.procs.get(req[1])
-                if p is not None:
-                    self._terminate([p])
+                victim = self.procs.get(req[1])
+                if victim is not None:
+                    self._terminate([victim])
                 req[2].set()
             elif req[0] == "zygote":
                 try:
@@ -250,6 +250,7 @@ class Supervisor:
                 "target": spec.target, "payload": spec.payload, "num_threads": spec.num_threads,
                 "device": spec.device, "sys_path": list(sys.path), "parent_pid": os.getpid(),
                 "cwd": os.getcwd()}
+        popen: subprocess.Popen | ForkedProcess | None
         try:
             popen = self._fork(env, boot) if spec.start_method == "zygote" else None
             if popen is None:
@@ -268,23 +269,27 @@ class Supervisor:
         logger.debug("started %s incarnation %d as pid %d", spec.key, p.incarnation, popen.pid)
 
     def _reap(self, p: _Proc) -> None:
-        code = p.popen.wait()
+        popen = p.popen
+        assert popen is not None, "only a started process is reaped"
+        code = popen.wait()
         os.close(p.pidfd)
         p.pidfd = -1
-        _sweep_torch_shm(p.popen.pid)
+        _sweep_torch_shm(popen.pid)
         exit_code, sig = (None, signal.Signals(-code).name) if code < 0 else (code, None)
         killed = self._stopping or self.job.was_killed(p.spec.key)
         restart = not killed and p.restarts_left != 0       # -1: unlimited
+        delay = 0.0
         if restart:
             p.restarts_left -= p.restarts_left > 0
-            p.restart_at = time.monotonic() + p.next_delay()
+            delay = p.next_delay()
+            p.restart_at = time.monotonic() + delay
         state = "restarting" if restart else "dead"
         p.last_end = (exit_code, sig)
-        self.job.write_status(p.spec.key, p.status(state, p.popen.pid, killed=killed))
+        self.job.write_status(p.spec.key, p.status(state, popen.pid, killed=killed))
         if not killed:
-            logger.warning("%s (pid %d) %s; %s", p.spec.key, p.popen.pid,
+            logger.warning("%s (pid %d) %s; %s", p.spec.key, popen.pid,
                            f"killed by {sig}" if sig else f"exited with code {exit_code}",
-                           f"restarting in {p.restart_at - time.monotonic():.1f}s" if restart else "not restarting")
+                           f"restarting in {delay:.1f}s" if restart else "not restarting")
 
     def _ready_zygote(self) -> Zygote | None:
         """The running zygote, or a new one if there is none (or it died)."""
@@ -322,25 +327,25 @@ class Supervisor:
     def _terminate(self, procs: list[_Proc], grace: float = 1.0) -> None:
         """Stop ``procs`` for good: SIGTERM them all at once, then SIGKILL whoever is still
         there after ``grace``. One waiting for its restart is marked dead instead."""
-        live = []
+        live: list[tuple[_Proc, subprocess.Popen | ForkedProcess]] = []
         for p in procs:
             waiting_restart, p.restart_at = p.restart_at is not None, None
             if p.popen is not None and p.pidfd >= 0:
-                live.append(p)
+                live.append((p, p.popen))
             elif p.popen is None or waiting_restart:
                 self.job.write_status(p.spec.key, p.status("dead", None, exit_code=None, signal=None,
                                                            restarts_left=0, killed=True))
-        for p in live:
+        for _, popen in live:
             try:
-                p.popen.send_signal(signal.SIGTERM)
+                popen.send_signal(signal.SIGTERM)
             except OSError:
                 pass
         deadline = time.monotonic() + grace
-        for p in live:
+        for p, popen in live:
             try:
-                p.popen.wait(max(0.0, deadline - time.monotonic()))
+                popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.popen.kill()
+                popen.kill()
             self._reap(p)
 
 
@@ -351,9 +356,11 @@ def _spawn_interpreter(env: dict, boot: dict) -> subprocess.Popen:
                              # Own session: a terminal's Ctrl-C goes to the driver, which
                              # stops the actors itself (PDEATHSIG still ties them to it).
                              start_new_session=True)
+    stdin = popen.stdin
+    assert stdin is not None, "started with stdin=PIPE"
     try:
-        popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
-        popen.stdin.close()
+        stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
+        stdin.close()
     except BrokenPipeError:
         pass        # it died already: its pidfd says so, like any other death
     return popen
