@@ -3,7 +3,8 @@
 Box in the data flow: the public API (``actors.api``) and the caller-facing objects
 (``actors.handle``) talk to the process's backend (``actors._current``) only through these
 methods; ``actors.local.Runtime`` runs actors as processes of this machine under our
-supervisor, ``actors.ray_backend.RayRuntime`` as Ray actors (docs/design.md, "Backends").
+supervisor, ``actors.ray_backend.RayRuntime`` as Ray actors (docs/design.md, "Layers and
+the current objects"; "On Ray, Ray carries the calls and torchactors the tensors").
 """
 
 from __future__ import annotations

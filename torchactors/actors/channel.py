@@ -132,6 +132,18 @@ def _spin_select(conns: list, seconds: float) -> list:
 
 
 class Channel:
+    """This process's connection to one actor, and the calls on it that wait for replies.
+
+    It owns the socket (opened on the first call, again after a restart), the pending calls
+    by sequence number, the backlog of calls made while the actor starts and the outbox of
+    bytes its socket had no room for. The backend's ``Runtime.channel`` makes one per actor;
+    ``PendingCall`` (a ``get`` or ``wait``) reads its replies on the waiting thread. Its
+    status reads (``Job.read_status``) decide between reconnecting, waiting for a restart and
+    ``ActorDiedError``. See docs/design.md, "Calls before an actor is up", "Poll 50 µs before
+    sleeping, yielding the core", "wait() only selects on sockets it reads" and "Retried calls
+    are re-sent by the caller, not replayed by the supervisor".
+    """
+
     def __init__(self, job: Job, actor_id: str, name: str, max_task_retries: int = 0) -> None:
         self.job = job
         self.actor_id = actor_id

@@ -3,7 +3,7 @@
 Box in the data flow: ``Cls.remote()`` -> ``Runtime.create_actor`` -> supervisor -> actor
 process (``actors.worker``); ``h.m.remote()`` -> ``Runtime.call`` -> the actor's ``Channel``
 -> socket. The driver's runtime and each actor process's own are the same class: the API is
-the same inside actors (docs/design.md, "Backends").
+the same inside actors (docs/design.md, "Layers and the current objects").
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Runtime:
     actors it started (``owned``: what a restart needs), and, started on first need, the
     ``Supervisor`` that runs their processes. ``actors.api`` creates it in the driver
     (``ta.init``), ``actors.worker.serve`` in each actor process; ``actors.handle`` calls it
-    through ``actors._current``. See docs/design.md, "Processes" and "Handle-scoped lifetime".
+    through ``actors._current``. See docs/design.md, "Calls before an actor is up" and "Ray's
+    semantics: dependencies travel after the call, lifetime is counted where handles are made".
     """
 
     def __init__(self, job: Job, store: Store, start_method: str = "zygote") -> None:

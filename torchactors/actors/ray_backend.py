@@ -166,7 +166,8 @@ class RayRuntime:
     It owns this process's Ray handles of the actors it started (named and detached ones
     until shutdown, unnamed ones while the user holds a handle) and where each actor runs
     (whether it reads this process's store). ``actors.api.init(backend="ray")`` creates it
-    through ``start``; a ``_Host`` creates its own. See docs/design.md, "Backends".
+    through ``start``; a ``_Host`` creates its own. See docs/design.md, "On Ray, Ray carries
+    the calls and torchactors the tensors".
     """
 
     def __init__(self, job: job_module.Job, store: Store, started_ray: bool) -> None:

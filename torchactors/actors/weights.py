@@ -14,7 +14,8 @@ handle each) plus a *lease*: a small store object that names the buckets and the
 places. Readers' views keep the lease's ref alive, and the publisher reuses a buffer set only
 when no live process holds its lease: a reader's ``sd`` stays valid while it lives. The check
 is Dekker's: the reader counts its hold, fences, then re-reads the stamp; the publisher clears
-the stamp, fences, then reads the holds; one of them sees the other (docs/design.md).
+the stamp, fences, then reads the holds; one of them sees the other (docs/design.md,
+"Versioned weights: reused buffer sets, readers' holds, Dekker's check").
 
 The control segment (a memfd of the publisher, found through the job's ``weights/<name>``
 record) holds ``current`` and, per buffer set, its stamp, its lease and the published
@@ -43,7 +44,7 @@ from torchactors.store.segments import OwnSegment, Segment
 logger = logging.getLogger(__name__)
 
 MAX_BUFFERS = 16                # buffer-set areas in a control segment
-DEFAULT_MAX_BUFFERS = 4         # buffer sets a publisher keeps at most (docs/design.md)
+DEFAULT_MAX_BUFFERS = 4         # buffer sets a publisher keeps at most (see the module docstring)
 AREA0 = 4096                    # header page, then one area per buffer set
 AREA_SIZE = 256 << 10           # per buffer set: cells, lease, event handles, skeleton
 LEASE_AT, LEASE_MAX = 64, 2048

@@ -128,6 +128,18 @@ class _Peer:
 
 
 class ActorServer:
+    """The actor server: the user's instance, and the loop that serves its callers.
+
+    It owns the instance (built from the pickled class and constructor arguments), the
+    listening socket of this incarnation, each caller's connection (``_Peer``: replies not yet
+    acknowledged, calls held for their dependencies) and, for concurrent actors, the thread
+    pool or event loop the calls run on. ``serve`` (the supervisor's target for actor
+    processes) builds it and runs ``serve_forever`` until the process ends. Calls are decoded
+    and answered with the codec of ``actors.calls``. See docs/design.md, "One thread per
+    actor, no thread per call", "Small results ride inside the reply" and "Poll 50 µs before
+    sleeping, yielding the core".
+    """
+
     def __init__(self, spec: dict, ctx: ChildContext) -> None:
         self.job = ctx.job
         self.key = ctx.key

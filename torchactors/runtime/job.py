@@ -8,7 +8,7 @@ asking the driver.
 
 Every file is written whole or not at all (a fresh temporary renamed into place) and opened
 relative to its directory's fd with ``O_NOFOLLOW``: a planted link or FIFO is never written
-through, read, or waited on (see docs/design.md, Security).
+through, read, or waited on (see docs/design.md, "Security").
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Job:
     the names table; it knows nothing of actors' code. The driver's backend creates it
     (``Job.create``), each child joins it from its boot record (``Job.join``, in
     runtime/child.py) and finds it in its ``ChildContext``; the supervisor writes status
-    files, channels read them. See docs/design.md, "Processes" and "Security".
+    files (``ActorStatus``, runtime/status.py), channels read them. See docs/design.md,
+    "Security".
     """
 
     def __init__(self, job_dir: str, secret: bytes, driver: bool, capacity: int | None) -> None:

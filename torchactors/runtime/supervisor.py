@@ -127,6 +127,16 @@ class _Proc:
 
 
 class Supervisor:
+    """The driver's (or an actor's) starter and watcher of child processes.
+
+    It owns one long-lived thread, every process it started (``_Proc``: the spec, the current
+    incarnation, its pidfd, the restart budget and back-off) and the zygote they are forked
+    from. The local backend's ``Runtime`` asks it to start and kill (``start``, ``kill``;
+    any thread), and it writes each process's ``ActorStatus`` to the job's status file on
+    every change. See docs/design.md, "Spawning from one long-lived thread", "Actors are
+    forked from a zygote" and "Actors in their own session".
+    """
+
     def __init__(self, job: Job) -> None:
         self.job = job
         self.procs: dict[str, _Proc] = {}
