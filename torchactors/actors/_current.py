@@ -9,14 +9,11 @@ objects".
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torchactors.actors.backend import Backend
-
-logger = logging.getLogger(__name__)
 
 backend: Backend | None = None      # the local Runtime or the RayRuntime of this process
 in_actor = False                    # this process serves an actor (local or Ray backend)

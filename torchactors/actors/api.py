@@ -9,7 +9,6 @@ process has its backend set when it starts serving, so the API is the same insid
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -27,9 +26,6 @@ from torchactors.runtime.supervisor import check_start_method
 from torchactors.store import core as store_core
 from torchactors.store import parse_size
 from torchactors.store.refs import ObjectRef
-
-logger = logging.getLogger(__name__)
-
 
 _lock = threading.Lock()
 

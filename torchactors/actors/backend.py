@@ -9,7 +9,6 @@ the current objects"; "On Ray, Ray carries the calls and torchactors the tensors
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -18,8 +17,6 @@ if TYPE_CHECKING:
     from torchactors.runtime.status import ActorStatus
     from torchactors.store.core import Store
     from torchactors.store.refs import ObjectRef
-
-logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):

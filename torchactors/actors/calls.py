@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import pickle
 import threading
 import traceback
@@ -25,8 +24,6 @@ from torchactors.runtime.transport import ProtocolError
 from torchactors.store import core as store_core
 from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
-
-logger = logging.getLogger(__name__)
 
 NONE = pickle.dumps(None, pickle.HIGHEST_PROTOCOL)      # the body of a None result
 # What pickle.loads raises for bytes that are not a pickle at all (a broken sender), as

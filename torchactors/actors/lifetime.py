@@ -19,14 +19,11 @@ dropped its handle, leaves the actor running until ``ta.kill`` or shutdown: the 
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 
 from torchactors.actors import _current
 from torchactors.store.registry import pid_alive
-
-logger = logging.getLogger(__name__)
 
 counts: dict[str, int] = {}         # actor id -> live handles in this process (counted actors only)
 _owner: set[str] = set()            # counted actors this process created

@@ -9,15 +9,12 @@ error), ``Returned`` one value of a ``num_returns=n`` call.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol, cast
 
 from torchactors.actors import protocol
 from torchactors.errors import GetTimeoutError
 from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef
-
-logger = logging.getLogger(__name__)
 
 
 class Pending(Protocol):

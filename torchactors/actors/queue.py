@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import logging
 import os
 import pickle
 import queue as std_queue
@@ -44,8 +43,6 @@ from torchactors.errors import ActorDiedError
 from torchactors.store import core, futex, serialize
 from torchactors.store.refs import SerializationContext
 from torchactors.store.segments import OwnSegment, Segment
-
-logger = logging.getLogger(__name__)
 
 RING_BYTES = 64 << 20           # sparse: only the pages a backlog touches use memory
 HEADER = 4096

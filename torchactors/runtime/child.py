@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from torchactors.runtime.job import Job
     from torchactors.store.core import Store
 
-logger = logging.getLogger(__name__)
-
 PR_SET_PDEATHSIG = 1
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")   # an actor's device, as options and job files spell it
 

@@ -14,7 +14,6 @@ through, read, or waited on (see docs/design.md, "Security").
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -25,8 +24,6 @@ from torchactors.runtime.status import ActorStatus
 from torchactors.store import core as store_core
 from torchactors.store import registry
 from torchactors.store.core import Store
-
-logger = logging.getLogger(__name__)
 
 
 class Job:

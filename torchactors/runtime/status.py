@@ -8,10 +8,7 @@ reader guesses.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, NamedTuple
-
-logger = logging.getLogger(__name__)
 
 STATES = ("starting", "alive", "restarting", "dead")
 
