@@ -44,7 +44,7 @@ WRITER_POLL_S = 0.05        # how often the writer of a full socket looks again 
 class PendingCall(PendingResult):
     """A call on the local backend: its reply arrives on the channel's socket."""
 
-    __slots__ = ("channel", "seq", "held", "id", "msg", "retries", "extra")
+    __slots__ = ("channel", "seq", "held", "msg", "retries", "extra")
 
     def __init__(self, channel: Channel, seq: int, held: list, msg: bytes | None = None,
                  retries: int = 0) -> None:
@@ -53,10 +53,14 @@ class PendingCall(PendingResult):
         self.held: list | None = held       # refs in the request, kept until the actor has read it
         self.kind = 0
         self.value: Any = None
-        self.id = f"{channel.actor_id}.call{seq}"
         self.msg = msg              # the request, kept while it may be sent again (retries != 0)
         self.retries = retries      # -1: unlimited
         self.extra: list | None = None   # its DEP requests, sent again after it on a retry
+
+    @property
+    def id(self) -> str:
+        """The call's name in errors (made only when one needs it: not per call)."""
+        return f"{self.channel.actor_id}.call{self.seq}"
 
     def done(self) -> bool:
         return self.kind != 0

@@ -303,7 +303,8 @@ class ActorServer:
             self._control(peer, kind, seq, method, body)
             return
         try:
-            call: list = list(resolve_top_level(*decode_args(body)))
+            # No arguments (the common small call): skip decoding and the ref scan (2 us of 5).
+            call: list = [(), {}] if body == protocol.EMPTY_ARGS else list(resolve_top_level(*decode_args(body)))
             fn, is_async = self._method(method)
         except ProtocolError:
             raise
