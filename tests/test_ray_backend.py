@@ -98,6 +98,7 @@ SCENARIOS = textwrap.dedent('''
     out["where"] = ta.get(h.where.remote(), timeout=120)
     out["total"] = ta.get(h.total.remote(torch.ones(10)), timeout=60)
     out["ctor_weights"] = ta.get(h.weights_sum.remote(), timeout=60)
+    out["status"] = ta.actor_status(h)      # Ray's state API is a dashboard round trip: not offered
 
     buf = torch.zeros(4)
     ref = ta.put(buf)
@@ -164,6 +165,10 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_actors_are_ray_actors_in_processes_of_their_own(seen):
     pid, in_ray_actor = seen["where"]
     assert pid != seen["driver_pid"] and in_ray_actor
+
+
+def test_actor_status_is_unknown_on_the_ray_backend(seen):
+    assert seen["status"] is None
 
 
 def test_tensor_arguments_and_constructor_arguments_arrive(seen):

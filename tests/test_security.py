@@ -26,7 +26,7 @@ import torch
 from conftest import wait_for
 
 import torchactors as ta
-from torchactors.actors import protocol
+from torchactors.actors import api, protocol
 from torchactors.runtime import job as job_module
 from torchactors.runtime.transport import connect
 
@@ -167,7 +167,7 @@ def test_another_user_reaches_neither_the_sockets_nor_the_files_nor_the_memfds_o
     h = Echo.remote()
     pid = ta.get(h.pid.remote())
     ref = ta.put(torch.arange(1000.0))
-    job = job_module.current()
+    job = api.runtime().job
     memfds = []
     for n in os.listdir("/proc/self/fd"):
         try:
@@ -193,7 +193,7 @@ def test_actor_restarts_and_lookups_ignore_links_and_fifos_planted_in_the_job_di
     target.write_text("precious")
     h = Echo.options(max_restarts=1, name="sec-echo").remote()
     pid = ta.get(h.pid.remote())
-    job = job_module.current()
+    job = api.runtime().job
     actors = Path(job.dir) / "actors"
     aid = h._actor_id
     (actors / f"{aid}.killed").symlink_to(target)
@@ -201,9 +201,9 @@ def test_actor_restarts_and_lookups_ignore_links_and_fifos_planted_in_the_job_di
     os.mkfifo(Path(job.dir) / "names" / "sec-fifo")
 
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: (job.read_status(aid) or {}).get("incarnation") == 1
-                    and job.read_status(aid)["state"] == "alive", 15)
-    assert job.read_status(aid)["pid"] != pid               # restarted: the link did not count as a kill
+    assert wait_for(lambda: getattr(job.read_status(aid), "incarnation", None) == 1
+                    and job.read_status(aid).state == "alive", 15)
+    assert job.read_status(aid).pid != pid               # restarted: the link did not count as a kill
     assert job.read_error(aid) == ""                        # the link's target is not read as error text
     job.write_error(aid, "boom")                            # replaces the link, never writes through it
     assert job.read_error(aid) == "boom" and target.read_text() == "precious"
@@ -272,8 +272,8 @@ def target():
 
 
 def _socket_path(h) -> str:
-    job = job_module.current()
-    return job.socket_path(h._actor_id, job.read_status(h._actor_id)["incarnation"])
+    job = api.runtime().job
+    return job.socket_path(h._actor_id, job.read_status(h._actor_id).incarnation)
 
 
 def _closed_by_peer(sock: socket.socket, seconds: float = 10.0) -> bool:
@@ -332,7 +332,7 @@ MALFORMED = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_frame_from_a_peer_with_the_secret_closes_only_its_connection(target, case):
     pid = ta.get(target.pid.remote())
-    job = job_module.current()
+    job = api.runtime().job
     conn = connect(_socket_path(target), job.secret, timeout=10)
     bystander = connect(_socket_path(target), job.secret, timeout=10)
     try:
@@ -348,7 +348,7 @@ def test_malformed_frame_from_a_peer_with_the_secret_closes_only_its_connection(
 
 
 def test_huge_declared_length_closes_the_connection_without_waiting_for_the_bytes(target):
-    conn = connect(_socket_path(target), job_module.current().secret, timeout=10)
+    conn = connect(_socket_path(target), api.runtime().job.secret, timeout=10)
     try:
         conn.sock.sendall(struct.pack("<I", 0xFFFFFFFF) + b"x" * 100)
         assert _closed_by_peer(conn.sock, 5)
@@ -358,7 +358,7 @@ def test_huge_declared_length_closes_the_connection_without_waiting_for_the_byte
 
 
 def test_well_formed_calls_that_fail_get_an_error_reply_on_a_connection_that_stays_open(target):
-    conn = connect(_socket_path(target), job_module.current().secret, timeout=10)
+    conn = connect(_socket_path(target), api.runtime().job.secret, timeout=10)
     try:
         for i, (method, body) in enumerate([("no_such_method", protocol.EMPTY_ARGS),
                                             ("echo", pickle.dumps(((), {"nope": 1}))),
@@ -431,7 +431,7 @@ def _flood(target, attempts: int, capfd) -> None:
     # It ran out of fds for real, and survived it.
     assert most_fds >= limit - 2, (most_fds, limit)
     assert ta.get(target.pid.remote(), timeout=10) == pid
-    conn = connect(path, job_module.current().secret, timeout=10)            # a new caller gets in
+    conn = connect(path, api.runtime().job.secret, timeout=10)            # a new caller gets in
     conn.send(b"\xff" * 8)                                                   # and breaks the protocol
     assert _closed_by_peer(conn.sock)
     conn.close()
@@ -516,7 +516,7 @@ def test_a_caller_that_stops_reading_does_not_stall_the_actor_for_others(target)
     """The reverse of a stopped actor: a caller (with the secret) sends calls whose replies
     fill its socket and reads none of them; the actor goes on serving everyone else, and the
     replies arrive whole and in order once that caller reads."""
-    conn = connect(_socket_path(target), job_module.current().secret, timeout=10)
+    conn = connect(_socket_path(target), api.runtime().job.secret, timeout=10)
     try:
         n, size = 60, 600_000          # 36 MB of inline replies: far more than a socket holds
         for i in range(1, n + 1):

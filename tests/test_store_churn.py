@@ -236,7 +236,7 @@ def test_a_put_bigger_than_the_store_fails_at_once_with_the_bytes_asked():
 
 
 def test_an_argument_too_big_for_the_store_raises_store_full_not_type_error():
-    from torchactors.actors.handle import encode_args
+    from torchactors.actors.calls import encode_args
     st = core.Store(capacity=32 * MiB)
     try:
         with pytest.raises(StoreFullError) as info:
@@ -292,7 +292,7 @@ def test_50_sigkill_and_restart_cycles_leave_fds_mappings_and_shmem_at_the_basel
 
 
 def test_more_tensor_arguments_than_a_process_can_own_raise_store_full_naming_the_figures():
-    from torchactors.actors.handle import encode_args
+    from torchactors.actors.calls import encode_args
     st = core.Store(capacity=256 * MiB)
     try:
         args = tuple(torch.full((2,), float(i)) for i in range(70_000))

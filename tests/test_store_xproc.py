@@ -19,7 +19,7 @@ from conftest import StoreProcess, wait_for
 
 import torchactors as ta
 from torchactors import store
-from torchactors.actors.handle import encode_args
+from torchactors.actors.calls import encode_args
 from torchactors.errors import ObjectFreedError
 
 

@@ -21,7 +21,17 @@ upward for it. The data flow, box by box, is drawn at the top of ``docs/design.m
 """
 
 from torchactors import exceptions, store
-from torchactors.actors.api import exit_actor, get_actor, init, is_initialized, kill, shutdown, wait
+from torchactors.actors.api import (
+                                ActorStatus,
+                                actor_status,
+                                exit_actor,
+                                get_actor,
+                                init,
+                                is_initialized,
+                                kill,
+                                shutdown,
+                                wait,
+)
 from torchactors.actors.handle import ActorClass, ActorHandle, actor, method, remote
 from torchactors.actors.pool import ActorPool
 from torchactors.actors.queue import Queue
@@ -46,7 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "is_initialized", "put", "get", "wait", "free", "stats", "actor", "kill", "get_actor",
-    "remote", "method", "exit_actor", "RemoteTraceback",
+    "remote", "method", "exit_actor", "RemoteTraceback", "actor_status", "ActorStatus",
     "ObjectRef", "ActorHandle", "ActorClass", "store", "exceptions", "Weights", "Queue", "ActorPool",
     "TorchActorsError", "ActorError", "ActorDiedError", "GetTimeoutError", "OwnerDiedError",
     "ObjectFreedError", "StoreFullError", "ConfigError",

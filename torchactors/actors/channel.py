@@ -17,8 +17,11 @@ from collections import deque
 from typing import Any
 
 from torchactors.actors import protocol
+from torchactors.actors.calls import decode_reply
+from torchactors.actors.pending import PendingResult, failed_ref
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime.job import Job
+from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.transport import (
     MAX_MESSAGE,
     AuthenticationError,
@@ -27,7 +30,6 @@ from torchactors.runtime.transport import (
     ProtocolError,
     connect,
 )
-from torchactors.store import core as store_core
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 logger = logging.getLogger(__name__)
@@ -39,118 +41,26 @@ RECHECK_S = 0.002           # how often wait() re-checks calls whose socket anot
 WRITER_POLL_S = 0.05        # how often the writer of a full socket looks again (and reads replies)
 
 
-class PendingResult:
-    """An actor call's result, as the store's ``ObjectRef.pending`` protocol wants it. A
-    backend's subclass says how to wait for the reply (``_wait``) and sets ``kind``/``value``."""
-
-    __slots__ = ("kind", "value")
-
-    def _wait(self, timeout: float | None) -> None:
-        raise NotImplementedError
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.kind:
-            self._wait(timeout)
-        if self.kind == protocol.ERROR:
-            raise self.value
-        return self.value
-
-    def materialize(self) -> ObjectRef:
-        """The result as a store ref (to pass it on): the actor's ref, or a put of a small value."""
-        value = self.result()
-        if self.kind != protocol.OK_REF:
-            self.value = value = store_core.current().put(value)
-            self.kind = protocol.OK_REF
-        return value
-
-
-class Settled(PendingResult):
-    """A result known when the call is made (e.g. the error of a call's failed dependency)."""
-
-    __slots__ = ("id",)
-
-    def __init__(self, kind: int, value: Any, label: str) -> None:
-        self.kind, self.value, self.id = kind, value, label
-
-    def done(self) -> bool:
-        return True
-
-    def _wait(self, timeout: float | None) -> None:
-        pass
-
-    @staticmethod
-    def wait_any(pendings: list, timeout: float | None) -> None:
-        pass
-
-
-def failed_ref(error: BaseException, label: str) -> ObjectRef:
-    return ObjectRef.pending(Settled(protocol.ERROR, error, label))
-
-
-class Returned(PendingResult):
-    """Value ``index`` of a call declared with ``num_returns=n``: one ref per returned value."""
-
-    __slots__ = ("whole", "index", "count", "id")
-
-    def __init__(self, whole: PendingResult, index: int, count: int) -> None:
-        self.whole, self.index, self.count = whole, index, count
-        self.kind, self.value = 0, None
-        self.id = f"{getattr(whole, 'id', 'call')}[{index}]"
-
-    def __getattr__(self, item: str) -> Any:      # channel/oref: wait_any of the whole call's kind
-        return getattr(self.whole, item)
-
-    def done(self) -> bool:
-        return self.kind != 0 or self.whole.done()
-
-    def _wait(self, timeout: float | None) -> None:
-        try:
-            values = self.whole.result(timeout)
-            if isinstance(values, ObjectRef):       # the tuple was put into the actor's store
-                values = store_core.current().get(values)
-        except GetTimeoutError:
-            raise
-        except BaseException as e:
-            self.kind, self.value = protocol.ERROR, e
-            return
-        try:
-            if len(values) != self.count:
-                raise TypeError
-            self.kind, self.value = protocol.OK_VALUE, values[self.index]
-        except TypeError:
-            self.kind, self.value = protocol.ERROR, ValueError(
-                f"{self.id}: the method was declared with num_returns={self.count} but returned "
-                f"{type(values).__name__} {str(values)[:80]!r}; return a tuple of {self.count} values")
-
-    @staticmethod
-    def wait_any(pendings: list, timeout: float | None) -> None:
-        wholes = [p.whole if isinstance(p, Returned) else p for p in pendings]
-        type(wholes[0]).wait_any(wholes, timeout)
-
-
-def split_returns(ref: ObjectRef, count: int, label: str) -> Any:
-    """One ref per value of a ``num_returns=count`` call (None for 0, as in Ray)."""
-    if count == 0:
-        return None
-    return [ObjectRef.pending(Returned(ref._pending, i, count)) for i in range(count)]
-
-
 class PendingCall(PendingResult):
     """A call on the local backend: its reply arrives on the channel's socket."""
 
-    __slots__ = ("channel", "seq", "held", "id", "msg", "retries", "extra")
+    __slots__ = ("channel", "seq", "held", "msg", "retries", "extra")
 
     def __init__(self, channel: Channel, seq: int, held: list, msg: bytes | None = None,
                  retries: int = 0) -> None:
         self.channel = channel
         self.seq = seq
-        self.held = held            # refs in the request, kept until the actor has read it
+        self.held: list | None = held       # refs in the request, kept until the actor has read it
         self.kind = 0
         self.value: Any = None
-        self.id = f"{channel.actor_id}.call{seq}"
         self.msg = msg              # the request, kept while it may be sent again (retries != 0)
         self.retries = retries      # -1: unlimited
         self.extra: list | None = None   # its DEP requests, sent again after it on a retry
+
+    @property
+    def id(self) -> str:
+        """The call's name in errors (made only when one needs it: not per call)."""
+        return f"{self.channel.actor_id}.call{self.seq}"
 
     def done(self) -> bool:
         return self.kind != 0
@@ -188,7 +98,7 @@ class PendingCall(PendingResult):
                 if starting:
                     starting[0].wait_connected(timeout)
                 else:
-                    time.sleep(timeout)
+                    time.sleep(RECHECK_S if timeout is None else timeout)
                 return
             try:
                 ready = _spin_select(owned, SPIN_S)
@@ -226,6 +136,18 @@ def _spin_select(conns: list, seconds: float) -> list:
 
 
 class Channel:
+    """This process's connection to one actor, and the calls on it that wait for replies.
+
+    It owns the socket (opened on the first call, again after a restart), the pending calls
+    by sequence number, the backlog of calls made while the actor starts and the outbox of
+    bytes its socket had no room for. The backend's ``Runtime.channel`` makes one per actor;
+    ``PendingCall`` (a ``get`` or ``wait``) reads its replies on the waiting thread. Its
+    status reads (``Job.read_status``) decide between reconnecting, waiting for a restart and
+    ``ActorDiedError``. See docs/design.md, "Calls before an actor is up", "Poll 50 µs before
+    sleeping, yielding the core", "wait() only selects on sockets it reads" and "Retried calls
+    are re-sent by the caller, not replayed by the supervisor".
+    """
+
     def __init__(self, job: Job, actor_id: str, name: str, max_task_retries: int = 0) -> None:
         self.job = job
         self.actor_id = actor_id
@@ -250,6 +172,9 @@ class Channel:
         self.outbox: deque[memoryview] = deque()
 
     def fileno(self) -> int:
+        """The socket's fd, for ``select`` over channels (ValueError when not connected)."""
+        if self.conn is None:
+            raise ValueError(f"the channel to {self.name} is not connected")
         return self.conn.fileno()
 
     # -- sending --------------------------------------------------------------------------
@@ -302,7 +227,7 @@ class Channel:
                     ok = False
                     body = pickle.dumps((False, ActorError(type(value).__qualname__, str(value), repr(e))))
             with self.send_lock:
-                if pending.done():
+                if pending.held is None:        # settled meanwhile (settle drops the holds)
                     return
                 pending.held.extend(ctx.refs)
                 msg = protocol.request(protocol.DEP, pending.seq, self.read_upto, str(index), body)
@@ -321,6 +246,7 @@ class Channel:
         while the outbox is not empty) delivers it."""
         self.ack_due = False
         conn = self.conn
+        assert conn is not None, "sent only on a connection"
         if self.outbox:
             self.outbox.extend(conn.frame(msg))
         else:
@@ -385,11 +311,11 @@ class Channel:
         """Under send_lock: begin connecting to the actor's current process, or raise
         ActorDiedError if it is down (dead; or waiting to be restarted, unless calls are retried:
         then connect to its next incarnation once it is up)."""
-        status = self.job.read_status(self.actor_id) or {}
-        incarnation = status.get("incarnation", 0)
-        state = status.get("state")
+        status = self.job.read_status(self.actor_id) or ActorStatus()
+        incarnation = status.incarnation
+        state = status.state
         down = state == "restarting" or (self.dead is not None and incarnation <= self.incarnation)
-        if state == "dead" or (down and not self.max_task_retries) or not _alive(status.get("owner")):
+        if state == "dead" or (down and not self.max_task_retries) or not _alive(status.owner):
             self.incarnation = max(self.incarnation, incarnation)
             raise self._death(status)
         if self.conn is not None:
@@ -432,10 +358,10 @@ class Channel:
         and the incarnation it reached."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
-            status = self.job.read_status(self.actor_id) or {}
-            state, current = status.get("state"), status.get("incarnation", 0)
+            status = self.job.read_status(self.actor_id) or ActorStatus()
+            state, current = status.state, status.incarnation
             if state == "dead" or (not restart and (state == "restarting" or current != incarnation)) or (
-                    not _alive(status.get("owner"))):
+                    not _alive(status.owner)):
                 raise self._death(status)
             path = self.job.socket_path(self.actor_id, current)
             if current >= incarnation and state != "restarting" and os.path.exists(path):
@@ -453,25 +379,25 @@ class Channel:
         if self.connecting:
             self.connected.wait(timeout)
 
-    def _death(self, status: dict) -> ActorDiedError:
+    def _death(self, status: ActorStatus) -> ActorDiedError:
         """The error for the actor's death as ``status`` tells it: why (constructor error,
         kill, exit_actor, dropped handles, its owner's death) and whether a restart comes."""
         error = self.job.read_error(self.actor_id)
         detail = f"its constructor raised:\n{error}" if error else ""
-        state, owner = status.get("state"), status.get("owner")
+        state, owner = status.state, status.owner
         reason = self.job.killed_reason(self.actor_id) or (
-            "it was stopped when its owner shut down" if status.get("killed") else "")
+            "it was stopped when its owner shut down" if status.killed else "")
         if not reason and state != "dead" and not _alive(owner):
             reason = f"its owner (pid {owner}, the process that created it) died, and an actor dies with its owner"
         if reason:
             detail = reason + (f"; {detail}" if detail else "")
         # A newer incarnation than the one we talked to is up or coming: the actor was restarted.
-        restarted = state in ("alive", "starting") and status.get("incarnation", 0) > self.incarnation
+        restarted = state in ("alive", "starting") and status.incarnation > self.incarnation
         restarting = not reason and (state == "restarting" or restarted)
         if restarting and restarted:
-            detail = f"it is up again as incarnation {status.get('incarnation')}" + (f"; {detail}" if detail else "")
-        return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
-                              0 if reason else status.get("restarts_left", 0), detail,
+            detail = f"it is up again as incarnation {status.incarnation}" + (f"; {detail}" if detail else "")
+        return ActorDiedError(self.name, status.exit_code, status.signal,
+                              0 if reason else status.restarts_left, detail,
                               restarting=restarting, actor_id=self.actor_id, final=bool(reason))
 
     # -- receiving ------------------------------------------------------------------------
@@ -529,12 +455,8 @@ class Channel:
         return len(messages)
 
     def _settle(self, msg: bytes) -> None:
-        kind, seq, holds, body = protocol.parse_reply(msg)
+        kind, seq, holds, value = decode_reply(msg)
         pending = self.pendings.pop(seq, None)
-        try:
-            value = pickle.loads(body)
-        except BaseException as e:         # e.g. the result's class cannot be imported here
-            kind, value = protocol.ERROR, e
         self.read_upto = max(self.read_upto, seq)
         if holds:
             # The actor may now drop its hold on the result. If a send is under way (we are
@@ -555,11 +477,11 @@ class Channel:
             conn.close()
         if self.dead is None:
             deadline = time.monotonic() + DEATH_DETAIL_WAIT
-            status = self.job.read_status(self.actor_id) or {}
-            while (status.get("state") == "alive" and status.get("incarnation") == self.incarnation
-                   and time.monotonic() < deadline and _alive(status.get("owner"))):
+            status = self.job.read_status(self.actor_id) or ActorStatus()
+            while (status.state == "alive" and status.incarnation == self.incarnation
+                   and time.monotonic() < deadline and _alive(status.owner)):
                 time.sleep(0.01)
-                status = self.job.read_status(self.actor_id) or {}
+                status = self.job.read_status(self.actor_id) or ActorStatus()
             self.dead = self._death(status)
         pendings, self.pendings = self.pendings, {}
         # A restart is coming if the supervisor says so, or has not said anything yet.

@@ -18,13 +18,11 @@ from typing import Any
 
 import cloudpickle
 
-from torchactors.actors import lifetime, protocol
-from torchactors.actors.protocol import EMPTY_ARGS as _EMPTY_ARGS
-from torchactors.errors import ActorDiedError, ActorError, StoreFullError
+from torchactors.actors import _current, lifetime
+from torchactors.actors.pending import split_returns
 from torchactors.runtime.child import DEVICE
 from torchactors.runtime.supervisor import Backoff, check_start_method
-from torchactors.store import serialize
-from torchactors.store.refs import ObjectRef, SerializationContext
+from torchactors.store.refs import ObjectRef
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": None,
@@ -147,7 +145,7 @@ def method(fn: Callable | None = None, *, num_returns: int = 1, **unsupported: A
     n = _check_num_returns(num_returns)
 
     def mark(f: Callable) -> Callable:
-        target = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
+        target: Any = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
         target.__torchactors_num_returns__ = n
         return f
 
@@ -192,7 +190,8 @@ class ActorClass:
         """TypeError at the caller for arguments the constructor cannot take."""
         if self._signature is None:
             try:
-                self._signature = inspect.signature(self._cls.__init__)
+                cls: Any = self._cls        # its __init__, looked up as Python would
+                self._signature = inspect.signature(cls.__init__)
             except (TypeError, ValueError):
                 self._signature = False
         if self._signature:
@@ -203,10 +202,8 @@ class ActorClass:
                                 f"{self.__name__}.__init__{self._signature})") from None
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
-        from torchactors.actors import api
-
         self.check_arguments(args, kwargs)
-        return api.runtime().create_actor(self._cls, resolved(self._options, self._cls), args, kwargs)
+        return _current.get().create_actor(self._cls, resolved(self._options, self._cls), args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self._cls.__name__}()', "
@@ -287,8 +284,8 @@ class ActorHandle:
     def __del__(self) -> None:
         counts = lifetime.counts
         actor_id = self.__dict__.get("_actor_id")
-        n = counts.get(actor_id)
-        if n is not None:
+        n = None if actor_id is None else counts.get(actor_id)
+        if actor_id is not None and n is not None:
             if n > 1:
                 counts[actor_id] = n - 1
             elif counts.pop(actor_id, None) is not None and on_last_handle is not None:
@@ -328,9 +325,7 @@ class _Builtin:
         self.kind = kind
 
     def remote(self) -> ObjectRef | None:
-        from torchactors.actors import api
-
-        rt = api.runtime()
+        rt = _current.get()
         if self.kind == "ready":
             return rt.ping(self.handle)
         rt.terminate(self.handle)
@@ -363,77 +358,10 @@ class ActorMethod:
         return ActorMethod(self.handle, self.name, _check_num_returns(num_returns))
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        from torchactors.actors import api
-
-        ref = api.runtime().call(self.handle, self.name, args, kwargs)
+        ref = _current.get().call(self.handle, self.name, args, kwargs)
         if self.num_returns == 1:
             return ref
-        from torchactors.actors.channel import split_returns
-
-        return split_returns(ref, self.num_returns, f"{self.handle._name}.{self.name}")
+        return split_returns(ref, self.num_returns)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote(...)")
-
-
-class DependencyFailed(Exception):
-    """A top-level argument is the ref of a call that failed: the call is not sent, and its
-    ref raises ``error`` (Ray's rule)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _defer_pending(args: tuple, kwargs: dict, deps: list) -> tuple[tuple, dict]:
-    """Top-level refs of unfinished calls replaced by ``Dep`` placeholders (appended to ``deps``);
-    refs of finished calls stay (their value is in a store). A failed one raises DependencyFailed."""
-    def swap(a: Any) -> Any:
-        if type(a) is not ObjectRef or a._pending is None:
-            return a
-        if a._pending.done():
-            if a._pending.kind == protocol.ERROR:
-                raise DependencyFailed(a._pending.value)
-            return a
-        deps.append(a)
-        return protocol.Dep(len(deps) - 1)
-
-    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
-
-
-def encode_args(args: tuple, kwargs: dict, put: Callable[[Any], ObjectRef],
-                deps: list | None = None) -> tuple[bytes, list]:
-    """Pickle call arguments: tensors at any depth are put into the store and travel as
-    refs. Returns the body and the refs it carries (the caller holds them until the actor
-    has read the call). An argument that cannot be pickled is named in the error. With
-    ``deps``, top-level refs of unfinished calls are not waited for: see _defer_pending."""
-    if not args and not kwargs:
-        return _EMPTY_ARGS, []
-    if all(type(a) in protocol.INLINE_TYPES for a in args) and all(
-            type(v) in protocol.INLINE_TYPES for v in kwargs.values()):
-        return pickle.dumps((args, kwargs), pickle.HIGHEST_PROTOCOL), []
-    if deps is not None:
-        args, kwargs = _defer_pending(args, kwargs, deps)
-    with SerializationContext() as ctx:
-        try:
-            body = serialize.dumps_message((args, kwargs), put)
-        except StoreFullError:
-            raise                           # the store is full, not the argument bad
-        except (ActorError, ActorDiedError) as e:      # a nested ref of a call that failed
-            raise DependencyFailed(e) from None
-        except Exception as e:
-            raise _name_bad_argument(args, kwargs, put, e) from e
-    return body, ctx.refs
-
-
-def _name_bad_argument(args: tuple, kwargs: dict, put: Callable, error: Exception) -> TypeError:
-    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword argument {k!r}", v)
-                                                               for k, v in kwargs.items()]
-    for label, value in named:
-        try:
-            with SerializationContext():
-                serialize.dumps_message(value, put)
-        except Exception as e:
-            return TypeError(f"{label} ({type(value).__name__}) cannot be sent to an actor: {e}. "
-                             f"Arguments must be picklable (tensors, refs, handles and picklable objects)")
-    return TypeError(f"the arguments cannot be sent to an actor: {error}")

@@ -19,14 +19,11 @@ dropped its handle, leaves the actor running until ``ta.kill`` or shutdown: the 
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 
-from torchactors.runtime import job as job_module
+from torchactors.actors import _current
 from torchactors.store.registry import pid_alive
-
-logger = logging.getLogger(__name__)
 
 counts: dict[str, int] = {}         # actor id -> live handles in this process (counted actors only)
 _owner: set[str] = set()            # counted actors this process created
@@ -45,8 +42,8 @@ def forget_all() -> None:
 
 
 def _holders(actor_id: str) -> str | None:
-    job = job_module.current()
-    return None if job is None else os.path.join(job.dir, "actors", actor_id + ".holders")
+    backend = _current.backend
+    return None if backend is None else os.path.join(backend.job.dir, "actors", actor_id + ".holders")
 
 
 def lend(actor_id: str) -> str | None:

@@ -10,14 +10,11 @@ store's ``get``/``wait`` on the refs the calls return.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from torchactors.errors import ActorDiedError, GetTimeoutError
 from torchactors.store import core
-
-logger = logging.getLogger(__name__)
 
 TIMEOUT_MESSAGE = "Timed out waiting for result"
 

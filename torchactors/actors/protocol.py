@@ -56,7 +56,7 @@ def reply(kind: int, seq: int, holds: bool, body: bytes) -> bytes:
     return REP.pack(kind, seq, holds) + body
 
 
-def parse_reply(msg: bytes) -> tuple[int, int, bool, memoryview]:
+def parse_reply(msg: bytes | memoryview) -> tuple[int, int, bool, memoryview]:
     kind, seq, holds = REP.unpack_from(msg)
     return kind, seq, bool(holds), memoryview(msg)[REP.size:]
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import logging
 import os
 import pickle
 import queue as std_queue
@@ -44,8 +43,6 @@ from torchactors.errors import ActorDiedError
 from torchactors.store import core, futex, serialize
 from torchactors.store.refs import SerializationContext
 from torchactors.store.segments import OwnSegment, Segment
-
-logger = logging.getLogger(__name__)
 
 RING_BYTES = 64 << 20           # sparse: only the pages a backlog touches use memory
 HEADER = 4096
@@ -126,7 +123,7 @@ class _Ring:
         self.record = record        # (host index, host pid, fd number in the host, inode)
         self.host = host
         self.shared = False         # the host keeps the ring for the job once it was sent
-        self.mm = seg.mm
+        self.mm: Any = seg.mm       # a ctypes char array: its slices read and write bytes
         self.cells = memoryview(self.mm).cast("B").cast("q")
         self.base = seg.base
         self.mutexes = (ctypes.c_void_p(self.base + _MUTEX_AT[0]), ctypes.c_void_p(self.base + _MUTEX_AT[1]))

@@ -28,22 +28,20 @@ from typing import Any
 
 import cloudpickle
 
-from torchactors.actors import protocol, worker
-from torchactors.actors.channel import PendingResult, failed_ref
+from torchactors.actors import _current, calls, protocol
 from torchactors.actors.handle import (
     ActorHandle,
-    DependencyFailed,
     dumps_class,
-    encode_args,
     is_async_class,
     method_returns,
     new_actor_id,
     public_methods,
 )
-from torchactors.actors.worker import encode_result, remote_error, resolve_top_level, start_event_loop
+from torchactors.actors.pending import PendingResult, failed_ref
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime import job as job_module
 from torchactors.store import core as store_core
+from torchactors.store.core import Store
 from torchactors.store.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
@@ -110,7 +108,7 @@ class RayPendingCall(PendingResult):
 
     def __init__(self, oref: Any, held: list, handle: RayActorHandle, runtime: RayRuntime) -> None:
         self.oref = oref
-        self.held = held            # refs in the request: kept until the reply is in
+        self.held: list | None = held       # refs in the request: kept until the reply is in
         self.host = handle._ray_actor
         self.handle = handle
         self.runtime = runtime
@@ -138,11 +136,7 @@ class RayPendingCall(PendingResult):
             self._set(protocol.ERROR, ActorError(type(e).__qualname__, str(e).splitlines()[0], str(e),
                                                  self.handle._name, "?"))
             return
-        kind, call_id, holds, body = protocol.parse_reply(reply)
-        try:
-            value = pickle.loads(body)
-        except BaseException as e:          # e.g. the result's class cannot be imported here
-            kind, value = protocol.ERROR, e
+        kind, call_id, holds, value = calls.decode_reply(reply)
         if holds:
             self.host.ack.remote(call_id)   # the actor may drop its hold on the result now
         if isinstance(value, ActorDiedError):
@@ -166,11 +160,19 @@ def _death(actor: str, error: Exception, killed: bool) -> ActorDiedError:
 
 
 class RayRuntime:
-    """The process's runtime on the Ray backend: the driver's, or an actor's inside its host."""
+    """The Ray backend of one process (the driver's, or an actor's inside its ``_Host``): it
+    implements ``actors.backend.Backend``.
 
-    def __init__(self, job: job_module.Job, started_ray: bool) -> None:
+    It owns this process's Ray handles of the actors it started (named and detached ones
+    until shutdown, unnamed ones while the user holds a handle) and where each actor runs
+    (whether it reads this process's store). ``actors.api.init(backend="ray")`` creates it
+    through ``start``; a ``_Host`` creates its own. See docs/design.md, "On Ray, Ray carries
+    the calls and torchactors the tensors".
+    """
+
+    def __init__(self, job: job_module.Job, store: Store, started_ray: bool) -> None:
         self.job = job
-        self.store = store_core.current()
+        self.store = store
         self.node = node_id()
         self.started_ray = started_ray
         # Named and detached actors are held until shutdown; unnamed ones only while the user
@@ -244,12 +246,13 @@ class RayRuntime:
             known = self._refs_ok[handle._actor_id] = node == self.node and job_dir == self.job.dir
         return known
 
-    def _host(self, handle: ActorHandle) -> Any:
+    @staticmethod
+    def _ours(handle: ActorHandle) -> RayActorHandle:
         if not isinstance(handle, RayActorHandle):
             raise TypeError(f"{handle!r} is an actor of the local backend; this process runs backend='ray'")
-        return handle._ray_actor
+        return handle
 
-    def _killed(self, handle: ActorHandle) -> ObjectRef | None:
+    def _killed(self, handle: RayActorHandle) -> ObjectRef | None:
         """A call to an actor this process killed fails at once (Ray's kill is asynchronous)."""
         if handle._actor_id not in self.killed:
             return None
@@ -258,30 +261,31 @@ class RayRuntime:
         return ObjectRef.pending(pending)
 
     def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
-        host = self._host(handle)
-        refused = self._killed(handle)
+        ours = self._ours(handle)
+        refused = self._killed(ours)
         if refused is not None:
             return refused
-        by_ref = self._same_store(handle)
+        by_ref = self._same_store(ours)
         deps: list = []
         try:
             if by_ref:
-                body, held = encode_args(args, kwargs, self.store.put, deps)
+                body, held = calls.encode_args(args, kwargs, self.store.put, deps)
             else:
                 body, held = dumps_by_value((args, kwargs)), []
-        except DependencyFailed as failed:
+        except calls.DependencyFailed as failed:
             return failed_ref(failed.error, f"{handle._name}.{method}")
         # Refs of unfinished calls go to Ray as top-level arguments: Ray waits for them (not us),
         # and the host decodes their replies in place of the Dep placeholders.
-        oref = host.call.remote(method, body, self.node, os.getpid(), by_ref, *[d._pending.oref for d in deps])
-        return ObjectRef.pending(RayPendingCall(oref, held + deps, handle, self))
+        oref = ours._ray_actor.call.remote(method, body, self.node, os.getpid(), by_ref,
+                                           *[d._pending.oref for d in deps])
+        return ObjectRef.pending(RayPendingCall(oref, held + deps, ours, self))
 
     def ping(self, handle: ActorHandle) -> ObjectRef:
-        host = self._host(handle)
-        refused = self._killed(handle)
+        ours = self._ours(handle)
+        refused = self._killed(ours)
         if refused is not None:
             return refused
-        return ObjectRef.pending(RayPendingCall(host.ping.remote(), [], handle, self))
+        return ObjectRef.pending(RayPendingCall(ours._ray_actor.ping.remote(), [], ours, self))
 
     def get_actor(self, name: str, namespace: str | None = None) -> RayActorHandle:
         ray = _ray()
@@ -296,14 +300,20 @@ class RayRuntime:
         if no_restart:
             self.owned.pop(handle._actor_id, None)
             self.killed.add(handle._actor_id)
-        _ray().kill(self._host(handle), no_restart=no_restart)
+        _ray().kill(self._ours(handle)._ray_actor, no_restart=no_restart)
 
     def terminate(self, handle: ActorHandle) -> None:
-        self._host(handle).__ray_terminate__.remote()
+        self._ours(handle)._ray_actor.__ray_terminate__.remote()
+
+    def status(self, handle: ActorHandle) -> None:
+        """Ray keeps its actors' states in its GCS, read only through its state API (a
+        dashboard round trip): not cheap enough to offer, so the status is unknown here."""
+        return None
 
     def shutdown(self) -> None:
         ray = _ray()
-        hosts = {**_passed_on, **{h._actor_id: h._ray_actor for h in [*self.owned.values(), *self.unnamed.values()]}}
+        hosts: dict[str, Any] = {**_passed_on, **{h._actor_id: h._ray_actor
+                                                  for h in [*self.owned.values(), *self.unnamed.values()]}}
         for actor_id, host in hosts.items():
             try:
                 ray.kill(host, no_restart=True)
@@ -325,9 +335,8 @@ def start(capacity: int | None, address: str | None) -> RayRuntime:
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False if address is None else None)
-    job = job_module.Job.create(capacity)
-    job_module.set_current(job)
-    return RayRuntime(job, started)
+    job, store = job_module.Job.create(capacity)
+    return RayRuntime(job, store, started)
 
 
 class _Host:
@@ -340,14 +349,11 @@ class _Host:
         enter_process(spec["sys_path"], spec["num_threads"], spec["device"])
         info = spec["job"]
         if os.path.isdir(info["dir"]):
-            job = job_module.Job.join(info["dir"], info["secret"], info["capacity"])
+            job, store = job_module.Job.join(info["dir"], info["secret"], info["capacity"])
         else:                   # another node: a job of this node's own, for puts made here
-            job = job_module.Job.create(info["capacity"])
-        job_module.set_current(job)
-        from torchactors.actors import api
-
-        api.attach_ray_runtime(RayRuntime(job, started_ray=False))
-        worker._in_actor = True
+            job, store = job_module.Job.create(info["capacity"])
+        _current.backend = RayRuntime(job, store, started_ray=False)
+        _current.in_actor = True
         self.actor_id, self.name = spec["actor_id"], spec["name"]
         self.max_task_retries = spec["max_task_retries"]
         self.node = node_id()
@@ -359,7 +365,7 @@ class _Host:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.exited: ActorDiedError | None = None
         cls = cloudpickle.loads(spec["cls"])
-        args, kwargs = resolve_top_level(*pickle.loads(spec["args"]))
+        args, kwargs = calls.resolve_top_level(*pickle.loads(spec["args"]))
         self.instance = cls(*args, **kwargs)
         self.methods = public_methods(cls)
         self.returns = method_returns(cls)
@@ -371,7 +377,7 @@ class _Host:
         return self.actor_id, self.methods, self.max_task_retries, self.returns
 
     def ping(self) -> bytes:
-        return protocol.reply(protocol.OK_VALUE, 0, False, pickle.dumps(None))
+        return protocol.reply(protocol.OK_VALUE, 0, False, calls.NONE)
 
     def ack(self, call_id: int) -> None:
         with self.lock:
@@ -381,44 +387,45 @@ class _Host:
         call_id, prepared = self._prepare(method, body, caller_node, by_ref, deps)
         if isinstance(prepared, bytes):
             return prepared
-        fn, args, kwargs, same_store = prepared
-        try:
-            if inspect.iscoroutinefunction(fn):
-                result = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()).result()
-            else:
-                result = fn(*args, **kwargs)
-        except worker.ExitActor:
+        fn, call, same_store = prepared
+        if inspect.iscoroutinefunction(fn):
+            ok, value = asyncio.run_coroutine_threadsafe(calls.run_coroutine(fn, call), self._event_loop()).result()
+        else:
+            ok, value = calls.run_method(fn, call)
+        return self._outcome(call_id, method, ok, value, caller_pid, same_store)
+
+    def _outcome(self, call_id: int, method: str, ok: bool, value: Any, caller_pid: int, same_store: bool) -> bytes:
+        """The reply to a call that ran: its result, its error, or the end of the actor."""
+        if ok:
+            return self._encode(call_id, value, method, caller_pid, same_store)
+        if isinstance(value, calls.ExitActor):
             return self._exit(call_id, method)
-        except BaseException as e:
-            return self._error(call_id, e, method)
-        del args, kwargs
-        return self._encode(call_id, result, method, caller_pid, same_store)
+        return self._error(call_id, value, method)
 
     def _exit(self, call_id: int, method: str) -> bytes:
         """``ta.exit_actor()`` in ``method``: this call fails with ActorDiedError saying so, and
         the host asks Ray to end it for good right after (Ray's kill: atexit handlers of the
         process do not run there, since Ray's own would tear the worker down mid-call)."""
-        reason = f"it exited on purpose: ta.exit_actor() was called in its method {method}()"
-        err = self.exited = ActorDiedError(self.name, exit_code=0, detail=reason, final=True, actor_id=self.actor_id)
+        err = self.exited = calls.exited(self.name, self.actor_id, method)
         me = _ray().get_runtime_context().current_actor
         threading.Timer(0.05, _ray().kill, args=(me,), kwargs={"no_restart": True}).start()
-        return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(err))
+        return calls.error_reply(call_id, err, self.name, method)
 
     def _prepare(self, method: str, body: bytes, caller_node: str, by_ref: bool, deps: tuple) -> tuple[int, Any]:
-        """The call's id and (bound method, args, kwargs, same store), or the reply bytes of
+        """The call's id and (bound method, [args, kwargs], same store), or the reply bytes of
         an error (the caller's refs are not readable here, a dependency failed, bad args)."""
         call_id = next(self.seq)
         if self.exited is not None:         # queued behind ta.exit_actor(): fails as Ray's would
-            return call_id, protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(self.exited))
+            return call_id, calls.error_reply(call_id, self.exited, self.name, method)
         self._sweep()
         same_store = caller_node == self.node and self.job_dir is not None
         if by_ref and not same_store:
             # Refs from a caller that believes we share its node: we were restarted elsewhere.
             moved = ActorDiedError(self.name, detail="it was restarted on another node than its caller "
                                    "knew; call again (the call did not run)", restarting=True)
-            return call_id, protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(moved))
+            return call_id, calls.error_reply(call_id, moved, self.name, method)
         try:
-            args, kwargs = pickle.loads(body)
+            args, kwargs = calls.decode_args(body)
             if deps:
                 values = []
                 for reply in deps:          # the replies of the calls whose refs were arguments
@@ -426,22 +433,21 @@ class _Host:
                     if kind == protocol.ERROR:
                         return call_id, protocol.reply(protocol.ERROR, call_id, False, bytes(dep_body))
                     values.append(pickle.loads(dep_body))
-                args = tuple(values[a.index] if type(a) is protocol.Dep else a for a in args)
-                kwargs = {k: values[v.index] if type(v) is protocol.Dep else v for k, v in kwargs.items()}
-            args, kwargs = resolve_top_level(args, kwargs)
+                args, kwargs = calls.fill_deps(args, kwargs, values)
+            call = list(calls.resolve_top_level(args, kwargs))
+            del args, kwargs        # only ``call`` holds them now (see calls.run_method)
             fn = getattr(self.instance, method)
         except BaseException as e:
             return call_id, self._error(call_id, e, method)
-        return call_id, (fn, args, kwargs, same_store)
+        return call_id, (fn, call, same_store)
 
     def _error(self, call_id: int, exc: BaseException, method: str) -> bytes:
-        err = remote_error(exc, self.name, method)
-        return protocol.reply(protocol.ERROR, call_id, False, pickle.dumps(err))
+        return calls.error_reply(call_id, calls.remote_error(exc, self.name, method), self.name, method)
 
     def _encode(self, call_id: int, result: Any, method: str, caller_pid: int, same_store: bool) -> bytes:
         try:
             if same_store:
-                kind, out, held = encode_result(result)
+                kind, out, held = calls.encode_result(result)
             else:
                 kind, out, held = protocol.OK_VALUE, dumps_by_value(result), None
         except BaseException as e:
@@ -464,7 +470,7 @@ class _Host:
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self.lock:
             if self.loop is None:
-                self.loop = start_event_loop()
+                self.loop = calls.start_event_loop()
             return self.loop
 
 
@@ -473,19 +479,12 @@ class _AsyncHost(_Host):
     class, sync ones included, runs on Ray's one event-loop thread, and Ray's
     ``max_concurrency`` bounds the coroutines."""
 
-    async def call(self, method: str, body: bytes, caller_node: str, caller_pid: int, by_ref: bool,
-                   *deps: bytes) -> bytes:
+    # The same Ray method name as the sync host's, as a coroutine: Ray runs it on the loop.
+    async def call(self, method: str, body: bytes, caller_node: str, caller_pid: int,  # type: ignore[override]
+                   by_ref: bool, *deps: bytes) -> bytes:
         call_id, prepared = self._prepare(method, body, caller_node, by_ref, deps)
         if isinstance(prepared, bytes):
             return prepared
-        fn, args, kwargs, same_store = prepared
-        try:
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-        except worker.ExitActor:
-            return self._exit(call_id, method)
-        except BaseException as e:
-            return self._error(call_id, e, method)
-        del args, kwargs
-        return self._encode(call_id, result, method, caller_pid, same_store)
+        fn, call, same_store = prepared
+        ok, value = await calls.run_coroutine(fn, call)
+        return self._outcome(call_id, method, ok, value, caller_pid, same_store)

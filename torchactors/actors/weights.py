@@ -14,7 +14,8 @@ handle each) plus a *lease*: a small store object that names the buckets and the
 places. Readers' views keep the lease's ref alive, and the publisher reuses a buffer set only
 when no live process holds its lease: a reader's ``sd`` stays valid while it lives. The check
 is Dekker's: the reader counts its hold, fences, then re-reads the stamp; the publisher clears
-the stamp, fences, then reads the holds; one of them sees the other (docs/design.md).
+the stamp, fences, then reads the holds; one of them sees the other (docs/design.md,
+"Versioned weights: reused buffer sets, readers' holds, Dekker's check").
 
 The control segment (a memfd of the publisher, found through the job's ``weights/<name>``
 record) holds ``current`` and, per buffer set, its stamp, its lease and the published
@@ -43,7 +44,7 @@ from torchactors.store.segments import OwnSegment, Segment
 logger = logging.getLogger(__name__)
 
 MAX_BUFFERS = 16                # buffer-set areas in a control segment
-DEFAULT_MAX_BUFFERS = 4         # buffer sets a publisher keeps at most (docs/design.md)
+DEFAULT_MAX_BUFFERS = 4         # buffer sets a publisher keeps at most (see the module docstring)
 AREA0 = 4096                    # header page, then one area per buffer set
 AREA_SIZE = 256 << 10           # per buffer set: cells, lease, event handles, skeleton
 LEASE_AT, LEASE_MAX = 64, 2048
@@ -194,7 +195,7 @@ class _Publisher:
         plan = _plan(leaves)
         with self.lock:
             b = self._take(plan)
-            bs = self.sets[b]
+            bs = self._set(b)
             bs.copy_from(leaves)
             ch = self.channel
             area = ch.area(b)
@@ -221,7 +222,7 @@ class _Publisher:
                            key=lambda i: ch.cells[ch.area(i) // 8 + _A_STAMP])
             for i in order:
                 if self._claim(i):
-                    if self.sets[i].plan == plan:
+                    if self._set(i).plan == plan:
                         return i
                     self.sets[i] = None         # another layout: the store frees it once unheld
                     return self._make(i, plan)
@@ -236,13 +237,19 @@ class _Publisher:
             time.sleep(0.001)
             waited += 0.001
 
+    def _set(self, i: int) -> _BufferSet:
+        """Buffer set ``i``, which exists (it was made and not dropped)."""
+        bs = self.sets[i]
+        assert bs is not None, f"buffer set {i} was never made"
+        return bs
+
     def _claim(self, i: int) -> bool:
         ch = self.channel
         stamp_cell = ch.area(i) // 8 + _A_STAMP
         old = ch.cells[stamp_cell]
         ch.cells[stamp_cell] = WRITING
         _fence()
-        if self.store.membership.holders(self.sets[i].lease.slot) > 1:     # ours is one
+        if self.store.membership.holders(self._set(i).lease.slot) > 1:     # ours is one
             ch.cells[stamp_cell] = old
             return False
         return True
@@ -272,7 +279,8 @@ class _Lease:
         layout = store.get(ref)
         self.args = args
         self.places = layout["places"]
-        self.buckets = []        # (device, dtype, nbytes, segment and offset, or the opened CUDA tensor)
+        self.buckets: list[tuple[Any, Any, int, Any]] = []   # (device, dtype, nbytes, segment and offset,
+        #                                                      or the opened CUDA tensor)
         for dev, dtype, nbytes, bref in layout["buckets"]:
             device = torch.device(dev)
             if device.type == "cpu":
@@ -293,7 +301,7 @@ class _Lease:
             else:
                 base = where.untyped_storage()
                 storage = cuda.alias_storage(base, base.nbytes(), device, cuda._Pin(base, lease, device.index))
-                typed.append(torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (nbytes // where.element_size(),)))
+                typed.append(torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (nbytes // where.element_size(),), (1,)))
         if own_events is not None:
             for d, event in own_events.items():
                 event.wait(torch.cuda.current_stream(d))
@@ -313,7 +321,7 @@ class _Channel:
         self.store = store
         self.name = name
         self.seg = seg
-        self.mm = seg.mm
+        self.mm: Any = seg.mm       # a ctypes char array: its slices read and write bytes
         self.cells = memoryview(seg.mm).cast("B").cast("q")
         self.current_addr = seg.base + _H_CURRENT * 8
         self.record = record
@@ -365,7 +373,8 @@ class _Channel:
             if info is None:
                 self._forget_old_leases()
                 info = self.leases[key] = _Lease(self.store, args)
-            own = self.publisher.sets[b].events if self.publisher is not None and self.publisher.sets[b] else None
+            mine = self.publisher.sets[b] if self.publisher is not None else None
+            own = mine.events if mine is not None else None
             views = info.views(lease, event_bytes, own)
             del lease       # the views pin it now
             return v, _ViewUnpickler(skeleton, views).load()
@@ -490,9 +499,11 @@ class Weights:
         """Publish a new version (any structure of tensors); returns its number."""
         store = core.current()
         ch = _find(store, self.name)
-        if ch is None or ch.publisher is None:
-            ch = _become_publisher(store, self.name, self.max_buffers)
-        return ch.publisher.publish(state_dict)
+        publisher = None if ch is None else ch.publisher
+        if publisher is None:
+            publisher = _become_publisher(store, self.name, self.max_buffers).publisher
+            assert publisher is not None, "a channel made to publish has its publisher"
+        return publisher.publish(state_dict)
 
     def latest(self) -> tuple[int, Any]:
         """The newest complete version and its state dict; ``(0, None)`` before the first."""

@@ -32,10 +32,24 @@ from typing import Any
 
 import cloudpickle
 
-from torchactors.actors import protocol
+from torchactors.actors import _current, protocol
+from torchactors.actors.calls import (
+    NONE,
+    ExitActor,
+    decode_args,
+    encode_result,
+    error_reply,
+    exit_reason,
+    exited,
+    fill_deps,
+    remote_error,
+    resolve_top_level,
+    run_coroutine,
+    run_method,
+    start_event_loop,
+)
 from torchactors.actors.handle import is_async_class
-from torchactors.errors import ActorDiedError, ActorError
-from torchactors.runtime import job as job_module
+from torchactors.actors.local import Runtime
 from torchactors.runtime.child import ChildContext
 from torchactors.runtime.transport import (
     AUTH_TIMEOUT,
@@ -46,35 +60,15 @@ from torchactors.runtime.transport import (
     Listener,
     ProtocolError,
 )
-from torchactors.store import core as store_core
-from torchactors.store.refs import ObjectRef, SerializationContext
 
 logger = logging.getLogger(__name__)
 
 
-_EMPTY_ARGS = protocol.EMPTY_ARGS
-_NONE = pickle.dumps(None, pickle.HIGHEST_PROTOCOL)
 SPIN_S = 50e-6      # the loop polls this long before it sleeps in epoll_wait
 MAX_JOINING = 64    # connections mid-handshake at most; a new one beyond drops the oldest
 ACCEPT_BACKOFF = (0.01, 1.0)    # the listener rests this long (doubling) when out of fds
 REFUSAL_LOG_S = 5.0             # refused connections are logged at most this often
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-# What pickle.loads raises for bytes that are not a pickle at all (a broken sender), as
-# opposed to a whole pickle whose class cannot be imported here (the caller's error).
-_NOT_A_PICKLE = (pickle.UnpicklingError, EOFError)
-
-
-def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Ray's rule: refs passed as top-level arguments arrive as their values; nested refs stay refs."""
-    if not any(isinstance(a, ObjectRef) for a in args) and not any(
-            isinstance(v, ObjectRef) for v in kwargs.values()):
-        return args, kwargs
-    st = store_core.current()
-    args = tuple(st.get(a) if isinstance(a, ObjectRef) else a for a in args)
-    kwargs = {k: st.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
-    return args, kwargs
-
-
 class _Refusals:
     """Connections refused before they authenticated, logged at most once per
     ``REFUSAL_LOG_S``: a flood of them must not flood the log too."""
@@ -91,48 +85,6 @@ class _Refusals:
             logger.warning("refused %d connection(s) on %s since the last report; the latest: %s",
                            self.count, self.path, why)
             self.count, self.logged_at = 0, now
-
-
-def start_event_loop() -> asyncio.AbstractEventLoop:
-    """An event loop running on a thread of its own, for an actor's ``async def`` methods."""
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="actor-asyncio", daemon=True).start()
-    return loop
-
-
-def encode_result(result: Any) -> tuple[int, bytes, list | None]:
-    """A method's result as a reply: small plain values inline; anything else put into this
-    process's store and sent as a ref, with the refs the sender must hold until the caller
-    acknowledges the reply."""
-    if result is None:
-        return protocol.OK_VALUE, _NONE, None
-    if type(result) in protocol.INLINE_TYPES and not (
-            isinstance(result, (str, bytes)) and len(result) > protocol.INLINE_MAX):
-        return protocol.OK_VALUE, pickle.dumps(result, pickle.HIGHEST_PROTOCOL), None
-    ref = store_core.current().put(result)
-    with SerializationContext() as ctx:
-        body = pickle.dumps(ref, pickle.HIGHEST_PROTOCOL)
-    return protocol.OK_REF, body, ctx.refs
-
-
-def remote_error(exc: BaseException, actor: str, method: str) -> ActorError:
-    """What the caller's get raises for an exception in a method: type, message, traceback."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return ActorError(type(exc).__qualname__, str(exc), tb, actor, method, type(exc).__module__)
-
-
-class ExitActor(SystemExit):
-    """Raised by ``ta.exit_actor()``: unwinds the method (``except Exception`` does not catch
-    it); the actor then ends."""
-
-
-_in_actor = False       # set in an actor's process (local or Ray backend)
-
-
-def exit_actor() -> None:
-    if not _in_actor:
-        raise TypeError("ta.exit_actor() was called outside an actor; call it inside an actor's method")
-    raise ExitActor(0)
 
 
 def exit_process(code: int = 0) -> None:
@@ -176,8 +128,20 @@ class _Peer:
 
 
 class ActorServer:
+    """The actor server: the user's instance, and the loop that serves its callers.
+
+    It owns the instance (built from the pickled class and constructor arguments), the
+    listening socket of this incarnation, each caller's connection (``_Peer``: replies not yet
+    acknowledged, calls held for their dependencies) and, for concurrent actors, the thread
+    pool or event loop the calls run on. ``serve`` (the supervisor's target for actor
+    processes) builds it and runs ``serve_forever`` until the process ends. Calls are decoded
+    and answered with the codec of ``actors.calls``. See docs/design.md, "One thread per
+    actor, no thread per call", "Small results ride inside the reply" and "Poll 50 µs before
+    sleeping, yielding the core".
+    """
+
     def __init__(self, spec: dict, ctx: ChildContext) -> None:
-        self.job = job_module.current()
+        self.job = ctx.job
         self.key = ctx.key
         self.name = spec["name"]
         self.max_concurrency = spec["max_concurrency"]
@@ -206,8 +170,7 @@ class ActorServer:
             elif self.max_concurrency > 1:
                 self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor-call")
                 self.ordered = False
-            args, kwargs = pickle.loads(spec["args"])
-            args, kwargs = resolve_top_level(args, kwargs)
+            args, kwargs = resolve_top_level(*pickle.loads(spec["args"]))
             return cls(*args, **kwargs)
         except BaseException:
             text = traceback.format_exc()
@@ -340,7 +303,8 @@ class ActorServer:
             self._control(peer, kind, seq, method, body)
             return
         try:
-            call = [(), {}] if body == _EMPTY_ARGS else list(resolve_top_level(*_load_args(body)))
+            # No arguments (the common small call): skip decoding and the ref scan (2 us of 5).
+            call: list = [(), {}] if body == protocol.EMPTY_ARGS else list(resolve_top_level(*decode_args(body)))
             fn, is_async = self._method(method)
         except ProtocolError:
             raise
@@ -350,51 +314,49 @@ class ActorServer:
         if self.ordered:
             self._run_inline(peer, seq, method, fn, call)
         else:
-            self._dispatch(peer, seq, method, fn, is_async, *call)
+            self._dispatch(peer, seq, method, fn, is_async, call)
 
     def _run_inline(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
         """Run ``fn(*args, **kwargs)`` (``call`` = [args, kwargs], emptied: see below) and reply."""
-        args, kwargs = call
-        call.clear()
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as e:
-            self._reply_error(peer, seq, method, e)
-            return
-        # Drop our holds on the arguments before replying, so the caller's next put can
-        # reuse their memory as soon as it has the reply.
-        del args, kwargs
-        self._reply(peer, seq, method, result)
+        ok, value = run_method(fn, call)
+        if ok:
+            self._reply(peer, seq, method, value)
+        else:
+            self._reply_error(peer, seq, method, value)
 
-    def _dispatch(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, args: tuple,
-                  kwargs: dict) -> None:
+    def _dispatch(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, call: list) -> None:
         """Run a call on the event loop (async actor) or the pool (threaded actor)."""
         with self.inflight_lock:
             self.inflight += 1
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._on_loop, peer, seq, method, fn, is_async, args, kwargs)
+            self.loop.call_soon_threadsafe(self._on_loop, peer, seq, method, fn, is_async, call)
         else:
-            self.pool.submit(fn, *args, **kwargs).add_done_callback(lambda f: self._finish(peer, seq, method, f))
+            assert self.pool is not None, "an unordered sync actor has a pool"
+            self.pool.submit(self._run_pooled, peer, seq, method, fn, call)
 
-    def _on_loop(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, args: tuple,
-                 kwargs: dict) -> None:
-        if is_async:
-            self.loop.create_task(self._run_coroutine(peer, seq, method, fn, args, kwargs))
-        else:                           # a sync method of an async actor blocks the loop, as in Ray
-            self._run_inline(peer, seq, method, fn, [args, kwargs])
+    def _run_pooled(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
+        try:
+            self._run_inline(peer, seq, method, fn, call)
+        finally:
             self._done()
 
-    async def _run_coroutine(self, peer: _Peer, seq: int, method: str, fn: Any, args: tuple,
-                             kwargs: dict) -> None:
+    def _on_loop(self, peer: _Peer, seq: int, method: str, fn: Any, is_async: bool, call: list) -> None:
+        assert self.loop is not None, "called on the loop"
+        if is_async:
+            self.loop.create_task(self._run_coroutine(peer, seq, method, fn, call))
+        else:                           # a sync method of an async actor blocks the loop, as in Ray
+            self._run_inline(peer, seq, method, fn, call)
+            self._done()
+
+    async def _run_coroutine(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
+        assert self.slots is not None, "an async actor has its slots"
         try:
             async with self.slots:
-                try:
-                    result = await fn(*args, **kwargs)
-                except BaseException as e:      # ExitActor and CancelledError too: never out of the task
-                    self._reply_error(peer, seq, method, e)
-                    return
-            del args, kwargs
-            self._reply(peer, seq, method, result)
+                ok, value = await run_coroutine(fn, call)
+            if ok:
+                self._reply(peer, seq, method, value)
+            else:
+                self._reply_error(peer, seq, method, value)
         finally:
             self._done()
 
@@ -411,7 +373,7 @@ class ActorServer:
             logger.info("%s killed on request", self.name)
             os._exit(0)
         if kind == protocol.PING:
-            self._send(peer, seq, protocol.reply(protocol.OK_VALUE, seq, False, _NONE), None)
+            self._send(peer, seq, protocol.reply(protocol.OK_VALUE, seq, False, NONE), None)
         elif kind == protocol.DEP:
             if not method.isdigit():
                 raise ProtocolError(f"a dependency's index is {method!r}, not a number")
@@ -423,7 +385,7 @@ class ActorServer:
                 self._stop()
         elif kind in (protocol.CALL, protocol.CALL_DEPS):
             try:
-                args, kwargs = _load_args(body) if body != _EMPTY_ARGS else ((), {})
+                args, kwargs = decode_args(body)
             except ProtocolError:
                 raise
             except BaseException as e:
@@ -473,18 +435,13 @@ class ActorServer:
 
     def _start(self, peer: _Peer, seq: int, waiting: _Waiting) -> None:
         method = waiting.method
+        assert method is not None, "a held STOP is not started: _advance stops instead"
         if waiting.error is not None:       # a dependency failed: its error is this call's
-            try:
-                body = pickle.dumps(waiting.error)
-            except Exception as e:
-                body = pickle.dumps(remote_error(e, self.name, method))
-            self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, body), None)
+            self._send(peer, seq, error_reply(seq, waiting.error, self.name, method), None)
             return
         values = waiting.values
         try:
-            call = list(resolve_top_level(
-                tuple(values[a.index] if type(a) is protocol.Dep else a for a in waiting.args),
-                {k: values[v.index] if type(v) is protocol.Dep else v for k, v in waiting.kwargs.items()}))
+            call: list = list(resolve_top_level(*fill_deps(waiting.args, waiting.kwargs, values)))
             fn, is_async = self._method(method)
         except BaseException as e:
             self._reply_error(peer, seq, method, e)
@@ -495,7 +452,7 @@ class ActorServer:
         if self.ordered:
             self._run_inline(peer, seq, method, fn, call)
         else:
-            self._dispatch(peer, seq, method, fn, is_async, *call)
+            self._dispatch(peer, seq, method, fn, is_async, call)
 
     def _stop(self) -> None:
         """A caller's STOP (its last handle went, or __ray_terminate__): end once the calls
@@ -517,16 +474,6 @@ class ActorServer:
             found = self._methods[name] = (fn, inspect.iscoroutinefunction(fn))
         return found
 
-    def _finish(self, peer: _Peer, seq: int, method: str, fut: Any) -> None:
-        try:
-            exc = fut.exception()
-            if exc is not None:
-                self._reply_error(peer, seq, method, exc)
-            else:
-                self._reply(peer, seq, method, fut.result())
-        finally:
-            self._done()
-
     def _reply(self, peer: _Peer, seq: int, method: str, result: Any) -> None:
         try:
             kind, body, held = encode_result(result)
@@ -538,16 +485,14 @@ class ActorServer:
     def _reply_error(self, peer: _Peer, seq: int, method: str, exc: BaseException) -> None:
         if isinstance(exc, ExitActor):
             self._exit_on_purpose(peer, seq, method)
-        err = remote_error(exc, self.name, method)
-        self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
+        self._send(peer, seq, error_reply(seq, remote_error(exc, self.name, method), self.name, method), None)
 
     def _exit_on_purpose(self, peer: _Peer, seq: int, method: str) -> None:
         """``ta.exit_actor()`` in ``method``: no restart; this call and the ones queued behind
         it fail with ActorDiedError saying so (the callers read the reason from the job)."""
-        reason = f"it exited on purpose: ta.exit_actor() was called in its method {method}()"
-        self.job.mark_killed(self.key, reason)
-        err = ActorDiedError(self.name, exit_code=0, detail=reason, final=True, actor_id=self.key)
-        self._send(peer, seq, protocol.reply(protocol.ERROR, seq, False, pickle.dumps(err)), None)
+        self.job.mark_killed(self.key, exit_reason(method))
+        err = exited(self.name, self.key, method)
+        self._send(peer, seq, error_reply(seq, err, self.name, method), None)
         exit_process(0)
 
     def _send(self, peer: _Peer, seq: int, msg: bytes, held: list | None) -> None:
@@ -581,26 +526,10 @@ class ActorServer:
                 self.poller.modify(fd, select.EPOLLIN)
 
 
-def _load_args(body: memoryview) -> tuple[tuple, dict]:
-    """A call's ``(args, kwargs)``; ProtocolError for bytes that are no such pickle. Other
-    errors (a class that cannot be imported here, a ``__setstate__`` that raises) come from a
-    well-formed request and are the caller's, answered with an error reply."""
-    try:
-        obj = pickle.loads(body)
-    except _NOT_A_PICKLE as e:
-        raise ProtocolError(f"the arguments are not a pickle: {type(e).__name__}: {e}") from None
-    if not (type(obj) is tuple and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict):
-        raise ProtocolError(f"the arguments are a pickle of {type(obj).__name__}, not an (args, kwargs) pair")
-    return obj
-
-
 def serve(payload: bytes, ctx: ChildContext) -> None:
     """Target of the supervisor for actor processes."""
-    global _in_actor
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-    _in_actor = True
+    _current.in_actor = True
     spec = pickle.loads(payload)
-    from torchactors.actors import api
-
-    api.attach_runtime(ctx)
+    _current.backend = Runtime(ctx.job, ctx.store)
     ActorServer(spec, ctx).serve_forever()

@@ -16,8 +16,11 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from torchactors.runtime.job import Job
+    from torchactors.store.core import Store
 
 PR_SET_PDEATHSIG = 1
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")   # an actor's device, as options and job files spell it
@@ -25,12 +28,15 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")   # an actor's device, as options and jo
 
 @dataclass
 class ChildContext:
-    """What the target learns about its place in the job."""
+    """What the target learns about its place in the job: the job it joined and its store
+    there (passed, not kept in a process global), and who it is."""
 
     key: str
     incarnation: int
     device: str
     num_threads: int
+    job: Job
+    store: Store
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -88,7 +94,8 @@ def run(boot: dict) -> None:
     from torchactors.runtime import job as job_module
 
     info = boot["job"]
-    job_module.set_current(job_module.Job.join(info["dir"], info["secret"], info["capacity"]))
+    job, store = job_module.Job.join(info["dir"], info["secret"], info["capacity"])
     module, _, name = boot["target"].partition(":")
     target = getattr(importlib.import_module(module), name)
-    target(boot["payload"], ChildContext(boot["key"], boot["incarnation"], boot["device"], boot["num_threads"]))
+    target(boot["payload"], ChildContext(boot["key"], boot["incarnation"], boot["device"], boot["num_threads"],
+                                         job, store))

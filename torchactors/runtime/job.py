@@ -8,26 +8,35 @@ asking the driver.
 
 Every file is written whole or not at all (a fresh temporary renamed into place) and opened
 relative to its directory's fd with ``O_NOFOLLOW``: a planted link or FIFO is never written
-through, read, or waited on (see docs/design.md, Security).
+through, read, or waited on (see docs/design.md, "Security").
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import shutil
 import stat
 from typing import Any
 
+from torchactors.runtime.status import ActorStatus
 from torchactors.store import core as store_core
 from torchactors.store import registry
-
-logger = logging.getLogger(__name__)
+from torchactors.store.core import Store
 
 
 class Job:
+    """One job's directory and secret, and the small files in it every process reads.
+
+    It owns the per-actor files (status, kill marks, constructor errors, socket paths) and
+    the names table; it knows nothing of actors' code. The driver's backend creates it
+    (``Job.create``), each child joins it from its boot record (``Job.join``, in
+    runtime/child.py) and finds it in its ``ChildContext``; the supervisor writes status
+    files (``ActorStatus``, runtime/status.py), channels read them. See docs/design.md,
+    "Security".
+    """
+
     def __init__(self, job_dir: str, secret: bytes, driver: bool, capacity: int | None) -> None:
         self.dir = job_dir
         self.secret = secret
@@ -40,24 +49,24 @@ class Job:
                 pass
 
     @classmethod
-    def create(cls, capacity: int | None) -> Job:
-        """A new job with this process as its driver. A store already started standalone
-        (``put`` before ``init``) becomes the driver's store, so its refs stay valid."""
+    def create(cls, capacity: int | None) -> tuple[Job, Store]:
+        """A new job with this process as its driver, and the driver's store in it. A store
+        already started standalone (``put`` before ``init``) becomes the driver's store, so
+        its refs stay valid."""
         existing = store_core.active()
         if existing is not None and existing.own_job_dir:
             existing.own_job_dir = False
             if capacity is not None:
                 existing.pool.capacity = capacity
-            return cls(existing.job_dir, secrets.token_bytes(32), True, capacity)
+            return cls(existing.job_dir, secrets.token_bytes(32), True, capacity), existing
         job = cls(registry.create_job_dir(), secrets.token_bytes(32), True, capacity)
-        store_core.attach(job.dir, index=0, capacity=capacity)
-        return job
+        return job, store_core.attach(job.dir, index=0, capacity=capacity)
 
     @classmethod
-    def join(cls, job_dir: str, secret: bytes, capacity: int | None) -> Job:
+    def join(cls, job_dir: str, secret: bytes, capacity: int | None) -> tuple[Job, Store]:
+        """The job a child was started in, and this child's store in it."""
         job = cls(job_dir, secret, False, capacity)
-        store_core.attach(job.dir, capacity=capacity)
-        return job
+        return job, store_core.attach(job.dir, capacity=capacity)
 
     # -- per-actor files ------------------------------------------------------------------
 
@@ -67,15 +76,17 @@ class Job:
     def _status_path(self, actor_id: str) -> str:
         return os.path.join(self.dir, "actors", actor_id + ".json")
 
-    def write_status(self, actor_id: str, status: dict) -> None:
+    def write_status(self, actor_id: str, status: ActorStatus) -> None:
         """Only the actor's supervisor writes its status: ``owner`` (this pid) lets a caller
         tell that the actor died with its owner when nobody is left to update the file."""
-        write_file(self._actors, actor_id + ".json", json.dumps({**status, "owner": os.getpid()}).encode())
+        record = status._replace(owner=os.getpid())._asdict()
+        write_file(self._actors, actor_id + ".json", json.dumps(record).encode())
 
-    def read_status(self, actor_id: str) -> dict | None:
+    def read_status(self, actor_id: str) -> ActorStatus | None:
+        """The actor's last written status; None before the first (or if the file is torn)."""
         data = read_file(self._actors, actor_id + ".json")
         try:
-            return None if data is None else json.loads(data)
+            return None if data is None else ActorStatus.from_dict(json.loads(data))
         except ValueError:
             return None
 
@@ -207,18 +218,6 @@ def read_file(directory: str, name: str) -> bytes | None:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02x}" for c in name)
-
-
-_job: Job | None = None
-
-
-def current() -> Job | None:
-    return _job
-
-
-def set_current(job: Job | None) -> None:
-    global _job
-    _job = job
 
 
 def describe(job: Job) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchactors.runtime.job import Job, describe
+from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.zygote import ForkedProcess, Zygote, ZygoteError, ZygoteUnsafe
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Backoff:
         fast = value.get("fast", cls.fast)
         if isinstance(fast, bool) or not isinstance(fast, int) or fast < 0:
             raise ValueError(f"restart_backoff fast must be an int >= 0 (restarts without delay), not {fast!r}")
-        out = {"fast": fast}
+        out: dict[str, Any] = {"fast": fast}
         for key in ("initial", "max", "reset_after"):
             v = value.get(key, getattr(cls, key))
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
@@ -104,7 +105,8 @@ class _Proc:
         self.fast_left = spec.backoff.fast
         self.delay = spec.backoff.initial
         self.started_at = 0.0
-        self.last_end: dict = {}      # exit_code and signal of the last incarnation that ended
+        # exit_code and signal of the last incarnation that ended
+        self.last_end: tuple[int | None, str | None] = (None, None)
 
     def next_delay(self) -> float:
         """Seconds until the restart after the death just seen (the back-off policy)."""
@@ -117,8 +119,24 @@ class _Proc:
         delay, self.delay = self.delay, min(self.delay * 2, policy.max)
         return delay
 
+    def status(self, state: str, pid: int | None, **extra: Any) -> ActorStatus:
+        """The record of this process in ``state``: every start after the first is a restart."""
+        exit_code, sig = self.last_end
+        fields = {"exit_code": exit_code, "signal": sig, "restarts_left": self.restarts_left, **extra}
+        return ActorStatus(state, max(self.incarnation, 0), pid, restarts=max(self.incarnation, 0), **fields)
+
 
 class Supervisor:
+    """The driver's (or an actor's) starter and watcher of child processes.
+
+    It owns one long-lived thread, every process it started (``_Proc``: the spec, the current
+    incarnation, its pidfd, the restart budget and back-off) and the zygote they are forked
+    from. The local backend's ``Runtime`` asks it to start and kill (``start``, ``kill``;
+    any thread), and it writes each process's ``ActorStatus`` to the job's status file on
+    every change. See docs/design.md, "Spawning from one long-lived thread", "Actors are
+    forked from a zygote" and "Actors in their own session".
+    """
+
     def __init__(self, job: Job) -> None:
         self.job = job
         self.procs: dict[str, _Proc] = {}
@@ -133,8 +151,7 @@ class Supervisor:
     # -- requests (any thread) ------------------------------------------------------------
 
     def start(self, spec: ProcessSpec) -> None:
-        self.job.write_status(spec.key, {"state": "starting", "incarnation": 0, "pid": None,
-                                         "restarts_left": spec.max_restarts})
+        self.job.write_status(spec.key, ActorStatus("starting", restarts_left=spec.max_restarts))
         self._request(("start", spec))
 
     def kill(self, key: str, wait: float = 5.0) -> None:
@@ -156,7 +173,7 @@ class Supervisor:
 
     def restarts(self, key: str) -> int:
         p = self.procs.get(key)
-        return 0 if p is None else p.spec.max_restarts - p.restarts_left
+        return 0 if p is None else max(p.incarnation, 0)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._stopping:
@@ -214,9 +231,9 @@ class Supervisor:
                 self.procs[req[1].key] = p
                 self._spawn(p)
             elif req[0] == "kill":
-                p = self.procs.get(req[1])
-                if p is not None:
-                    self._terminate([p])
+                victim = self.procs.get(req[1])
+                if victim is not None:
+                    self._terminate([victim])
                 req[2].set()
             elif req[0] == "zygote":
                 try:
@@ -243,45 +260,46 @@ class Supervisor:
                 "target": spec.target, "payload": spec.payload, "num_threads": spec.num_threads,
                 "device": spec.device, "sys_path": list(sys.path), "parent_pid": os.getpid(),
                 "cwd": os.getcwd()}
+        popen: subprocess.Popen | ForkedProcess | None
         try:
             popen = self._fork(env, boot) if spec.start_method == "zygote" else None
             if popen is None:
                 popen = _spawn_interpreter(env, boot)
         except (OSError, BrokenPipeError) as e:
             logger.error("could not start %s: %s", spec.key, e)
-            self.job.write_status(spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
-                                             "exit_code": None, "signal": None, "restarts_left": 0,
-                                             "error": str(e)})
+            self.job.write_status(spec.key, p.status("dead", None, exit_code=None, signal=None, restarts_left=0,
+                                                     error=str(e)))
             return
         p.popen = popen
         p.pidfd = popen.pidfd if isinstance(popen, ForkedProcess) else os.pidfd_open(popen.pid)
         p.started_at = time.monotonic()
         # With the previous incarnation's end: a caller that notices a death only after the
         # (fast) restart still learns how its incarnation ended.
-        self.job.write_status(spec.key, {"state": "alive", "incarnation": p.incarnation, "pid": popen.pid,
-                                         "restarts_left": p.restarts_left, **p.last_end})
+        self.job.write_status(spec.key, p.status("alive", popen.pid))
         logger.debug("started %s incarnation %d as pid %d", spec.key, p.incarnation, popen.pid)
 
     def _reap(self, p: _Proc) -> None:
-        code = p.popen.wait()
+        popen = p.popen
+        assert popen is not None, "only a started process is reaped"
+        code = popen.wait()
         os.close(p.pidfd)
         p.pidfd = -1
-        _sweep_torch_shm(p.popen.pid)
+        _sweep_torch_shm(popen.pid)
         exit_code, sig = (None, signal.Signals(-code).name) if code < 0 else (code, None)
         killed = self._stopping or self.job.was_killed(p.spec.key)
         restart = not killed and p.restarts_left != 0       # -1: unlimited
+        delay = 0.0
         if restart:
             p.restarts_left -= p.restarts_left > 0
-            p.restart_at = time.monotonic() + p.next_delay()
+            delay = p.next_delay()
+            p.restart_at = time.monotonic() + delay
         state = "restarting" if restart else "dead"
-        p.last_end = {"exit_code": exit_code, "signal": sig}
-        self.job.write_status(p.spec.key, {"state": state, "incarnation": p.incarnation, "pid": p.popen.pid,
-                                           "exit_code": exit_code, "signal": sig,
-                                           "restarts_left": p.restarts_left, "killed": killed})
+        p.last_end = (exit_code, sig)
+        self.job.write_status(p.spec.key, p.status(state, popen.pid, killed=killed))
         if not killed:
-            logger.warning("%s (pid %d) %s; %s", p.spec.key, p.popen.pid,
+            logger.warning("%s (pid %d) %s; %s", p.spec.key, popen.pid,
                            f"killed by {sig}" if sig else f"exited with code {exit_code}",
-                           f"restarting in {p.restart_at - time.monotonic():.1f}s" if restart else "not restarting")
+                           f"restarting in {delay:.1f}s" if restart else "not restarting")
 
     def _ready_zygote(self) -> Zygote | None:
         """The running zygote, or a new one if there is none (or it died)."""
@@ -319,26 +337,25 @@ class Supervisor:
     def _terminate(self, procs: list[_Proc], grace: float = 1.0) -> None:
         """Stop ``procs`` for good: SIGTERM them all at once, then SIGKILL whoever is still
         there after ``grace``. One waiting for its restart is marked dead instead."""
-        live = []
+        live: list[tuple[_Proc, subprocess.Popen | ForkedProcess]] = []
         for p in procs:
             waiting_restart, p.restart_at = p.restart_at is not None, None
             if p.popen is not None and p.pidfd >= 0:
-                live.append(p)
+                live.append((p, p.popen))
             elif p.popen is None or waiting_restart:
-                self.job.write_status(p.spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
-                                                   "exit_code": None, "signal": None, "restarts_left": 0,
-                                                   "killed": True})
-        for p in live:
+                self.job.write_status(p.spec.key, p.status("dead", None, exit_code=None, signal=None,
+                                                           restarts_left=0, killed=True))
+        for _, popen in live:
             try:
-                p.popen.send_signal(signal.SIGTERM)
+                popen.send_signal(signal.SIGTERM)
             except OSError:
                 pass
         deadline = time.monotonic() + grace
-        for p in live:
+        for p, popen in live:
             try:
-                p.popen.wait(max(0.0, deadline - time.monotonic()))
+                popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.popen.kill()
+                popen.kill()
             self._reap(p)
 
 
@@ -349,9 +366,11 @@ def _spawn_interpreter(env: dict, boot: dict) -> subprocess.Popen:
                              # Own session: a terminal's Ctrl-C goes to the driver, which
                              # stops the actors itself (PDEATHSIG still ties them to it).
                              start_new_session=True)
+    stdin = popen.stdin
+    assert stdin is not None, "started with stdin=PIPE"
     try:
-        popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
-        popen.stdin.close()
+        stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
+        stdin.close()
     except BrokenPipeError:
         pass        # it died already: its pidfd says so, like any other death
     return popen

@@ -81,8 +81,10 @@ class Zygote:
                 stdin=subprocess.PIPE, env=env, pass_fds=(theirs.fileno(),),
                 # Own session: a terminal's Ctrl-C goes to the driver, which stops the actors itself.
                 start_new_session=True)
-            self.popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
-            self.popen.stdin.close()
+            stdin = self.popen.stdin
+            assert stdin is not None, "started with stdin=PIPE"
+            stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
+            stdin.close()
         except BaseException:
             ours.close()
             raise
@@ -215,7 +217,7 @@ class ForkedProcess:
         if self.returncode is None:
             ready, _, _ = select.select([self.pidfd], [], [], timeout)
             if not ready:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
             self.returncode = self.zygote.wait_exit(self.pid)
         return self.returncode
 
@@ -296,7 +298,7 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)     # the wake-up fd does the work
     me = os.getpid()
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
             while True:
                 try:
@@ -305,7 +307,7 @@ def _serve(sock: socket.socket) -> None:
                 except BlockingIOError:
                     break
             _reap(sock)
-        if sock not in ready:
+        if sock.fileno() not in ready:
             continue
         data, fds, _, _ = socket.recv_fds(sock, 64, 3)
         if not data:

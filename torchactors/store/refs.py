@@ -6,8 +6,9 @@ hold in this process's hold table; dropping the last Python reference to it unco
 So a ref alive anywhere keeps its object alive, and nobody needs to call ``free``.
 
 A ref may also stand for a value that is not there yet (an actor call's result): the
-runtime attaches a *pending* object with ``done()``, ``result(timeout)`` and ``fileno()``,
-and ``get``/``wait`` use it without knowing what an actor is.
+runtime attaches a *pending* object (the ``Pending`` protocol of actors/pending.py: ``done()``,
+``result(timeout)``, ``materialize()``, ``wait_any``), and ``get``/``wait`` use it without
+knowing what an actor is.
 """
 
 from __future__ import annotations
