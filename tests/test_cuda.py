@@ -27,7 +27,7 @@ import torch
 import torchactors as ta
 from torchactors.runtime import child
 from torchactors.store import core as store_core
-from torchactors.store import cuda, serialize
+from torchactors.store import cuda, records, serialize
 from torchactors.store.refs import ObjectRef
 
 HAS_CUDA = torch.cuda.is_available()
@@ -163,13 +163,14 @@ def _fake_meta(**changes) -> tuple:
 def test_store_registers_the_cuda_putter_getter_and_reducer():
     s = store_core.Store()
     try:
-        assert "cuda" in s.single_putters and "c" in s.getters
+        assert records.BY_DEVICE["cuda"].put is cuda.put_cuda_tensor
+        assert records.KINDS[records.CudaMeta].rebuild is cuda.get_cuda_tensor
         assert serialize.REDUCERS["cuda"] is cuda.reduce_cuda_tensor
         # Dispatch is by tensor_kind: a strided tensor on a CUDA device picks the CUDA reducer.
         fake_cuda = type("FakeCudaTensor", (), {"layout": torch.strided, "device": torch.device("cuda", 0),
                                                      "is_nested": False, "is_quantized": False})()
         assert serialize.REDUCERS[serialize.tensor_kind(fake_cuda)] is cuda.reduce_cuda_tensor
-        # Structures still round-trip through the wrapped "p" and "v" getters.
+        # Structures still round-trip through their own kinds.
         small = s.put({"a": [1, 2], "m": torch.empty(3, device="meta")})
         big = s.put({"a": torch.arange(100_000)})
         assert (small.meta[0], big.meta[0]) == ("v", "p")
@@ -321,13 +322,13 @@ def test_an_actor_selects_its_device_by_index_before_its_constructor(monkeypatch
 def test_installing_the_cuda_box_initializes_no_cuda():
     code = textwrap.dedent("""
         import sys, torch
-        from torchactors.store import core, serialize
+        from torchactors.store import core, records, serialize
         s = core.Store()
         r = s.put({"a": torch.ones(3), "m": torch.empty(2, device="meta")})
         s.get(r)
         r2 = s.put(torch.ones(4))
         s.get(r2)
-        assert "cuda" in serialize.REDUCERS and "cuda" in s.single_putters and "c" in s.getters
+        assert "cuda" in serialize.REDUCERS and "cuda" in records.BY_DEVICE
         del r, r2
         s.close()
         sys.exit(3 if torch.cuda.is_initialized() else 0)

@@ -15,13 +15,19 @@ import io
 import pickle
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from torchactors.store import _current
+from torchactors.store.records import SharedLoc
 from torchactors.store.segments import SharedFile, align_up, shared_file
+
+if TYPE_CHECKING:
+    from torchactors.store.core import Store
+    from torchactors.store.refs import ObjectRef
 
 _local = threading.local()
 
@@ -109,8 +115,8 @@ class StoreLayout:
             self.shared_storages.append(storage)
         return i
 
-    def shared_locs(self) -> tuple:
-        return tuple((f.fd, f.inode, f.size) for f in self.shared)
+    def shared_locs(self) -> tuple[SharedLoc, ...]:
+        return tuple(SharedLoc(f.fd, f.inode, f.size) for f in self.shared)
 
     def add(self, storage: torch.UntypedStorage) -> int:
         """Relative byte offset of ``storage`` in the block (added once)."""
@@ -149,7 +155,7 @@ def rebuild_cpu_tensor(rel: int, nbytes: int, dtype: torch.dtype, shape: tuple, 
 
 def rebuild_shared_tensor(i: int, dtype: torch.dtype, shape: tuple, stride: tuple, storage_offset: int,
                           requires_grad: bool, is_param: bool) -> torch.Tensor:
-    t = torch.empty(0, dtype=dtype).set_(_reader().shared(i), storage_offset, shape, stride)
+    t = torch.empty(0, dtype=dtype).set_(reading().shared(i), storage_offset, shape, stride)
     return finish_tensor(t, requires_grad, is_param)
 
 
@@ -358,11 +364,14 @@ def rebuild_typed_storage(rel: int, nbytes: int, dtype: torch.dtype) -> torch.Ty
 # -- the block being rebuilt ----------------------------------------------------------------
 
 class BlockReader:
-    """Gives rebuild functions the storages of the object being read: one per stored
-    storage, each pinning the ref so the bytes outlive any tensor viewing them."""
+    """Gives rebuild functions the object being read (``store``, ``ref``: the CUDA rebuild
+    checks its object) and its storages: one per stored storage, each pinning the ref so the
+    bytes outlive any tensor viewing them."""
 
-    def __init__(self, make_storage: Callable[[int, int], torch.UntypedStorage],
+    def __init__(self, store: Store, ref: ObjectRef, make_storage: Callable[[int, int], torch.UntypedStorage],
                  shared: Callable[[int], torch.UntypedStorage] | None = None) -> None:
+        self.store = store
+        self.ref = ref
         self.make_storage = make_storage
         self.shared = shared            # index -> an aliased shared storage of the object
         self.cache: dict[int, torch.UntypedStorage] = {}
@@ -376,7 +385,8 @@ class BlockReader:
         _local.reader = self._prev
 
 
-def _reader() -> BlockReader:
+def reading() -> BlockReader:
+    """The object this thread's ``get`` is rebuilding (for rebuild functions)."""
     reader: BlockReader | None = getattr(_local, "reader", None)
     if reader is None:
         raise RuntimeError("a stored tensor can only be rebuilt by torchactors' get()")
@@ -384,7 +394,7 @@ def _reader() -> BlockReader:
 
 
 def _block_storage(rel: int, nbytes: int) -> torch.UntypedStorage:
-    reader = _reader()
+    reader = reading()
     s = reader.cache.get(rel) if nbytes else None
     if s is None:
         s = reader.make_storage(rel, nbytes)
@@ -514,8 +524,7 @@ class _Message:
 
 
 def _open_message(parts: list, body: bytes) -> Any:
-    from torchactors.store import core
-    st = core.current()
+    st = _current.required("opening a message that holds torchactors refs")
     groups: dict[int, list] = {}
     values = []
     for part in parts:
