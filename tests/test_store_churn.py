@@ -10,6 +10,7 @@ process (fast); the actor versions of the same figures are in the slow soaks at 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -302,3 +303,33 @@ def test_more_tensor_arguments_than_a_process_can_own_raise_store_full_naming_th
         assert err.requested == 8 and err.capacity == 256 * MiB and "objects" in str(err)
     finally:
         st.close()
+
+
+# -- objects that never left their owner ----------------------------------------------------------
+
+def test_an_object_no_ref_ever_left_is_released_at_the_next_put_into_the_same_block():
+    st = store.current()
+    ref = st.put(torch.full((1024,), 1.0))
+    place = (ref.loc.fd, ref.loc.file_off + ref.loc.offset)
+    objects = len(st.entries)
+    del ref
+    again = st.put(torch.full((1024,), 2.0))        # the block still in the cache is reused
+    assert (again.loc.fd, again.loc.file_off + again.loc.offset) == place
+    assert len(st.entries) == objects and not st.candidates
+    assert st.get(again)[0].item() == 2.0
+
+
+def test_an_object_whose_ref_was_pickled_lives_while_another_process_holds_it():
+    st = store.current()
+    ref = st.put(torch.full((1024,), 7.0))
+    blob = pickle.dumps(ref)            # the ref left this process: only a reclaim pass may free it
+    held = []
+    pid, _ = fork_store_process(st.job_dir, lambda child: held.append(pickle.loads(blob)))
+    try:
+        del ref
+        for i in range(50):
+            st.put(torch.full((1024,), float(i)))
+        store.stats()                   # a reclaim pass: the child's hold still counts
+        assert store.get(pickle.loads(blob)).tolist() == [7.0] * 1024
+    finally:
+        kill(pid)

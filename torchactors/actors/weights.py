@@ -37,7 +37,6 @@ import torch
 from torchactors.errors import GetTimeoutError, OwnerDiedError
 from torchactors.runtime import job as job_module
 from torchactors.store import core, cuda, futex
-from torchactors.store.records import to_wire
 from torchactors.store.refs import ObjectRef
 from torchactors.store.segments import OwnSegment, Segment
 
@@ -175,7 +174,7 @@ class _BufferSet:
 
 
 def _ref_args(ref: ObjectRef) -> tuple:
-    return ref.owner, ref.slot, ref.gen, ref.owner_pid, to_wire(ref.loc), to_wire(ref.meta)
+    return ref.wire()[:6]
 
 
 class _Publisher:

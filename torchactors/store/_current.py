@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torchactors.store.core import Store
 
 _store: Store | None = None
+forks = 0           # forks this process came through: a store made before the last one is a parent's
 
 
 def active() -> Store | None:
@@ -51,6 +52,8 @@ def required(what: str) -> Store:
 
 
 def _after_fork() -> None:
+    global forks
+    forks += 1
     install(None)
 
 

@@ -67,7 +67,7 @@ def default_capacity() -> int:
 class _Entry:
     """An object this process owns."""
 
-    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external", "loc", "meta")
+    __slots__ = ("gen", "seg", "offset", "cls", "keep", "external", "loc", "meta", "exported")
 
     def __init__(self, gen: int, seg: Any, offset: int, cls: int, keep: Any, external: bool,
                  loc: Location | None, meta: Meta) -> None:
@@ -79,20 +79,32 @@ class _Entry:
         self.cls = cls
         self.keep = keep            # nested refs / shared tensors that must live as long as the object
         self.external = external    # bytes in a storage torch already shares (not a pool block)
+        self.exported = False       # a ref to it was pickled: other processes may hold it
 
 
-def pinned_buffer(seg: Segment, offset: int, nbytes: int, pin: Any) -> ctypes.Array:
+def pinned_buffer(seg: Segment, offset: int, nbytes: int, pin: Any) -> Any:
     """A buffer over ``nbytes`` of ``seg`` at ``offset`` that keeps ``pin`` (the ref) alive:
     torch keeps the buffer alive as long as any tensor views it, so the object lives too."""
-    buf = (ctypes.c_char * nbytes).from_buffer(seg.mm, offset)
+    buf: Any = (ctypes.c_char * nbytes).from_buffer(seg.mm, offset)
     buf.pin = pin
     return buf
+
+
+def pinned_view(seg: Segment, offset: int, count: int, dtype: torch.dtype, pin: Any) -> torch.Tensor:
+    """A flat tensor over ``count`` elements of ``seg`` at byte ``offset`` whose storage keeps
+    ``pin`` (the ref) alive: the storage holds the segment's buffer (so the mapping stays), and
+    torch keeps a storage's Python object, with its attributes, as long as any tensor views it.
+    Half the cost of a ``pinned_buffer`` per get (no ctypes array per object)."""
+    flat = torch.frombuffer(seg.mm, dtype=dtype, count=count, offset=offset)
+    storage: Any = flat.untyped_storage()
+    storage._torchactors_pin = pin
+    return flat
 
 
 def make_storage(seg: Segment, offset: int, nbytes: int, pin: Any) -> torch.UntypedStorage:
     if nbytes == 0:
         return torch.UntypedStorage(0)
-    return torch.frombuffer(pinned_buffer(seg, offset, nbytes, pin), dtype=torch.uint8).untyped_storage()
+    return pinned_view(seg, offset, nbytes, torch.uint8, pin).untyped_storage()
 
 
 _strides_cache: dict[tuple, tuple] = {}
@@ -155,6 +167,7 @@ class Store:
         self.job = os.path.basename(self.job_dir)      # named in every ref: refs of other jobs are refused
         self.index = self.membership.index
         self.pid = os.getpid()
+        self._forks = _current.forks    # a forked child sees a larger count: never its store
         self.pool = SegmentPool(capacity or default_capacity())
         self.maps = MappingCache()
         self.entries: dict[int, _Entry] = {}
@@ -167,6 +180,7 @@ class Store:
         self.watcher = Watcher(self)
         self.membership.on_new_peer = self.watcher.event.set
         self._holding = 0           # objects holding refs or storages that lost their last local ref
+        self._unshared: list[tuple[int, int]] = []  # (slot, gen) no ref left here, none ever left: release
         logger.debug("store of process %d (index %d) in job %s, capacity %d bytes", self.pid, self.index, self.job,
                      self.pool.capacity)
 
@@ -174,13 +188,15 @@ class Store:
 
     def put(self, obj: Any, timeout: float | None = None) -> ObjectRef:
         """Copy ``obj``'s tensor bytes once into shared memory and return its ref."""
-        if isinstance(obj, ObjectRef):
+        if isinstance(obj, torch.Tensor):
+            if serialize.is_plain(obj):
+                if obj.requires_grad:
+                    serialize.check_shareable(obj)
+                kind = BY_DEVICE.get("cpu" if obj.is_cpu else obj.device.type)     # is_cpu: no device object
+                if kind is not None and kind.put is not None:
+                    return self._register(kind.put(self, obj, timeout))
+        elif isinstance(obj, ObjectRef):
             return obj
-        if isinstance(obj, torch.Tensor) and serialize.is_plain(obj):
-            serialize.check_shareable(obj)
-            kind = BY_DEVICE.get(obj.device.type)
-            if kind is not None and kind.put is not None:
-                return self._register(kind.put(self, obj, timeout))
         return self._register(self._put_structure(obj, timeout))
 
     def put_empty(self, nbytes: int, timeout: float | None = None) -> ObjectRef:
@@ -194,30 +210,27 @@ class Store:
         """``KINDS[TensorMeta].put``: one dense CPU tensor's bytes into a pool block."""
         storage = t.untyped_storage()
         shape, stride = tuple(t.shape), t.stride()
-        if t.numel() == 0:
-            meta = TensorMeta("t", t.dtype, shape, stride, 0, 0, t.requires_grad,
-                              type(t) is torch.nn.Parameter)
+        nbytes: int = t.nbytes          # numel * element size: 0 for an empty tensor
+        if not nbytes:
+            meta = TensorMeta("t", t.dtype, shape, stride, 0, 0, t.requires_grad, type(t) is torch.nn.Parameter)
             return Placed(None, 0, 0, None, meta, False)
+        offset = int(t.storage_offset())
         if storage.is_shared():
             shared = shared_file(storage)
             if shared is not None:      # aliased: peers open torch's fd, the owner reads the storage
-                meta = TensorMeta("t", t.dtype, shape, stride, t.storage_offset(), storage.nbytes(),
-                                  t.requires_grad, type(t) is torch.nn.Parameter)
+                meta = TensorMeta("t", t.dtype, shape, stride, offset, storage.nbytes(), t.requires_grad,
+                                  type(t) is torch.nn.Parameter)
                 return Placed(shared, 0, 0, storage, meta, True)
         # Copy the storage from its start to the end of the view, so that the view comes back
         # with its own strides and storage offset (not what lies beyond it).
-        offset = t.storage_offset()
-        if t.is_contiguous():
-            nbytes = (offset + t.numel()) * t.element_size()
-        else:
+        if offset or not t.is_contiguous():
             extent = offset + 1
             for n, st in zip(shape, stride, strict=True):
                 extent += (n - 1) * st
             nbytes = extent * t.element_size()
         seg, off, cls = self._allocate(nbytes, timeout)
         ctypes.memmove(seg.base + off, storage.data_ptr(), nbytes)
-        meta = TensorMeta("t", t.dtype, shape, stride, offset, nbytes, t.requires_grad,
-                          type(t) is torch.nn.Parameter)
+        meta = TensorMeta("t", t.dtype, shape, stride, offset, nbytes, t.requires_grad, type(t) is torch.nn.Parameter)
         return Placed(seg, off, cls, None, meta, False)
 
     def _put_structure(self, obj: Any, timeout: float | None) -> Placed:
@@ -241,6 +254,8 @@ class Store:
         with self.lock:
             if self.closed:
                 raise RuntimeError("the store was shut down; call ta.init() to start a new one")
+            if self._unshared:
+                self._release_unshared()
             if not self.free_slots:
                 self._reclaim()
                 if not self.free_slots:
@@ -268,6 +283,8 @@ class Store:
 
     def _allocate(self, nbytes: int, timeout: float | None) -> tuple[Segment, int, int]:
         with self.lock:
+            if self._unshared:          # their blocks first: reused while still in the cache
+                self._release_unshared()
             cls = size_class(nbytes)
             if cls > self.pool.capacity:        # would never fit: no point waiting
                 raise StoreFullError(nbytes, self.pool.used, self.pool.capacity,
@@ -276,7 +293,7 @@ class Store:
             # while it has room (reclaiming in batches), large ones reuse pooled segments.
             if self.candidates and not self.pool.has_free(cls) and not self.pool.can_carve(cls):
                 self._reclaim()
-            found = self.pool.allocate(nbytes)
+            found = self.pool.allocate(nbytes, cls)
             if found is not None:
                 return found
             logger.info("store of process %d is full: %d bytes requested, %d of %d bytes used (%d reserved); "
@@ -392,6 +409,8 @@ class Store:
             raise _owner_died(ref)
         i = ref.slot * registry.HEADER_CELL
         header = peer.header
+        if header is None:          # the watcher just dropped its tables: it died
+            raise _owner_died(ref)
         try:
             gen, state = header.cells[i], header.cells[i + 1]
             where_cells = tuple(header.cells[i + 2:i + 6])
@@ -433,12 +452,12 @@ class Store:
         elif isinstance(seg, torch.UntypedStorage):
             t = torch.empty(0, dtype=dtype).set_(seg, offset, shape, stride)
         else:
-            flat = torch.frombuffer(pinned_buffer(seg, ref.loc.offset, nbytes, ref), dtype=dtype)
+            flat = pinned_view(seg, ref.loc.offset, nbytes // dtype.itemsize, dtype, ref)
             if offset == 0 and stride == contiguous_strides(shape):
                 t = flat if len(shape) == 1 else flat.view(shape)
             else:
                 t = flat.as_strided(shape, stride, offset)
-        return serialize.finish_tensor(t, requires_grad, is_param)
+        return serialize.finish_tensor(t, requires_grad, is_param) if requires_grad or is_param else t
 
     def _get_pickled(self, ref: ObjectRef, seg: Segment) -> Any:
         """``KINDS[PickledMeta].rebuild``: unpickle the skeleton; its tensors view the block."""
@@ -489,6 +508,8 @@ class Store:
         processes freed) to the pool."""
         with self.lock:
             self._holding = 0
+            if self._unshared:
+                self._release_unshared()
             self.membership.refresh_peers()
             self._forget_dead_peers()
             epochs = self.membership.free_epochs()
@@ -518,16 +539,40 @@ class Store:
             self.candidates.discard(slot)
 
     def released(self, ref: ObjectRef) -> None:
-        """``ref``, counted here, was dropped (its ``__del__``; never in a forked child)."""
-        if self.closed or self.pid != os.getpid():
+        """``ref``, counted here, was dropped (its ``__del__``; never in a forked child). An
+        object of ours that no ref ever left this process for is released at the next put;
+        any other waits for a reclaim pass to find no holder in any process (see docs/design.md,
+        "Objects that never left their owner are released at once")."""
+        if self.closed or self._forks != _current.forks:
             return
         left = self.membership.unhold(ref.owner, ref.slot)
         if ref.owner == self.index and left <= 0:
-            self.candidates.add(ref.slot)
             entry = self.entries.get(ref.slot)
+            if left == 0 and entry is not None and entry.gen == ref.gen and not entry.exported \
+                    and entry.keep is None:
+                self._unshared.append((ref.slot, ref.gen))
+                return
+            self.candidates.add(ref.slot)
             if entry is not None and entry.keep is not None:
                 self._holding += 1
                 self.watcher.nudge()
+
+    def exported(self, ref: ObjectRef) -> None:
+        """A ref to ``ref``'s object is being pickled: from now on another process may hold it."""
+        if ref.owner == self.index and ref.owner_pid == self.pid:
+            entry = self.entries.get(ref.slot)
+            if entry is not None and entry.gen == ref.gen:
+                entry.exported = True
+
+    def _release_unshared(self) -> None:
+        """Release the objects ``released`` listed (under ``lock``), unless a ref to one was
+        made here since (it would be counted again) or left this process (exported)."""
+        unshared = self._unshared
+        while unshared:
+            slot, gen = unshared.pop()
+            entry = self.entries.get(slot)
+            if entry is not None and entry.gen == gen and not entry.exported and not self.membership.held_here(slot):
+                self._release(slot, entry, registry.STATE_EMPTY)
 
     def background_reclaim(self) -> bool:
         """The watcher's round: reclaim; True while objects holding something still wait."""

@@ -181,7 +181,7 @@ def share(t: torch.Tensor) -> tuple[CudaMeta, _Kept | None]:
         export.drop()
         raise
     meta = CudaMeta("c", export.device, export.handle, export.nbytes, export.offset_bytes, event_handle,
-                    t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.requires_grad, is_param)
+                    t.dtype, tuple(t.shape), t.stride(), int(t.storage_offset()), t.requires_grad, is_param)
     return meta, _Kept(export, event)
 
 
@@ -282,7 +282,7 @@ class _Pin:
 def alias_storage(base: torch.UntypedStorage, nbytes: int, device: torch.device, pin: Any) -> torch.UntypedStorage:
     """A storage over the first ``nbytes`` of ``base`` that keeps ``pin`` alive as long as any
     tensor views it (torch keeps a storage's Python object, and so its attributes, alive with it)."""
-    s = torch._C._construct_storage_from_data_pointer(base.data_ptr(), device, nbytes)
+    s: Any = torch._C._construct_storage_from_data_pointer(base.data_ptr(), device, nbytes)
     setattr(s, _PIN, pin)
     return s
 

@@ -38,7 +38,6 @@ import torch
 if TYPE_CHECKING:
     from torchactors.store.core import Store
     from torchactors.store.refs import ObjectRef
-    from torchactors.store.segments import Segment
 
 
 class Location(NamedTuple):
@@ -168,7 +167,7 @@ class Kind(NamedTuple):
     meta: type
     device: str | None
     put: Callable[[Store, torch.Tensor, float | None], Placed] | None
-    rebuild: Callable[[Store, ObjectRef, Segment | None], Any]
+    rebuild: Callable[[Store, ObjectRef, Any], Any]     # the segment, the shared storage, or None
     checks_itself: bool = False
 
 

@@ -112,8 +112,16 @@ class ObjectRef:
         ctx = getattr(_local, "ctx", None)
         if ctx is not None:
             ctx.refs.append(ref)
-        return (_rebuild_ref, (ref.owner, ref.slot, ref.gen, ref.owner_pid, to_wire(ref.loc), to_wire(ref.meta),
-                               ref.job))
+        return (_rebuild_ref, ref.wire())
+
+    def wire(self) -> tuple:
+        """The ref as plain values (owner, slot, gen, owner_pid, loc, meta, job), what its
+        pickle carries; ``_rebuild_ref(*wire)`` counts it again. Whoever sends these values
+        to another process must take them from here: the owner then knows the object left it."""
+        holder = self._holder if self._holder is not None else _current.active()
+        if holder is not None and self.owner == holder.index:
+            holder.exported(self)
+        return (self.owner, self.slot, self.gen, self.owner_pid, to_wire(self.loc), to_wire(self.meta), self.job)
 
     # -- asyncio (used by the actors' async methods and asyncio drivers) --------------------
 
