@@ -157,7 +157,7 @@ def _fake_meta(**changes) -> tuple:
                   event_handle=None, dtype=torch.float32, shape=(4,), stride=(1,), storage_offset=0,
                   requires_grad=False, is_param=False)
     fields.update(changes)
-    return tuple(fields[f] for f in cuda.CUDA_META_FIELDS)
+    return tuple(fields[f] for f in records.CudaMeta._fields)       # the wire tuple
 
 
 def test_store_registers_the_cuda_putter_getter_and_reducer():
@@ -195,21 +195,19 @@ def test_meta_device_tensors_take_the_meta_path_not_the_cuda_one():
 
 def test_cuda_meta_layout_is_what_the_getter_reads():
     meta = _fake_meta()
-    described = cuda.describe_cuda_meta(meta)
-    assert tuple(described) == cuda.CUDA_META_FIELDS
-    assert cuda.CUDA_META_FIELDS == ("kind", "device", "handle", "storage_nbytes", "storage_offset_bytes",
-                                     "event_handle", "dtype", "shape", "stride", "storage_offset",
-                                     "requires_grad", "is_param")
-    assert described["handle"] == b"h" * 64 and described["dtype"] is torch.float32
-    with pytest.raises(ValueError, match="not a CUDA object's meta"):
-        cuda.describe_cuda_meta(meta[:-1])
-    with pytest.raises(ValueError):
-        cuda.describe_cuda_meta(("t",) + meta[1:])
+    described = records.meta_from_wire(meta)
+    assert type(described) is records.CudaMeta
+    assert records.CudaMeta._fields == ("kind", "device", "handle", "storage_nbytes", "storage_offset_bytes",
+                                        "event_handle", "dtype", "shape", "stride", "storage_offset",
+                                        "requires_grad", "is_param")
+    assert described.handle == b"h" * 64 and described.dtype is torch.float32
+    for wrong in (meta[:-1], ("t",) + meta[1:]):        # names no record: stays a tuple, get refuses it
+        assert type(records.meta_from_wire(wrong)) is tuple
     # The putter writes that layout (an empty tensor needs no device to describe).
     p = torch.nn.Parameter(torch.empty(0, 3))
     put_meta, kept = cuda.share(p)
-    assert kept is None
-    assert cuda.describe_cuda_meta(put_meta) == dict(
+    assert kept is None and type(put_meta) is records.CudaMeta
+    assert put_meta._asdict() == dict(
         kind="c", device=None, handle=None, storage_nbytes=0, storage_offset_bytes=0, event_handle=None,
         dtype=torch.float32, shape=(0, 3), stride=(3, 1), storage_offset=0, requires_grad=True, is_param=True)
 
@@ -379,7 +377,7 @@ def test_owner_get_is_a_view_of_the_kept_tensor_and_free_raises(gpu):
     t = torch.arange(6.0, device="cuda").view(2, 3)
     ref = ta.put(t)
     assert ref.meta[0] == "c" and ref.loc is None
-    assert cuda.describe_cuda_meta(ref.meta)["event_handle"] is not None
+    assert ref.meta.event_handle is not None
     back = ta.get(ref)
     assert back.data_ptr() == t.data_ptr() and torch.equal(back, t)
     ta.free(ref)
@@ -406,7 +404,7 @@ def test_event_orders_a_cross_process_add_then_mul(gpu):
 def test_many_small_tensors_from_one_allocation_block(gpu):
     tensors = [torch.arange(i * 5.0, (i + 1) * 5, device="cuda") for i in range(64)]
     refs = [ta.put(t) for t in tensors]
-    handles = {cuda.describe_cuda_meta(r.meta)["handle"] for r in refs}
+    handles = {r.meta.handle for r in refs}
     assert len(handles) < len(refs), "small tensors share cached allocation blocks"
     for results in (ta.get(gpu.sums.remote(refs), timeout=60), ta.get(gpu.sums.remote(tensors), timeout=60)):
         for i, (total, device, numel, nbytes) in enumerate(results):
@@ -432,7 +430,7 @@ def test_mixed_dtypes_from_one_allocation(gpu):
     as_byte = block[16:20].view(2, 2).zero_()
     as_half = block[32:40].view(torch.float16).fill_(2)
     refs = [ta.put(as_float), ta.put(as_byte), ta.put(as_half)]
-    assert len({cuda.describe_cuda_meta(r.meta)["handle"] for r in refs}) == 1
+    assert len({r.meta.handle for r in refs}) == 1
     f, b, h = ta.get(gpu.to_cpu.remote(*refs), timeout=60)
     assert torch.equal(f, torch.ones(2, 2)) and torch.equal(b, torch.zeros(2, 2, dtype=torch.uint8))
     assert torch.equal(h, torch.full((4,), 2, dtype=torch.float16))
@@ -450,7 +448,7 @@ def test_empty_cuda_tensors(gpu):
                   torch.tensor([], dtype=torch.int64, device="cuda"),
                   torch.empty(0, 3, device="cuda"), big[:0]):
         ref = ta.put(empty)
-        assert cuda.describe_cuda_meta(ref.meta)["handle"] is None
+        assert ref.meta.handle is None
         out = ta.get(ref)
         assert out.is_cuda and out.dtype == empty.dtype and out.shape == empty.shape
         kind, dtype, shape, *_, device = ta.get(gpu.describe.remote(empty), timeout=60)

@@ -97,7 +97,7 @@ def pinned_view(seg: Segment, offset: int, count: int, dtype: torch.dtype, pin: 
     Half the cost of a ``pinned_buffer`` per get (no ctypes array per object)."""
     flat = torch.frombuffer(seg.mm, dtype=dtype, count=count, offset=offset)
     storage: Any = flat.untyped_storage()
-    storage._torchactors_pin = pin
+    storage._torchactors_ref = pin
     return flat
 
 

@@ -63,15 +63,13 @@ import torch
 
 from torchactors.errors import ObjectFreedError
 from torchactors.store import _current, serialize
-from torchactors.store.records import CudaMeta, Kind, Placed, register, tag_of
+from torchactors.store.records import CudaMeta, Kind, Placed, register
 
 if TYPE_CHECKING:
     from torchactors.store.core import Store
     from torchactors.store.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
-
-CUDA_META_FIELDS = CudaMeta._fields      # a CUDA object's meta, in order (its wire tuple)
 
 MAX_EVENTS = 1000       # live interprocess events per process; beyond, put synchronizes instead
 NO_COUNTER = b"/torchactors-no-ipc-counter"   # names no file: torch's consumer-side decrement is a no-op
@@ -84,14 +82,6 @@ _owned: weakref.WeakValueDictionary[tuple, torch.UntypedStorage] = weakref.WeakV
 _opened: weakref.WeakValueDictionary[tuple, torch.UntypedStorage] = weakref.WeakValueDictionary()
 _events_live = 0
 _warned_clone = False
-
-
-def describe_cuda_meta(meta: tuple) -> dict:
-    """A CUDA object's meta (a ``CudaMeta`` or its wire tuple) as a dict keyed by ``CUDA_META_FIELDS``."""
-    if not isinstance(meta, tuple) or len(meta) != len(CUDA_META_FIELDS) or meta[0] != tag_of(CudaMeta):
-        raise ValueError(f"not a CUDA object's meta: expected a {len(CUDA_META_FIELDS)}-tuple starting "
-                         f"with 'c' ({', '.join(CUDA_META_FIELDS)}), got {meta!r:.200}")
-    return dict(zip(CUDA_META_FIELDS, meta, strict=False))
 
 
 # -- put ----------------------------------------------------------------------------------------
