@@ -2,8 +2,11 @@
 
 Box in the data flow::
 
-    put(t) -> pool block (copy once) -> ObjectRef(owner, slot, gen, fd, inode, offset, meta)
-    ObjectRef --(any message)--> get(ref) -> mapping cache -> view of the same bytes (no copy)
+    put(t) -> BY_DEVICE[t's device].put (a structure: the store pickler) -> pool block (copy once)
+        -> ObjectRef(owner, slot, gen, Location, meta record)
+    ObjectRef --(any message)--> get(ref) -> check_live -> mapping cache -> KINDS[type(meta)].rebuild
+        -> a view of the same bytes (no copy)
+    last ref dropped here, never exported -> released at the next put (block reused hot)
     last ref dropped everywhere -> owner's reclaim pass -> block back to the pool
 
 Every process of a job has one ``Store``. It owns the objects it put (Ray's ownership model)

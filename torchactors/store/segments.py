@@ -272,7 +272,8 @@ class SegmentPool:
         self._next_seg += 1
         self.segments[seg.seg_id] = seg
         self.reserved += size
-        logger.debug("new segment %d of %d bytes", seg.seg_id, size)
+        logger.debug("new segment %d of %d bytes (fd %d; %d of %d bytes reserved)", seg.seg_id, size, seg.fd,
+                     self.reserved, self.capacity)
         return seg
 
     def _large_window(self, name: str, size: int) -> tuple[DataFile, int]:
