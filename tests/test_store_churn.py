@@ -9,6 +9,7 @@ process (fast); the actor versions of the same figures are in the slow soaks at 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -333,3 +334,26 @@ def test_an_object_whose_ref_was_pickled_lives_while_another_process_holds_it():
         assert store.get(pickle.loads(blob)).tolist() == [7.0] * 1024
     finally:
         kill(pid)
+
+
+# -- what the store tells an operator ------------------------------------------------------------
+
+def test_a_dead_owner_and_a_full_store_are_logged_with_their_figures(caplog):
+    caplog.set_level(logging.INFO, logger="torchactors.store.core")
+    st = store.current()
+    pid, refs = fork_owner(st.job_dir, [4096])
+    assert store.get(refs[0])[0].item() == 0.0
+    del refs
+    kill(pid)
+    assert wait_for(lambda: any(f"process {pid} " in r.getMessage() and "died" in r.getMessage()
+                                for r in caplog.records), 3.0), caplog.text
+    small = core.Store(capacity=4 * MiB)
+    try:
+        held = [small.put(torch.empty(MiB // 4 * 3, dtype=torch.float32))]
+        with pytest.raises(StoreFullError):
+            small.put(torch.empty(MiB // 4 * 3, dtype=torch.float32))
+        full = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+        assert full and str(3 * MiB) in full[-1] and str(4 * MiB) in full[-1], full
+        del held
+    finally:
+        small.close()
