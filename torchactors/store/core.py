@@ -391,7 +391,7 @@ class Store:
             if (ref.loc is not entry.loc and ref.loc != entry.loc) or (ref.meta is not entry.meta
                                                                       and ref.meta != entry.meta):
                 raise _malformed(ref, "its place or layout differs from the object's")
-            if self.membership.freed_by_peer(self.index, ref.slot, ref.gen):
+            if m.peers and m.freed_by_peer(self.index, ref.slot, ref.gen):
                 with self.lock:
                     if self.entries.get(ref.slot) is entry:
                         self._release(ref.slot, entry, registry.STATE_FREED)
