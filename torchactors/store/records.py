@@ -15,8 +15,9 @@ record             tag   object
 =================  ====  =================================================================
 
 Wire form (see docs/design.md, "Named records, plain tuples on the wire"): each record's first
-field is its tag (typed as a ``Literal``, so the type checker holds every construction to it), so ``tuple(record)`` is exactly the positional tuple refs carried before
-records had names, and a 4 KB tensor's pickled ref is as small as it was. ``ObjectRef``
+field is its tag (typed as a ``Literal``, so the type checker holds every construction to it),
+so ``tuple(record)`` is exactly the positional tuple refs carried before records had names, and
+a 4 KB tensor's pickled ref is as small as it was. ``ObjectRef``
 converts at its two edges (``to_wire`` when pickled, ``meta_from_wire``/``location_from_wire``
 when built); anything that is not a well-formed record stays as it came, and ``get`` refuses it
 as a malformed ref.
@@ -200,6 +201,7 @@ def meta_from_wire(meta: Any) -> Any:
 
 
 def location_from_wire(loc: Any) -> Any:
+    """The ``Location`` of a wire tuple, or ``loc`` unchanged (None, a record, or malformed)."""
     if type(loc) is tuple and len(loc) == 6:
         return tuple.__new__(Location, loc)
     return loc
