@@ -27,7 +27,7 @@ import torch
 import torchactors as ta
 from torchactors.runtime import child
 from torchactors.store import core as store_core
-from torchactors.store import cuda, serialize
+from torchactors.store import cuda, records, serialize
 from torchactors.store.refs import ObjectRef
 
 HAS_CUDA = torch.cuda.is_available()
@@ -157,19 +157,20 @@ def _fake_meta(**changes) -> tuple:
                   event_handle=None, dtype=torch.float32, shape=(4,), stride=(1,), storage_offset=0,
                   requires_grad=False, is_param=False)
     fields.update(changes)
-    return tuple(fields[f] for f in cuda.CUDA_META_FIELDS)
+    return tuple(fields[f] for f in records.CudaMeta._fields)       # the wire tuple
 
 
 def test_store_registers_the_cuda_putter_getter_and_reducer():
     s = store_core.Store()
     try:
-        assert "cuda" in s.single_putters and "c" in s.getters
+        assert records.BY_DEVICE["cuda"].put is cuda.put_cuda_tensor
+        assert records.KINDS[records.CudaMeta].rebuild is cuda.get_cuda_tensor
         assert serialize.REDUCERS["cuda"] is cuda.reduce_cuda_tensor
         # Dispatch is by tensor_kind: a strided tensor on a CUDA device picks the CUDA reducer.
         fake_cuda = type("FakeCudaTensor", (), {"layout": torch.strided, "device": torch.device("cuda", 0),
                                                      "is_nested": False, "is_quantized": False})()
         assert serialize.REDUCERS[serialize.tensor_kind(fake_cuda)] is cuda.reduce_cuda_tensor
-        # Structures still round-trip through the wrapped "p" and "v" getters.
+        # Structures still round-trip through their own kinds.
         small = s.put({"a": [1, 2], "m": torch.empty(3, device="meta")})
         big = s.put({"a": torch.arange(100_000)})
         assert (small.meta[0], big.meta[0]) == ("v", "p")
@@ -194,21 +195,19 @@ def test_meta_device_tensors_take_the_meta_path_not_the_cuda_one():
 
 def test_cuda_meta_layout_is_what_the_getter_reads():
     meta = _fake_meta()
-    described = cuda.describe_cuda_meta(meta)
-    assert tuple(described) == cuda.CUDA_META_FIELDS
-    assert cuda.CUDA_META_FIELDS == ("kind", "device", "handle", "storage_nbytes", "storage_offset_bytes",
-                                     "event_handle", "dtype", "shape", "stride", "storage_offset",
-                                     "requires_grad", "is_param")
-    assert described["handle"] == b"h" * 64 and described["dtype"] is torch.float32
-    with pytest.raises(ValueError, match="not a CUDA object's meta"):
-        cuda.describe_cuda_meta(meta[:-1])
-    with pytest.raises(ValueError):
-        cuda.describe_cuda_meta(("t",) + meta[1:])
+    described = records.meta_from_wire(meta)
+    assert type(described) is records.CudaMeta
+    assert records.CudaMeta._fields == ("kind", "device", "handle", "storage_nbytes", "storage_offset_bytes",
+                                        "event_handle", "dtype", "shape", "stride", "storage_offset",
+                                        "requires_grad", "is_param")
+    assert described.handle == b"h" * 64 and described.dtype is torch.float32
+    for wrong in (meta[:-1], ("t",) + meta[1:]):        # names no record: stays a tuple, get refuses it
+        assert type(records.meta_from_wire(wrong)) is tuple
     # The putter writes that layout (an empty tensor needs no device to describe).
     p = torch.nn.Parameter(torch.empty(0, 3))
     put_meta, kept = cuda.share(p)
-    assert kept is None
-    assert cuda.describe_cuda_meta(put_meta) == dict(
+    assert kept is None and type(put_meta) is records.CudaMeta
+    assert put_meta._asdict() == dict(
         kind="c", device=None, handle=None, storage_nbytes=0, storage_offset_bytes=0, event_handle=None,
         dtype=torch.float32, shape=(0, 3), stride=(3, 1), storage_offset=0, requires_grad=True, is_param=True)
 
@@ -321,13 +320,13 @@ def test_an_actor_selects_its_device_by_index_before_its_constructor(monkeypatch
 def test_installing_the_cuda_box_initializes_no_cuda():
     code = textwrap.dedent("""
         import sys, torch
-        from torchactors.store import core, serialize
+        from torchactors.store import core, records, serialize
         s = core.Store()
         r = s.put({"a": torch.ones(3), "m": torch.empty(2, device="meta")})
         s.get(r)
         r2 = s.put(torch.ones(4))
         s.get(r2)
-        assert "cuda" in serialize.REDUCERS and "cuda" in s.single_putters and "c" in s.getters
+        assert "cuda" in serialize.REDUCERS and "cuda" in records.BY_DEVICE
         del r, r2
         s.close()
         sys.exit(3 if torch.cuda.is_initialized() else 0)
@@ -378,7 +377,7 @@ def test_owner_get_is_a_view_of_the_kept_tensor_and_free_raises(gpu):
     t = torch.arange(6.0, device="cuda").view(2, 3)
     ref = ta.put(t)
     assert ref.meta[0] == "c" and ref.loc is None
-    assert cuda.describe_cuda_meta(ref.meta)["event_handle"] is not None
+    assert ref.meta.event_handle is not None
     back = ta.get(ref)
     assert back.data_ptr() == t.data_ptr() and torch.equal(back, t)
     ta.free(ref)
@@ -405,7 +404,7 @@ def test_event_orders_a_cross_process_add_then_mul(gpu):
 def test_many_small_tensors_from_one_allocation_block(gpu):
     tensors = [torch.arange(i * 5.0, (i + 1) * 5, device="cuda") for i in range(64)]
     refs = [ta.put(t) for t in tensors]
-    handles = {cuda.describe_cuda_meta(r.meta)["handle"] for r in refs}
+    handles = {r.meta.handle for r in refs}
     assert len(handles) < len(refs), "small tensors share cached allocation blocks"
     for results in (ta.get(gpu.sums.remote(refs), timeout=60), ta.get(gpu.sums.remote(tensors), timeout=60)):
         for i, (total, device, numel, nbytes) in enumerate(results):
@@ -431,7 +430,7 @@ def test_mixed_dtypes_from_one_allocation(gpu):
     as_byte = block[16:20].view(2, 2).zero_()
     as_half = block[32:40].view(torch.float16).fill_(2)
     refs = [ta.put(as_float), ta.put(as_byte), ta.put(as_half)]
-    assert len({cuda.describe_cuda_meta(r.meta)["handle"] for r in refs}) == 1
+    assert len({r.meta.handle for r in refs}) == 1
     f, b, h = ta.get(gpu.to_cpu.remote(*refs), timeout=60)
     assert torch.equal(f, torch.ones(2, 2)) and torch.equal(b, torch.zeros(2, 2, dtype=torch.uint8))
     assert torch.equal(h, torch.full((4,), 2, dtype=torch.float16))
@@ -449,7 +448,7 @@ def test_empty_cuda_tensors(gpu):
                   torch.tensor([], dtype=torch.int64, device="cuda"),
                   torch.empty(0, 3, device="cuda"), big[:0]):
         ref = ta.put(empty)
-        assert cuda.describe_cuda_meta(ref.meta)["handle"] is None
+        assert ref.meta.handle is None
         out = ta.get(ref)
         assert out.is_cuda and out.dtype == empty.dtype and out.shape == empty.shape
         kind, dtype, shape, *_, device = ta.get(gpu.describe.remote(empty), timeout=60)

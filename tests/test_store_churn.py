@@ -9,7 +9,9 @@ process (fast); the actor versions of the same figures are in the slow soaks at 
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -302,3 +304,56 @@ def test_more_tensor_arguments_than_a_process_can_own_raise_store_full_naming_th
         assert err.requested == 8 and err.capacity == 256 * MiB and "objects" in str(err)
     finally:
         st.close()
+
+
+# -- objects that never left their owner ----------------------------------------------------------
+
+def test_an_object_no_ref_ever_left_is_released_at_the_next_put_into_the_same_block():
+    st = store.current()
+    ref = st.put(torch.full((1024,), 1.0))
+    place = (ref.loc.fd, ref.loc.file_off + ref.loc.offset)
+    objects = len(st.entries)
+    del ref
+    again = st.put(torch.full((1024,), 2.0))        # the block still in the cache is reused
+    assert (again.loc.fd, again.loc.file_off + again.loc.offset) == place
+    assert len(st.entries) == objects and not st.candidates
+    assert st.get(again)[0].item() == 2.0
+
+
+def test_an_object_whose_ref_was_pickled_lives_while_another_process_holds_it():
+    st = store.current()
+    ref = st.put(torch.full((1024,), 7.0))
+    blob = pickle.dumps(ref)            # the ref left this process: only a reclaim pass may free it
+    held = []
+    pid, _ = fork_store_process(st.job_dir, lambda child: held.append(pickle.loads(blob)))
+    try:
+        del ref
+        for i in range(50):
+            st.put(torch.full((1024,), float(i)))
+        store.stats()                   # a reclaim pass: the child's hold still counts
+        assert store.get(pickle.loads(blob)).tolist() == [7.0] * 1024
+    finally:
+        kill(pid)
+
+
+# -- what the store tells an operator ------------------------------------------------------------
+
+def test_a_dead_owner_and_a_full_store_are_logged_with_their_figures(caplog):
+    caplog.set_level(logging.INFO, logger="torchactors.store.core")
+    st = store.current()
+    pid, refs = fork_owner(st.job_dir, [4096])
+    assert store.get(refs[0])[0].item() == 0.0
+    del refs
+    kill(pid)
+    assert wait_for(lambda: any(f"process {pid} " in r.getMessage() and "died" in r.getMessage()
+                                for r in caplog.records), 3.0), caplog.text
+    small = core.Store(capacity=4 * MiB)
+    try:
+        held = [small.put(torch.empty(MiB // 4 * 3, dtype=torch.float32))]
+        with pytest.raises(StoreFullError):
+            small.put(torch.empty(MiB // 4 * 3, dtype=torch.float32))
+        full = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+        assert full and str(3 * MiB) in full[-1] and str(4 * MiB) in full[-1], full
+        del held
+    finally:
+        small.close()

@@ -60,9 +60,9 @@ def test_a_ref_of_another_job_is_refused_not_read_as_this_jobs_object(tmp_path):
 
 
 def test_unpickling_a_foreign_ref_counts_nothing_and_starts_no_store():
-    code = ("import pickle, sys, torch; from torchactors import store; from torchactors.store import core; "
-            "r = store.put(torch.ones(2)); blob = pickle.dumps(r); core.current().close(); core._set(None); "
-            "back = pickle.loads(blob); sys.stdout.write(str(core.active() is None and not back._counted))")
+    code = ("import pickle, sys, torch; from torchactors import store; from torchactors.store import _current, core; "
+            "r = store.put(torch.ones(2)); blob = pickle.dumps(r); core.current().close(); _current.install(None); "
+            "back = pickle.loads(blob); sys.stdout.write(str(core.active() is None and back._holder is None))")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env, text=True).stdout
     assert out == "True"

@@ -175,7 +175,7 @@ class _BufferSet:
 
 
 def _ref_args(ref: ObjectRef) -> tuple:
-    return ref.owner, ref.slot, ref.gen, ref.owner_pid, ref.loc, ref.meta
+    return ref.wire()[:6]
 
 
 class _Publisher:

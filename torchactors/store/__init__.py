@@ -3,6 +3,12 @@
 ``put`` copies a tensor's bytes once into this process's shared-memory pool and returns a
 small ``ObjectRef``; ``get`` in any process of the job returns a view of the same bytes.
 Works alone: it imports nothing from the runtime or the actors.
+
+Modules, bottom up: ``_current`` (the process's one store), ``records`` (refs' named records and
+the table of object kinds), ``segments`` (memfd segments, the pool, mappings), ``registry``
+(job membership, hold tables), ``futex``, ``refs`` (``ObjectRef``), ``serialize`` (reducers,
+picklers), ``watcher`` (the background thread), ``core`` (``Store``), ``cuda`` (the CUDA kind,
+registered on import).
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torchactors.store.core import Store, attach, current, parse_size
+from torchactors._util import parse_size
+from torchactors.store import cuda as _cuda  # noqa: F401  (registers the CUDA kind; initializes no CUDA)
+from torchactors.store.core import Store, attach, current
 from torchactors.store.refs import ObjectRef
 
 __all__ = ["ObjectRef", "Store", "put", "get", "free", "wait", "stats", "attach", "current", "parse_size"]

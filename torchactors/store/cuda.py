@@ -2,19 +2,20 @@
 
 Box in the data flow (the CUDA branch of put, get and reclaim; the design's "How data flows" 1-4)::
 
-    put(cuda t) -> "cuda" single putter, or REDUCERS["cuda"] inside a structure
+    put(cuda t) -> KINDS[CudaMeta].put, or REDUCERS["cuda"] inside a structure
         -> export t's allocation block once per storage (torch's ``_share_cuda_``), record an
-           interprocess event on the current stream -> meta ("c", handle, event, layout ...);
+           interprocess event on the current stream -> a ``CudaMeta`` (handle, event, layout ...);
            the owner's entry keeps t (no copy, no pool block)
-    ObjectRef --(any message)--> get(ref) -> "c" getter / ``rebuild_cuda_tensor``
+    ObjectRef --(any message)--> get(ref) -> KINDS[CudaMeta].rebuild / ``rebuild_cuda_tensor``
         -> open the block once per process (weak cache, as torch's SharedCache)
         -> the consumer's current stream waits on the producer's event
         -> a view of the same GPU bytes (in the owner: a view of the kept tensor)
     last ref dropped everywhere -> owner's reclaim drops t, hands torch's counter slot back
         -> ``torch.cuda.ipc_collect()``
 
-``install(store)`` plugs this into a store's tables; it calls no ``torch.cuda`` function, so a
-CPU-only process never initializes CUDA.
+Importing this module registers the CUDA kind (``records.KINDS``) and reducer
+(``serialize.REDUCERS``); it calls no ``torch.cuda`` function, so a CPU-only process never
+initializes CUDA.
 
 Lifetime. The store's hold tables decide when an object is free, not torch's IPC reference
 counter: torch counts one consumer per export, and one ``put`` is read by any number of
@@ -56,24 +57,19 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from torchactors.errors import ObjectFreedError
-from torchactors.store import serialize
+from torchactors.store import _current, serialize
+from torchactors.store.records import CudaMeta, Kind, Placed, register
 
 if TYPE_CHECKING:
     from torchactors.store.core import Store
     from torchactors.store.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
-
-# The "c" meta of a CUDA object, in order. ``handle`` is None for an empty tensor (nothing to
-# open); ``event_handle`` is None when the producer synchronized its stream instead.
-CUDA_META_FIELDS = ("kind", "device", "handle", "storage_nbytes", "storage_offset_bytes", "event_handle",
-                    "dtype", "shape", "stride", "storage_offset", "requires_grad", "is_param")
 
 MAX_EVENTS = 1000       # live interprocess events per process; beyond, put synchronizes instead
 NO_COUNTER = b"/torchactors-no-ipc-counter"   # names no file: torch's consumer-side decrement is a no-op
@@ -82,28 +78,10 @@ _PIN = "_torchactors_pin"       # on a consumer's storage: the _Pin keeping its 
 _EXPORT = "_torchactors_ipc"    # on an owner's storage: its live _Export, reused by later puts
 
 _lock = threading.RLock()       # reentrant: finalizers below may run while it is held
-_local = threading.local()
 _owned: weakref.WeakValueDictionary[tuple, torch.UntypedStorage] = weakref.WeakValueDictionary()
 _opened: weakref.WeakValueDictionary[tuple, torch.UntypedStorage] = weakref.WeakValueDictionary()
 _events_live = 0
 _warned_clone = False
-
-
-def install(store: Store) -> None:
-    """Register the "cuda" putter, the "c" getter and the "cuda" reducer; no CUDA call."""
-    store.single_putters["cuda"] = lambda t, timeout: put_cuda_tensor(store, t)
-    store.getters["c"] = lambda ref, seg: rebuild(store, ref, ref.meta)
-    for kind in ("p", "v"):     # structures: tell rebuild_cuda_tensor which object it is reading
-        store.getters[kind] = _reading(store, store.getters[kind])
-    serialize.register_reducer("cuda", reduce_cuda_tensor)
-
-
-def describe_cuda_meta(meta: tuple) -> dict:
-    """The "c" meta as a dict keyed by ``CUDA_META_FIELDS``."""
-    if not isinstance(meta, tuple) or len(meta) != len(CUDA_META_FIELDS) or meta[0] != "c":
-        raise ValueError(f"not a CUDA object's meta: expected a {len(CUDA_META_FIELDS)}-tuple starting "
-                         f"with 'c' ({', '.join(CUDA_META_FIELDS)}), got {meta!r:.200}")
-    return dict(zip(CUDA_META_FIELDS, meta, strict=False))
 
 
 # -- put ----------------------------------------------------------------------------------------
@@ -162,37 +140,38 @@ class _Kept:
             pass
 
 
-def put_cuda_tensor(store: Store | None, t: torch.Tensor) -> tuple:
-    """``Store.single_putters["cuda"]``: (seg, offset, cls, keep, meta, external) like the CPU one."""
+def put_cuda_tensor(store: Store, t: torch.Tensor, timeout: float | None) -> Placed:
+    """``KINDS[CudaMeta].put``: no pool block; the entry keeps the export (``timeout``: no
+    space to wait for)."""
     _reclaim(store)
     meta, kept = share(t)
-    return None, 0, 0, kept, meta, True
+    return Placed(None, 0, 0, kept, meta, True)
 
 
 def reduce_cuda_tensor(t: torch.Tensor, layout: serialize.StoreLayout) -> serialize.Reduced:
     """``REDUCERS["cuda"]``: the tensor stays where it is; the skeleton carries its meta."""
-    from torchactors.store import core  # imported late: core imports this module
-    _reclaim(core.active())
+    _reclaim(_current.active())
     meta, kept = share(t)
     if kept is not None:
         layout.keep.append(kept)
-    return (rebuild_cuda_tensor, (meta,))
+    return (rebuild_cuda_tensor, (tuple(meta),))
 
 
-def share(t: torch.Tensor) -> tuple[tuple, _Kept | None]:
-    """The "c" meta of ``t`` and what the owner must keep while the object lives."""
+def share(t: torch.Tensor) -> tuple[CudaMeta, _Kept | None]:
+    """The meta of ``t`` and what the owner must keep while the object lives."""
     device = t.device.index
-    flags = (t.requires_grad, isinstance(t, torch.nn.Parameter))
+    is_param = isinstance(t, torch.nn.Parameter)
     if t.numel() == 0:
-        return ("c", device, None, 0, 0, None, t.dtype, tuple(t.shape), t.stride(), 0) + flags, None
+        return CudaMeta("c", device, None, 0, 0, None, t.dtype, tuple(t.shape), t.stride(), 0,
+                        t.requires_grad, is_param), None
     t, export = _exportable(t)
     try:
         event, event_handle = _ready_event(t.device)
     except BaseException:
         export.drop()
         raise
-    meta = ("c", export.device, export.handle, export.nbytes, export.offset_bytes, event_handle, t.dtype,
-            tuple(t.shape), t.stride(), t.storage_offset()) + flags
+    meta = CudaMeta("c", export.device, export.handle, export.nbytes, export.offset_bytes, event_handle,
+                    t.dtype, tuple(t.shape), t.stride(), int(t.storage_offset()), t.requires_grad, is_param)
     return meta, _Kept(export, event)
 
 
@@ -293,21 +272,26 @@ class _Pin:
 def alias_storage(base: torch.UntypedStorage, nbytes: int, device: torch.device, pin: Any) -> torch.UntypedStorage:
     """A storage over the first ``nbytes`` of ``base`` that keeps ``pin`` alive as long as any
     tensor views it (torch keeps a storage's Python object, and so its attributes, alive with it)."""
-    s = torch._C._construct_storage_from_data_pointer(base.data_ptr(), device, nbytes)
+    s: Any = torch._C._construct_storage_from_data_pointer(base.data_ptr(), device, nbytes)
     setattr(s, _PIN, pin)
     return s
 
 
 def rebuild_cuda_tensor(meta: tuple) -> torch.Tensor:
-    """The rebuild function in a structure's skeleton (the pair of ``reduce_cuda_tensor``)."""
-    reading = getattr(_local, "reading", None)
-    if reading is None:
-        raise RuntimeError("a stored CUDA tensor can only be rebuilt by torchactors' get()")
-    return rebuild(reading[0], reading[1], meta)
+    """The rebuild function in a structure's skeleton (the pair of ``reduce_cuda_tensor``),
+    checked against the object ``get`` is reading."""
+    reader = serialize.reading()
+    return rebuild(reader.store, reader.ref, meta)
+
+
+def get_cuda_tensor(store: Store, ref: ObjectRef, seg: None) -> torch.Tensor:
+    """``KINDS[CudaMeta].rebuild``."""
+    return rebuild(store, ref, ref.meta)
 
 
 def rebuild(store: Store, ref: ObjectRef, meta: tuple) -> torch.Tensor:
-    """The "c" getter: a view of the object's GPU bytes, ordered after the producer's writes."""
+    """A view of the object's GPU bytes, ordered after the producer's writes (``meta``: a
+    ``CudaMeta`` or its wire tuple, as a skeleton carries it)."""
     (_, device, handle, nbytes, offset_bytes, event_handle, dtype, shape, stride, offset,
      requires_grad, is_param) = meta
     store.check_live(ref)
@@ -345,13 +329,5 @@ def _open(device: int, handle: bytes, nbytes: int, offset_bytes: int) -> torch.U
         return s
 
 
-def _reading(store: Store, getter: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    """Wrap a structure getter so that rebuild functions know the object being read."""
-    def get(ref: Any, seg: Any) -> Any:
-        prev = getattr(_local, "reading", None)
-        _local.reading = (store, ref)
-        try:
-            return getter(ref, seg)
-        finally:
-            _local.reading = prev
-    return get
+register(Kind(CudaMeta, "cuda", put_cuda_tensor, get_cuda_tensor, checks_itself=True))
+serialize.register_reducer("cuda", reduce_cuda_tensor)

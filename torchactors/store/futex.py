@@ -10,10 +10,7 @@ the other side is still alive.
 from __future__ import annotations
 
 import ctypes
-import logging
 import platform
-
-logger = logging.getLogger(__name__)
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1

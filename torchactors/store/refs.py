@@ -9,12 +9,21 @@ A ref may also stand for a value that is not there yet (an actor call's result):
 runtime attaches a *pending* object (the ``Pending`` protocol of actors/pending.py: ``done()``,
 ``result(timeout)``, ``materialize()``, ``wait_any``), and ``get``/``wait`` use it without
 knowing what an actor is.
+
+A ref's ``loc`` and ``meta`` are the named records of ``records``; pickled, they travel as
+their plain tuples (``to_wire``) and are named again when the ref is rebuilt.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torchactors.store import _current
+from torchactors.store.records import location_from_wire, meta_from_wire, to_wire
+
+if TYPE_CHECKING:
+    from torchactors.store.core import Store
 
 _local = threading.local()
 
@@ -38,27 +47,32 @@ class SerializationContext:
 class ObjectRef:
     """Names object ``(owner, slot, gen)`` owned by process ``owner`` (pid ``owner_pid``).
 
-    ``loc`` is where the bytes are: ``(fd, inode, offset, nbytes)`` in the owner's fd table,
-    or None for an object with no bytes. ``meta`` describes how to rebuild the value: a
-    single tensor's dtype/shape/stride, or the length of a pickled skeleton after the bytes.
+    ``loc`` is where the bytes are (a ``records.Location``), or None for an object with no
+    bytes. ``meta`` describes how to rebuild the value: one record per kind of object
+    (``records.TensorMeta``, ``PickledMeta``, ``ValueMeta``, ``CudaMeta``). ``_holder`` is the
+    store whose hold table counts this ref (None: uncounted).
+
+    Built with ``count=True``, the ref is counted in ``store`` (default: the current one).
+    Plain tuples given as ``loc``/``meta`` (a ref's wire form) are turned into their records.
     """
 
-    __slots__ = ("owner", "slot", "gen", "owner_pid", "loc", "meta", "job", "_pending", "_counted", "__weakref__")
+    __slots__ = ("owner", "slot", "gen", "owner_pid", "loc", "meta", "job", "_pending", "_holder", "__weakref__")
 
-    def __init__(self, owner: int, slot: int, gen: int, owner_pid: int, loc: tuple | None,
-                 meta: Any, job: str = "", count: bool = True) -> None:
+    def __init__(self, owner: int, slot: int, gen: int, owner_pid: int, loc: Any, meta: Any, job: str = "",
+                 count: bool = True, store: Store | None = None) -> None:
         self.owner = owner
         self.slot = slot
         self.gen = gen
         self.owner_pid = owner_pid
-        self.loc = loc
-        self.meta = meta
+        self.loc = location_from_wire(loc) if type(loc) is tuple else loc
+        self.meta = meta_from_wire(meta) if type(meta) is tuple else meta
         self.job = job              # the job whose store made it: a ref means nothing elsewhere
-        self._pending = None
-        self._counted = False
+        self._pending: Any = None
+        self._holder: Store | None = None
         if count:
-            _core().current().membership.hold(owner, slot)
-            self._counted = True
+            holder = store if store is not None else _current.required("creating a counted ObjectRef")
+            holder.membership.hold(owner, slot)
+            self._holder = holder
 
     @classmethod
     def pending(cls, pending: Any) -> ObjectRef:
@@ -98,7 +112,16 @@ class ObjectRef:
         ctx = getattr(_local, "ctx", None)
         if ctx is not None:
             ctx.refs.append(ref)
-        return (_rebuild_ref, (ref.owner, ref.slot, ref.gen, ref.owner_pid, ref.loc, ref.meta, ref.job))
+        return (_rebuild_ref, ref.wire())
+
+    def wire(self) -> tuple:
+        """The ref as plain values (owner, slot, gen, owner_pid, loc, meta, job), what its
+        pickle carries; ``_rebuild_ref(*wire)`` counts it again. Whoever sends these values
+        to another process must take them from here: the owner then knows the object left it."""
+        holder = self._holder if self._holder is not None else _current.active()
+        if holder is not None and self.owner == holder.index:
+            holder.exported(self)
+        return (self.owner, self.slot, self.gen, self.owner_pid, to_wire(self.loc), to_wire(self.meta), self.job)
 
     # -- asyncio (used by the actors' async methods and asyncio drivers) --------------------
 
@@ -127,43 +150,33 @@ class ObjectRef:
         return future
 
     def __del__(self) -> None:
-        if self._counted:
-            self._counted = False
+        holder = self._holder
+        if holder is not None:
+            self._holder = None
             try:
-                _core().released(self)
+                holder.released(self)
             except Exception:       # interpreter shutdown: the process's tables go with it
                 pass
-
-
-_core_module = None
 
 
 def _resolve_into(future: Any, ref: ObjectRef) -> None:
     if not future.set_running_or_notify_cancel():
         return          # cancelled (e.g. asyncio.wait_for timed out) before it started
     try:
-        value = _core().current().get(ref)
+        value = _current.required("resolving a ref").get(ref)
     except BaseException as e:
         future.set_exception(e)
     else:
         future.set_result(value)
 
 
-def _core():
-    """The store core, imported late (it imports this module)."""
-    global _core_module
-    if _core_module is None:
-        from torchactors.store import core
-        _core_module = core
-    return _core_module
-
-
 def _rebuild_ref(owner: int, slot: int, gen: int, owner_pid: int, loc: tuple | None, meta: Any,
                  job: str = "") -> ObjectRef:
     """Unpickling: count the ref only in a store of its own job, and only when it names a cell
     of the hold table; any other ref is kept uncounted, and ``get`` says what is wrong with it.
-    Creates no store: a ref read before any store exists cannot be of the job one would start."""
-    store = _core().active()
+    Starts no store (see ``_current``): a ref read before any store exists cannot be of the job
+    one would start."""
+    store = _current.active()
     count = (store is not None and job == store.job and type(owner) is int and type(slot) is int
              and store.membership.valid(owner, slot))
-    return ObjectRef(owner, slot, gen, owner_pid, loc, meta, job, count=count)
+    return ObjectRef(owner, slot, gen, owner_pid, loc, meta, job, count=count, store=store)

@@ -316,7 +316,8 @@ class Membership:
             cells = self.holds.cells
             cells[i] += 1
             cells[i + 1] += 1
-            self._drain()
+            if self._deferred:
+                self._drain()
             self._busy = False
 
     def unhold(self, owner: int, slot: int) -> int:
@@ -333,7 +334,8 @@ class Membership:
             cells = self.holds.cells
             cells[i] -= 1
             left = cells[i]
-            self._drain()
+            if self._deferred:
+                self._drain()
             self._busy = False
             return left
 
@@ -341,6 +343,10 @@ class Membership:
         cells = self.holds.cells
         while self._deferred:
             cells[self._deferred.pop()] -= 1
+
+    def held_here(self, slot: int) -> int:
+        """How many refs to our own object ``slot`` this process holds."""
+        return self.holds.cells[self._owner_base + slot * HOLD_CELL]
 
     def mark_freed(self, owner: int, slot: int, generation: int) -> None:
         """Record that this process freed (owner, slot, generation); the owner acts on it."""
@@ -389,7 +395,7 @@ class Membership:
         """Publish a new object: its generation, state and where its bytes are (see the
         module docstring). Readers only see it once they hold its ref, after this returns."""
         i = slot * HEADER_CELL
-        self.header.cells[i:i + HEADER_CELL] = (generation, STATE_LIVE, fd, offset, nbytes, signature)
+        self.header.cells[i:i + HEADER_CELL] = [generation, STATE_LIVE, fd, offset, nbytes, signature]
 
     # -- peers ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import mmap
 import os
 import resource
 import threading
+from typing import Any
 
 import torch
 
@@ -98,7 +99,8 @@ class Mapping:
         self.addr = addr
         self.size = size
 
-    def buffer(self, ctype: type = ctypes.c_char) -> ctypes.Array:
+    def buffer(self, ctype: Any = ctypes.c_char) -> Any:
+        """A ctypes array over the mapping (typed Any: callers hang attributes on it)."""
         buf = (ctype * (self.size // ctypes.sizeof(ctype))).from_address(self.addr)
         buf.mapping = self          # the buffer (and what views it) keeps the mapping
         return buf
@@ -200,7 +202,8 @@ class OwnSegment(Segment):
             raise
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         super().close()
 
 
@@ -263,13 +266,14 @@ class SegmentPool:
                 seg = Segment(self._next_seg, size, file.fd, file.inode, off, file)
             except OSError as e:
                 self._release_window(file, off, size)
-                raise map_error(size, self.used, self.capacity, e.errno) from None
+                raise map_error(size, self.used, self.capacity, e.errno or errno.ENOMEM) from None
         except _FdLimit:
             raise fd_limit_error(size, self.used, self.capacity) from None
         self._next_seg += 1
         self.segments[seg.seg_id] = seg
         self.reserved += size
-        logger.debug("new segment %d of %d bytes", seg.seg_id, size)
+        logger.debug("new segment %d of %d bytes (fd %d; %d of %d bytes reserved)", seg.seg_id, size, seg.fd,
+                     self.reserved, self.capacity)
         return seg
 
     def _large_window(self, name: str, size: int) -> tuple[DataFile, int]:
@@ -279,7 +283,9 @@ class SegmentPool:
                 return file, off
         file = DataFile(name, LARGE_FILE_BLOCKS)
         self._large_files.append(file)
-        return file, file.take(size)
+        off = file.take(size)
+        assert off is not None, "a new file always has room for its first window"
+        return file, off
 
     def _release_window(self, file: DataFile, off: int, size: int) -> None:
         file.give_back(off, size)
@@ -289,14 +295,16 @@ class SegmentPool:
             file.close()
 
     def _drop_segment(self, seg: Segment) -> None:
+        assert seg.file is not None, "only the pool's own segments are dropped"
         del self.segments[seg.seg_id]
         self.reserved -= seg.size
         self._release_window(seg.file, seg.file_off, seg.size)
         seg.close()
 
-    def allocate(self, nbytes: int) -> tuple[Segment, int, int] | None:
-        """Return (segment, offset, block size) or None if the capacity would be exceeded."""
-        cls = size_class(nbytes)
+    def allocate(self, nbytes: int, cls: int = 0) -> tuple[Segment, int, int] | None:
+        """Return (segment, offset, block size) or None if the capacity would be exceeded
+        (``cls``: ``size_class(nbytes)`` if the caller has it)."""
+        cls = cls or size_class(nbytes)
         with self.lock:
             if cls <= self.small_limit:
                 found = self._alloc_small(cls)
@@ -341,9 +349,15 @@ class SegmentPool:
             seg.live_blocks -= 1
             self.used -= cls
             if cls <= self.small_limit:
-                self._free_small.setdefault(cls, []).append((seg, offset))
+                small = self._free_small.get(cls)
+                if small is None:
+                    small = self._free_small[cls] = []
+                small.append((seg, offset))
             else:
-                self._free_large.setdefault(cls, []).append(seg)
+                large = self._free_large.get(cls)
+                if large is None:
+                    large = self._free_large[cls] = []
+                large.append(seg)
 
     def _shrink(self, need: int) -> bool:
         """Give pooled free memory back to the kernel until ``need`` more bytes fit."""
@@ -356,8 +370,8 @@ class SegmentPool:
             if self.reserved + need <= self.capacity:
                 break
             if seg.size == self.arena_size and seg.live_blocks == 0:
-                for cls, free in self._free_small.items():
-                    self._free_small[cls] = [(s, o) for s, o in free if s is not seg]
+                for cls, blocks in self._free_small.items():
+                    self._free_small[cls] = [(s, o) for s, o in blocks if s is not seg]
                 if seg is self._arena:
                     self._arena = None
                 self._drop_segment(seg)

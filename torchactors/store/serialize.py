@@ -15,13 +15,19 @@ import io
 import pickle
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from torchactors.store import _current
+from torchactors.store.records import SharedLoc
 from torchactors.store.segments import SharedFile, align_up, shared_file
+
+if TYPE_CHECKING:
+    from torchactors.store.core import Store
+    from torchactors.store.refs import ObjectRef
 
 _local = threading.local()
 
@@ -109,8 +115,8 @@ class StoreLayout:
             self.shared_storages.append(storage)
         return i
 
-    def shared_locs(self) -> tuple:
-        return tuple((f.fd, f.inode, f.size) for f in self.shared)
+    def shared_locs(self) -> tuple[SharedLoc, ...]:
+        return tuple(SharedLoc(f.fd, f.inode, f.size) for f in self.shared)
 
     def add(self, storage: torch.UntypedStorage) -> int:
         """Relative byte offset of ``storage`` in the block (added once)."""
@@ -149,7 +155,10 @@ def rebuild_cpu_tensor(rel: int, nbytes: int, dtype: torch.dtype, shape: tuple, 
 
 def rebuild_shared_tensor(i: int, dtype: torch.dtype, shape: tuple, stride: tuple, storage_offset: int,
                           requires_grad: bool, is_param: bool) -> torch.Tensor:
-    t = torch.empty(0, dtype=dtype).set_(_reader().shared(i), storage_offset, shape, stride)
+    shared = reading().shared
+    if shared is None:
+        raise ValueError("the object's skeleton names an aliased shared storage that its ref does not carry")
+    t = torch.empty(0, dtype=dtype).set_(shared(i), storage_offset, shape, stride)
     return finish_tensor(t, requires_grad, is_param)
 
 
@@ -203,6 +212,7 @@ def reduce_quantized(t: torch.Tensor, layout: StoreLayout) -> Reduced:
     """Per-tensor: the integer storage as it is (strides and offset kept) and (scale, zero
     point). Per-channel: the integers, the per-channel scales and zero points, the axis."""
     scheme = t.qscheme()
+    params: tuple
     if t.dtype not in _QUANTIZED_INT or t.device.type != "cpu":
         raise TypeError(f"torchactors cannot store a {t.device.type} quantized tensor of dtype {t.dtype}; "
                         f"store t.int_repr() with t.q_scale() and t.q_zero_point(), or t.dequantize()")
@@ -228,7 +238,7 @@ def rebuild_quantized(ints: torch.Tensor, scheme: torch.qscheme, params: tuple, 
     return torch._make_per_channel_quantized_tensor(ints, params[0], params[1], params[2])
 
 
-def reduce_nested(t: torch.Tensor, layout: StoreLayout) -> Reduced:
+def reduce_nested(t: Any, layout: StoreLayout) -> Reduced:
     """A nested tensor travels as its components and comes back built from them (a copy)."""
     if t.layout == torch.jagged and t._ragged_idx != 1:
         raise TypeError("torchactors cannot store a jagged nested tensor whose ragged dimension is not 1 "
@@ -241,7 +251,7 @@ def rebuild_nested(parts: list, layout: torch.layout, requires_grad: bool) -> to
     return torch.nested.nested_tensor(parts, layout=layout, requires_grad=requires_grad)
 
 
-def reduce_masked(t: torch.Tensor, layout: StoreLayout) -> Reduced:
+def reduce_masked(t: Any, layout: StoreLayout) -> Reduced:
     return (rebuild_masked, (t.get_data().detach(), t.get_mask(), t.requires_grad))
 
 
@@ -249,7 +259,7 @@ def rebuild_masked(data: torch.Tensor, mask: torch.Tensor, requires_grad: bool) 
     return _masked_tensor_type()(data, mask, requires_grad=requires_grad)
 
 
-def reduce_wrapper_subclass(t: torch.Tensor, layout: StoreLayout) -> Reduced:
+def reduce_wrapper_subclass(t: Any, layout: StoreLayout) -> Reduced:
     """A tensor subclass that wraps inner tensors (no storage of its own): through its
     ``__tensor_flatten__`` / ``__tensor_unflatten__`` pair."""
     names, ctx = t.__tensor_flatten__()
@@ -257,7 +267,7 @@ def reduce_wrapper_subclass(t: torch.Tensor, layout: StoreLayout) -> Reduced:
     return (rebuild_wrapper_subclass, (type(t), inner, ctx, tuple(t.shape), t.stride(), t.requires_grad))
 
 
-def rebuild_wrapper_subclass(cls: type, inner: dict, ctx: Any, shape: tuple, stride: tuple,
+def rebuild_wrapper_subclass(cls: Any, inner: dict, ctx: Any, shape: tuple, stride: tuple,
                              requires_grad: bool) -> torch.Tensor:
     t = cls.__tensor_unflatten__(inner, ctx, shape, stride)
     return t.requires_grad_(requires_grad) if requires_grad else t
@@ -310,7 +320,7 @@ def reduce_tensor(t: torch.Tensor, layout: StoreLayout) -> Reduced:
 
 
 def rebuild_subclass(cls: type, base: torch.Tensor, state: dict, requires_grad: bool) -> torch.Tensor:
-    t = base.as_subclass(cls)
+    t: torch.Tensor = base.as_subclass(cls)
     if requires_grad and not t.requires_grad:
         t.requires_grad_(True)
     if state:
@@ -358,11 +368,14 @@ def rebuild_typed_storage(rel: int, nbytes: int, dtype: torch.dtype) -> torch.Ty
 # -- the block being rebuilt ----------------------------------------------------------------
 
 class BlockReader:
-    """Gives rebuild functions the storages of the object being read: one per stored
-    storage, each pinning the ref so the bytes outlive any tensor viewing them."""
+    """Gives rebuild functions the object being read (``store``, ``ref``: the CUDA rebuild
+    checks its object) and its storages: one per stored storage, each pinning the ref so the
+    bytes outlive any tensor viewing them."""
 
-    def __init__(self, make_storage: Callable[[int, int], torch.UntypedStorage],
+    def __init__(self, store: Store, ref: ObjectRef, make_storage: Callable[[int, int], torch.UntypedStorage],
                  shared: Callable[[int], torch.UntypedStorage] | None = None) -> None:
+        self.store = store
+        self.ref = ref
         self.make_storage = make_storage
         self.shared = shared            # index -> an aliased shared storage of the object
         self.cache: dict[int, torch.UntypedStorage] = {}
@@ -376,7 +389,8 @@ class BlockReader:
         _local.reader = self._prev
 
 
-def _reader() -> BlockReader:
+def reading() -> BlockReader:
+    """The object this thread's ``get`` is rebuilding (for rebuild functions)."""
     reader: BlockReader | None = getattr(_local, "reader", None)
     if reader is None:
         raise RuntimeError("a stored tensor can only be rebuilt by torchactors' get()")
@@ -384,7 +398,7 @@ def _reader() -> BlockReader:
 
 
 def _block_storage(rel: int, nbytes: int) -> torch.UntypedStorage:
-    reader = _reader()
+    reader = reading()
     s = reader.cache.get(rel) if nbytes else None
     if s is None:
         s = reader.make_storage(rel, nbytes)
@@ -419,7 +433,7 @@ def dumps_for_store(obj: Any) -> tuple[bytes, StoreLayout]:
     return buf.getvalue(), layout
 
 
-class _MessageReducers:
+class _MessageReducers(pickle.Pickler):
     """Shared by both message picklers: each tensor is replaced by its index in the message;
     once the whole message is pickled, its tensors are put into this process's store and
     travel as refs, so no tensor bytes ever enter the pipe."""
@@ -428,6 +442,10 @@ class _MessageReducers:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors: list[torch.Tensor] = []
         self._seen: dict[int, int] = {}
+
+    def _other(self, obj: Any) -> Any:
+        """How a non-tensor is reduced (NotImplemented: by pickle's own rules)."""
+        return NotImplemented
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor):
@@ -439,11 +457,8 @@ class _MessageReducers:
         return (_message_tensor, (i,))
 
 
-class MessagePickler(_MessageReducers, pickle.Pickler):
+class MessagePickler(_MessageReducers):
     """The fast path: the C pickler, with a Python hook for tensors only."""
-
-    def _other(self, obj: Any) -> Any:
-        return NotImplemented
 
 
 class CloudMessagePickler(_MessageReducers, cloudpickle.Pickler):
@@ -514,8 +529,7 @@ class _Message:
 
 
 def _open_message(parts: list, body: bytes) -> Any:
-    from torchactors.store import core
-    st = core.current()
+    st = _current.required("opening a message that holds torchactors refs")
     groups: dict[int, list] = {}
     values = []
     for part in parts:
