@@ -31,6 +31,7 @@ from torchactors.actors.handle import (
     new_actor_id,
     public_methods,
 )
+from torchactors.actors.options import default_num_threads
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
@@ -107,7 +108,7 @@ class Runtime:
             self._watch_handles()
         handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns)
         spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
-        threads = options["num_threads"] or max(1, (os.cpu_count() or 1) // (len(self.owned) + 2))
+        threads = options["num_threads"] or default_num_threads(len(self.owned))
         self.owned[actor_id] = _Owned(actor_id, key, held)
         self.supervisor.start(ProcessSpec(
             key=actor_id, target="torchactors.actors.worker:serve", payload=pickle.dumps(spec),
@@ -271,7 +272,7 @@ def init(backend: str = "local", num_threads: int | None = None, store_capacity:
                 torch.set_num_threads(num_threads)
             return _runtime
         capacity = parse_size(store_capacity) if store_capacity is not None else None
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
+        torch.set_num_threads(num_threads or default_num_threads(0))
         if backend == "ray":
             from torchactors.actors import ray_backend
 

@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import pickle
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")   # an actor's device, as options and job files spell it
 
 
 @dataclass

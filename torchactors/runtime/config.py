@@ -29,11 +29,9 @@ from typing import Any
 
 import yaml
 
+from torchactors.actors.options import MAX_ACTORS, OPTIONS, START_METHODS, Option, start_method
 from torchactors.errors import ConfigError
-from torchactors.runtime.child import DEVICE
-from torchactors.runtime.supervisor import START_METHODS, Backoff
 from torchactors.store import parse_size
-from torchactors.store.registry import MAX_PROCS
 
 log = logging.getLogger(__name__)
 
@@ -127,48 +125,30 @@ def _text(v: Any) -> str:
     return v
 
 
-def _start_method(v: Any) -> str:
-    if v in ("fork", "forkserver"):
-        raise _Invalid(f"{v!r} is not supported: fork copies the parent mid-flight, with any CUDA "
-                       "context and the locks of running threads (torch's intra-op pool, the "
-                       "runtime's transport threads), and the child can deadlock or crash; "
-                       "forkserver forks a server that may have run torch code too. Use zygote (forks "
-                       "from a fresh interpreter that has imported torch, never initialized CUDA and "
-                       "runs one thread) or spawn")
-    if v not in START_METHODS:
-        raise _Invalid()
-    return v
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A check that raises ValueError (an actor option's, in actors/options.py), its reason kept."""
+    def run(v: Any) -> Any:
+        try:
+            return check(v)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+    return run
 
 
-def _backoff(v: Any) -> dict | None:
-    try:
-        Backoff.parse(v)
-    except ValueError as e:
-        raise _Invalid(str(e)) from None
-    return None if v is None else dict(v)
+def _option(option: Option) -> Callable[[Any], Any]:
+    """An actor option as a role key: its own check; null means the role's default."""
+    check = _checked(option.check)
 
-
-def _device(v: Any) -> str:
-    if not isinstance(v, str) or not DEVICE.fullmatch(v):
-        raise _Invalid()
-    return v
+    def run(v: Any) -> Any:
+        value = check(v)
+        return copy.deepcopy(option.role_default) if value is None else value
+    return run
 
 
 def _kwargs(v: Any) -> dict:
     if not isinstance(v, dict) or not all(isinstance(k, str) and k.isidentifier() for k in v):
         raise _Invalid()
     return copy.deepcopy(v)
-
-
-def _env(v: Any) -> dict:
-    if not isinstance(v, dict):
-        raise _Invalid()
-    for k, val in v.items():
-        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-            raise _Invalid(f"{k!r} is not an environment variable name")
-        if not isinstance(val, str):
-            raise _Invalid(f"{k} is {val!r} ({type(val).__name__}, as YAML reads it); quote the value: {k}: \"...\"")
-    return dict(v)
 
 
 def _import_ref(what: str) -> Callable[[Any], str]:
@@ -190,9 +170,7 @@ def _import_ref(what: str) -> Callable[[Any], str]:
 
 # --------------------------------------------------------------------------- the schema
 
-# Actor processes one job can hold: each takes one of the job's process indices, and the
-# driver holds one (torchactors/store/registry.py).
-MAX_PROCESSES = MAX_PROCS - 1
+MAX_PROCESSES = MAX_ACTORS     # actor processes one job can hold
 START_TIMEOUT_S = 120.0     # default seconds a role's constructors may take
 
 JOB_KEYS: dict[str, Key] = {
@@ -206,25 +184,18 @@ RUNTIME_KEYS: dict[str, Key] = {
     "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
     "store_capacity": Key(_optional(_size), None,
                           "null (runtime default) or a size: bytes as int, or a string like 4GiB, 512MiB"),
-    "start_method": Key(_start_method, "zygote", ", ".join(START_METHODS)),
+    "start_method": Key(_checked(start_method), "zygote", ", ".join(START_METHODS)),
 }
 ROLE_KEYS: dict[str, Key] = {
     "class": Key(_import_ref("class"), _REQUIRED, "'module:Class', importable"),
     "replicas": Key(_int(1, MAX_PROCESSES), 1, f"int >= 1, at most {MAX_PROCESSES} (actor processes in a job)"),
     "args": Key(_kwargs, {}, "a mapping of keyword arguments for the class"),
-    "num_threads": Key(_optional(_int(1)), None, "null (runtime default) or int >= 1"),
-    "device": Key(_device, "cpu", "cpu, cuda, cuda:N"),
-    "max_restarts": Key(_int(-1), 0, "int >= 0, or -1 for unlimited"),
-    "max_task_retries": Key(_int(-1), 0, "int >= 0, or -1 for unlimited"),
-    "max_concurrency": Key(_int(1), 1, "int >= 1"),
-    "env": Key(_env, {}, "a mapping of environment variable names to strings"),
-    "ray_options": Key(_kwargs, {}, "a mapping of Ray actor options (backend: ray only)"),
+    # the options of the role's actors, as the decorator takes them
+    **{o.name: Key(_option(o), o.role_default, o.allowed) for o in OPTIONS.values() if o.in_job_file},
     "start_timeout": Key(_optional(_float(positive=True)), START_TIMEOUT_S,
                          "seconds > 0 the constructors may take, or null (wait for ever)"),
-    "start_method": Key(_optional(_start_method), None, "null (runtime.start_method) or " + ", ".join(START_METHODS)),
-    "restart_backoff": Key(_backoff, None, "null (the defaults) or a mapping with some of fast, initial, max, "
-                                           "reset_after"),
 }
+ROLE_OPTIONS = tuple(o.name for o in OPTIONS.values() if o.in_job_file)
 PROGRAM_KEY = Key(_import_ref("function"), _REQUIRED, "'module:function', importable, taking the job context")
 STOP_KEYS: dict[str, Key] = {
     "max_frames": Key(_optional(_int(1)), None, "null or int >= 1"),
@@ -258,20 +229,26 @@ class RuntimeSection:
 
 @dataclass(frozen=True)
 class RoleConfig:
+    """A role, every key of ``ROLE_KEYS`` filled (their defaults are there, not here)."""
+
     name: str
     class_path: str  # the YAML key is `class`
-    replicas: int = 1
-    args: dict = field(default_factory=dict)
-    num_threads: int | None = None
-    device: str = "cpu"
-    max_restarts: int = 0
-    max_task_retries: int = 0
-    max_concurrency: int = 1
-    env: dict = field(default_factory=dict)
-    ray_options: dict = field(default_factory=dict)
-    start_timeout: float | None = START_TIMEOUT_S
-    start_method: str | None = None
-    restart_backoff: dict | None = None
+    replicas: int
+    args: dict
+    num_threads: int | None
+    device: str
+    max_restarts: int
+    max_task_retries: int
+    max_concurrency: int
+    start_method: str | None
+    restart_backoff: dict | None
+    env: dict
+    ray_options: dict
+    start_timeout: float | None
+
+    def actor_options(self) -> dict[str, Any]:
+        """The options its actors start with (``ta.actor(**options)``): the role keys that are actor options."""
+        return {name: getattr(self, name) for name in ROLE_OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from torchactors.runtime.config import JobConfig, RoleConfig, import_string, plain_class, runner_args
+from torchactors.runtime.config import ROLE_OPTIONS, JobConfig, RoleConfig, import_string, plain_class, runner_args
 
 log = logging.getLogger(__name__)
 
@@ -294,19 +294,10 @@ def _actor_class(ta: Any, role: RoleConfig) -> tuple[Any, frozenset[str]]:
     obj = import_string(role.class_path)
     cls = plain_class(obj)
     if cls is None:
-        log.warning("%s is an actor class whose plain class cannot be found; the options of role %s (num_threads, "
-                    "device, max_restarts, max_task_retries, max_concurrency, ray_options, start_method, restart_backoff) are not applied",
-                    role.class_path, role.name)
+        log.warning("%s is an actor class whose plain class cannot be found; the options of role %s (%s) are not "
+                    "applied", role.class_path, role.name, ", ".join(ROLE_OPTIONS))
         return obj, frozenset()
-    options = {"device": role.device, "max_restarts": role.max_restarts, "max_task_retries": role.max_task_retries,
-               "max_concurrency": role.max_concurrency, "ray_options": role.ray_options}
-    if role.num_threads is not None:
-        options["num_threads"] = role.num_threads
-    if role.start_method is not None:
-        options["start_method"] = role.start_method
-    if role.restart_backoff is not None:
-        options["restart_backoff"] = role.restart_backoff
-    return ta.actor(**options)(cls), runner_args(cls)
+    return ta.actor(**role.actor_options())(cls), runner_args(cls)
 
 
 def start_roles(ta: Any, config: JobConfig) -> dict[str, list]:
@@ -316,15 +307,12 @@ def start_roles(ta: Any, config: JobConfig) -> dict[str, list]:
         actor_cls, filled = _actor_class(ta, role)
         handles[role.name] = []
         for i in range(role.replicas):
-            opts: dict[str, Any] = {"name": f"{role.name}-{i}"}
-            if role.env:
-                opts["env"] = dict(role.env)
             kwargs = dict(role.args)
             if "replica_index" in filled:
                 kwargs["replica_index"] = i
             if "seed" in filled:
                 kwargs.setdefault("seed", config.job.seed)
-            handles[role.name].append(actor_cls.options(**opts).remote(**kwargs))
+            handles[role.name].append(actor_cls.options(name=f"{role.name}-{i}").remote(**kwargs))
         log.info("started role %s: %d x %s", role.name, role.replicas, role.class_path)
     return handles
 
