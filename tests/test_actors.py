@@ -285,6 +285,38 @@ def test_restart_reruns_constructor_with_same_arguments():
     ta.kill(h)
 
 
+def _status_when(handle: ta.ActorHandle, ready, timeout: float = 30.0) -> ta.ActorStatus:
+    """The actor's status once ``ready(status)`` holds (fails after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = ta.actor_status(handle)
+        if status is not None and ready(status):
+            return status
+        assert time.monotonic() < deadline, f"status never got there; last: {status}"
+        time.sleep(0.02)
+
+
+def test_actor_status_counts_a_restart_after_sigkill():
+    h = Phoenix.remote("counted")
+    _, pid = ta.get(h.info.remote(), timeout=30)
+    first = ta.actor_status(h)
+    assert isinstance(first, ta.ActorStatus)
+    assert (first.state, first.incarnation, first.pid, first.restarts, first.restarts_left) == ("alive", 0, pid, 0, 1)
+    os.kill(pid, signal.SIGKILL)
+    again = _status_when(h, lambda s: s.state == "alive" and s.incarnation == 1)
+    assert again.restarts == 1 and again.restarts_left == 0 and again.pid not in (None, pid)
+    assert again.signal == "SIGKILL" and again.exit_code is None      # how the last process ended
+    assert again.owner == os.getpid() and not again.killed
+    ta.kill(h)
+    gone = _status_when(h, lambda s: s.state == "dead")
+    assert gone.killed and gone.restarts == 1
+
+
+def test_actor_status_rejects_what_is_not_a_handle():
+    with pytest.raises(TypeError, match="actor handle"):
+        ta.actor_status("counter")
+
+
 def test_a_call_pending_when_its_actor_dies_is_retried_on_the_restarted_actor(tmp_path):
     h = Flaky.remote(str(tmp_path / "died-once"))
     try:

@@ -201,9 +201,9 @@ def test_actor_restarts_and_lookups_ignore_links_and_fifos_planted_in_the_job_di
     os.mkfifo(Path(job.dir) / "names" / "sec-fifo")
 
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: (job.read_status(aid) or {}).get("incarnation") == 1
-                    and job.read_status(aid)["state"] == "alive", 15)
-    assert job.read_status(aid)["pid"] != pid               # restarted: the link did not count as a kill
+    assert wait_for(lambda: getattr(job.read_status(aid), "incarnation", None) == 1
+                    and job.read_status(aid).state == "alive", 15)
+    assert job.read_status(aid).pid != pid               # restarted: the link did not count as a kill
     assert job.read_error(aid) == ""                        # the link's target is not read as error text
     job.write_error(aid, "boom")                            # replaces the link, never writes through it
     assert job.read_error(aid) == "boom" and target.read_text() == "precious"
@@ -273,7 +273,7 @@ def target():
 
 def _socket_path(h) -> str:
     job = job_module.current()
-    return job.socket_path(h._actor_id, job.read_status(h._actor_id)["incarnation"])
+    return job.socket_path(h._actor_id, job.read_status(h._actor_id).incarnation)
 
 
 def _closed_by_peer(sock: socket.socket, seconds: float = 10.0) -> bool:

@@ -35,6 +35,7 @@ from torchactors.actors.options import default_num_threads
 from torchactors.errors import ActorDiedError
 from torchactors.runtime import job as job_module
 from torchactors.runtime.child import ChildContext
+from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.supervisor import Backoff, ProcessSpec, Supervisor, check_start_method
 from torchactors.store import core as store_core
 from torchactors.store import parse_size
@@ -220,12 +221,17 @@ class Runtime:
 
     def _crash(self, handle: ActorHandle) -> None:
         """``kill(h, no_restart=False)``: kill its process now; the restart policy applies."""
-        pid = (self.job.read_status(handle._actor_id) or {}).get("pid")
+        status = self.job.read_status(handle._actor_id)
+        pid = None if status is None else status.pid
         if pid:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def status(self, handle: ActorHandle) -> ActorStatus | None:
+        """The actor's status as its supervisor last wrote it (None before the first)."""
+        return self.job.read_status(handle._actor_id)
 
     def shutdown(self) -> None:
         if self._dropped is not None:
@@ -328,6 +334,15 @@ def kill(handle: ActorHandle, no_restart: bool = True) -> None:
     if not isinstance(handle, ActorHandle):
         raise ValueError(f"ta.kill() only supported for actor handles; got {type(handle).__name__} {handle!r}")
     runtime().kill(handle, no_restart)
+
+
+def actor_status(handle: ActorHandle) -> ActorStatus | None:
+    """What the actor's supervisor last said of it: state, incarnation, pid, how its last
+    process ended and how often it was restarted. None where the backend cannot say (the Ray
+    backend, or before the supervisor wrote anything)."""
+    if not isinstance(handle, ActorHandle):
+        raise TypeError(f"actor_status() takes an actor handle, not {type(handle).__name__} {handle!r}")
+    return runtime().status(handle)
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:

@@ -19,6 +19,7 @@ from typing import Any
 from torchactors.actors import protocol
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime.job import Job
+from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.transport import (
     MAX_MESSAGE,
     AuthenticationError,
@@ -385,11 +386,11 @@ class Channel:
         """Under send_lock: begin connecting to the actor's current process, or raise
         ActorDiedError if it is down (dead; or waiting to be restarted, unless calls are retried:
         then connect to its next incarnation once it is up)."""
-        status = self.job.read_status(self.actor_id) or {}
-        incarnation = status.get("incarnation", 0)
-        state = status.get("state")
+        status = self.job.read_status(self.actor_id) or ActorStatus()
+        incarnation = status.incarnation
+        state = status.state
         down = state == "restarting" or (self.dead is not None and incarnation <= self.incarnation)
-        if state == "dead" or (down and not self.max_task_retries) or not _alive(status.get("owner")):
+        if state == "dead" or (down and not self.max_task_retries) or not _alive(status.owner):
             self.incarnation = max(self.incarnation, incarnation)
             raise self._death(status)
         if self.conn is not None:
@@ -432,10 +433,10 @@ class Channel:
         and the incarnation it reached."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
-            status = self.job.read_status(self.actor_id) or {}
-            state, current = status.get("state"), status.get("incarnation", 0)
+            status = self.job.read_status(self.actor_id) or ActorStatus()
+            state, current = status.state, status.incarnation
             if state == "dead" or (not restart and (state == "restarting" or current != incarnation)) or (
-                    not _alive(status.get("owner"))):
+                    not _alive(status.owner)):
                 raise self._death(status)
             path = self.job.socket_path(self.actor_id, current)
             if current >= incarnation and state != "restarting" and os.path.exists(path):
@@ -453,25 +454,25 @@ class Channel:
         if self.connecting:
             self.connected.wait(timeout)
 
-    def _death(self, status: dict) -> ActorDiedError:
+    def _death(self, status: ActorStatus) -> ActorDiedError:
         """The error for the actor's death as ``status`` tells it: why (constructor error,
         kill, exit_actor, dropped handles, its owner's death) and whether a restart comes."""
         error = self.job.read_error(self.actor_id)
         detail = f"its constructor raised:\n{error}" if error else ""
-        state, owner = status.get("state"), status.get("owner")
+        state, owner = status.state, status.owner
         reason = self.job.killed_reason(self.actor_id) or (
-            "it was stopped when its owner shut down" if status.get("killed") else "")
+            "it was stopped when its owner shut down" if status.killed else "")
         if not reason and state != "dead" and not _alive(owner):
             reason = f"its owner (pid {owner}, the process that created it) died, and an actor dies with its owner"
         if reason:
             detail = reason + (f"; {detail}" if detail else "")
         # A newer incarnation than the one we talked to is up or coming: the actor was restarted.
-        restarted = state in ("alive", "starting") and status.get("incarnation", 0) > self.incarnation
+        restarted = state in ("alive", "starting") and status.incarnation > self.incarnation
         restarting = not reason and (state == "restarting" or restarted)
         if restarting and restarted:
-            detail = f"it is up again as incarnation {status.get('incarnation')}" + (f"; {detail}" if detail else "")
-        return ActorDiedError(self.name, status.get("exit_code"), status.get("signal"),
-                              0 if reason else status.get("restarts_left", 0), detail,
+            detail = f"it is up again as incarnation {status.incarnation}" + (f"; {detail}" if detail else "")
+        return ActorDiedError(self.name, status.exit_code, status.signal,
+                              0 if reason else status.restarts_left, detail,
                               restarting=restarting, actor_id=self.actor_id, final=bool(reason))
 
     # -- receiving ------------------------------------------------------------------------
@@ -555,11 +556,11 @@ class Channel:
             conn.close()
         if self.dead is None:
             deadline = time.monotonic() + DEATH_DETAIL_WAIT
-            status = self.job.read_status(self.actor_id) or {}
-            while (status.get("state") == "alive" and status.get("incarnation") == self.incarnation
-                   and time.monotonic() < deadline and _alive(status.get("owner"))):
+            status = self.job.read_status(self.actor_id) or ActorStatus()
+            while (status.state == "alive" and status.incarnation == self.incarnation
+                   and time.monotonic() < deadline and _alive(status.owner)):
                 time.sleep(0.01)
-                status = self.job.read_status(self.actor_id) or {}
+                status = self.job.read_status(self.actor_id) or ActorStatus()
             self.dead = self._death(status)
         pendings, self.pendings = self.pendings, {}
         # A restart is coming if the supervisor says so, or has not said anything yet.

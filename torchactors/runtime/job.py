@@ -21,6 +21,7 @@ import shutil
 import stat
 from typing import Any
 
+from torchactors.runtime.status import ActorStatus
 from torchactors.store import core as store_core
 from torchactors.store import registry
 
@@ -67,15 +68,17 @@ class Job:
     def _status_path(self, actor_id: str) -> str:
         return os.path.join(self.dir, "actors", actor_id + ".json")
 
-    def write_status(self, actor_id: str, status: dict) -> None:
+    def write_status(self, actor_id: str, status: ActorStatus) -> None:
         """Only the actor's supervisor writes its status: ``owner`` (this pid) lets a caller
         tell that the actor died with its owner when nobody is left to update the file."""
-        write_file(self._actors, actor_id + ".json", json.dumps({**status, "owner": os.getpid()}).encode())
+        record = status._replace(owner=os.getpid())._asdict()
+        write_file(self._actors, actor_id + ".json", json.dumps(record).encode())
 
-    def read_status(self, actor_id: str) -> dict | None:
+    def read_status(self, actor_id: str) -> ActorStatus | None:
+        """The actor's last written status; None before the first (or if the file is torn)."""
         data = read_file(self._actors, actor_id + ".json")
         try:
-            return None if data is None else json.loads(data)
+            return None if data is None else ActorStatus.from_dict(json.loads(data))
         except ValueError:
             return None
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchactors.runtime.job import Job, describe
+from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.zygote import ForkedProcess, Zygote, ZygoteError, ZygoteUnsafe
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class _Proc:
         self.fast_left = spec.backoff.fast
         self.delay = spec.backoff.initial
         self.started_at = 0.0
-        self.last_end: dict = {}      # exit_code and signal of the last incarnation that ended
+        # exit_code and signal of the last incarnation that ended
+        self.last_end: tuple[int | None, str | None] = (None, None)
 
     def next_delay(self) -> float:
         """Seconds until the restart after the death just seen (the back-off policy)."""
@@ -116,6 +118,12 @@ class _Proc:
             return 0.0
         delay, self.delay = self.delay, min(self.delay * 2, policy.max)
         return delay
+
+    def status(self, state: str, pid: int | None, **extra: Any) -> ActorStatus:
+        """The record of this process in ``state``: every start after the first is a restart."""
+        exit_code, sig = self.last_end
+        fields = {"exit_code": exit_code, "signal": sig, "restarts_left": self.restarts_left, **extra}
+        return ActorStatus(state, max(self.incarnation, 0), pid, restarts=max(self.incarnation, 0), **fields)
 
 
 class Supervisor:
@@ -133,8 +141,7 @@ class Supervisor:
     # -- requests (any thread) ------------------------------------------------------------
 
     def start(self, spec: ProcessSpec) -> None:
-        self.job.write_status(spec.key, {"state": "starting", "incarnation": 0, "pid": None,
-                                         "restarts_left": spec.max_restarts})
+        self.job.write_status(spec.key, ActorStatus("starting", restarts_left=spec.max_restarts))
         self._request(("start", spec))
 
     def kill(self, key: str, wait: float = 5.0) -> None:
@@ -156,7 +163,7 @@ class Supervisor:
 
     def restarts(self, key: str) -> int:
         p = self.procs.get(key)
-        return 0 if p is None else p.spec.max_restarts - p.restarts_left
+        return 0 if p is None else max(p.incarnation, 0)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._stopping:
@@ -249,17 +256,15 @@ class Supervisor:
                 popen = _spawn_interpreter(env, boot)
         except (OSError, BrokenPipeError) as e:
             logger.error("could not start %s: %s", spec.key, e)
-            self.job.write_status(spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
-                                             "exit_code": None, "signal": None, "restarts_left": 0,
-                                             "error": str(e)})
+            self.job.write_status(spec.key, p.status("dead", None, exit_code=None, signal=None, restarts_left=0,
+                                                     error=str(e)))
             return
         p.popen = popen
         p.pidfd = popen.pidfd if isinstance(popen, ForkedProcess) else os.pidfd_open(popen.pid)
         p.started_at = time.monotonic()
         # With the previous incarnation's end: a caller that notices a death only after the
         # (fast) restart still learns how its incarnation ended.
-        self.job.write_status(spec.key, {"state": "alive", "incarnation": p.incarnation, "pid": popen.pid,
-                                         "restarts_left": p.restarts_left, **p.last_end})
+        self.job.write_status(spec.key, p.status("alive", popen.pid))
         logger.debug("started %s incarnation %d as pid %d", spec.key, p.incarnation, popen.pid)
 
     def _reap(self, p: _Proc) -> None:
@@ -274,10 +279,8 @@ class Supervisor:
             p.restarts_left -= p.restarts_left > 0
             p.restart_at = time.monotonic() + p.next_delay()
         state = "restarting" if restart else "dead"
-        p.last_end = {"exit_code": exit_code, "signal": sig}
-        self.job.write_status(p.spec.key, {"state": state, "incarnation": p.incarnation, "pid": p.popen.pid,
-                                           "exit_code": exit_code, "signal": sig,
-                                           "restarts_left": p.restarts_left, "killed": killed})
+        p.last_end = (exit_code, sig)
+        self.job.write_status(p.spec.key, p.status(state, p.popen.pid, killed=killed))
         if not killed:
             logger.warning("%s (pid %d) %s; %s", p.spec.key, p.popen.pid,
                            f"killed by {sig}" if sig else f"exited with code {exit_code}",
@@ -325,9 +328,8 @@ class Supervisor:
             if p.popen is not None and p.pidfd >= 0:
                 live.append(p)
             elif p.popen is None or waiting_restart:
-                self.job.write_status(p.spec.key, {"state": "dead", "incarnation": p.incarnation, "pid": None,
-                                                   "exit_code": None, "signal": None, "restarts_left": 0,
-                                                   "killed": True})
+                self.job.write_status(p.spec.key, p.status("dead", None, exit_code=None, signal=None,
+                                                           restarts_left=0, killed=True))
         for p in live:
             try:
                 p.popen.send_signal(signal.SIGTERM)
