@@ -6,7 +6,17 @@ The design, box by box, is in docs/design.md. This module only re-exports the pu
 """
 
 from torchactors import exceptions, store
-from torchactors.actors.api import actor_status, exit_actor, get_actor, init, is_initialized, kill, shutdown, wait
+from torchactors.actors.api import (
+                                ActorStatus,
+                                actor_status,
+                                exit_actor,
+                                get_actor,
+                                init,
+                                is_initialized,
+                                kill,
+                                shutdown,
+                                wait,
+)
 from torchactors.actors.handle import ActorClass, ActorHandle, actor, method, remote
 from torchactors.actors.pool import ActorPool
 from torchactors.actors.queue import Queue
@@ -22,7 +32,6 @@ from torchactors.errors import (
                                 StoreFullError,
                                 TorchActorsError,
 )
-from torchactors.runtime.status import ActorStatus
 from torchactors.store import ObjectRef, free, get, put, stats
 
 # Ray spells it ray.actor.exit_actor(): the same function under ta.actor, for ported code.
