@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from torchactors.errors import ConfigError
-from torchactors.runtime.config import JOB_KEYS, ROLE_KEYS, RUNTIME_KEYS, STOP_KEYS, load_config
+from torchactors.jobs.config import JOB_KEYS, ROLE_KEYS, RUNTIME_KEYS, STOP_KEYS, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -68,11 +68,12 @@ def _device(v: Any) -> str:
 def start_method(v: Any) -> str:
     """A start method the supervisor has; fork and forkserver are refused with the reason."""
     if v in ("fork", "forkserver"):
-        raise ValueError(f"start_method {v!r} is not supported: fork copies the parent mid-flight, with any "
-                         "CUDA context and the locks of running threads (torch's intra-op pool, the runtime's "
-                         "transport threads), and the child can deadlock or crash; forkserver forks a server "
-                         "that may have run torch code too. Use zygote (forks from a fresh interpreter that has "
-                         "imported torch, never initialized CUDA and runs one thread) or spawn")
+        raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {v!r}: fork copies the "
+                         "parent mid-flight, with any CUDA context and the locks of running threads (torch's "
+                         "intra-op pool, the runtime's transport threads), and the child can deadlock or crash; "
+                         "forkserver forks a server that may have run torch code too. Use zygote (forks from a "
+                         "fresh interpreter that has imported torch, never initialized CUDA and runs one thread) "
+                         "or spawn")
     return check_start_method(v)
 
 
