@@ -102,6 +102,16 @@ JOBMOD = textwrap.dedent('''
         raise ValueError("the program failed on purpose")
 
 
+    def crash_once(job):
+        """SIGKILL the first counter once; its call made meanwhile waits for the restart."""
+        import signal
+        import torchactors as ta
+        h = job.roles["counter"][0]
+        pid = ta.get(h.whoami.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert ta.get(h.whoami.remote(), timeout=30)["pid"] != pid
+
+
     def quick(job):
         pass
 
@@ -465,6 +475,18 @@ def test_program_error_exits_1_with_a_summary(jobdir, tmp_path):
     assert "ValueError: the program failed on purpose" in r.stderr
     s = _summary(out)
     assert s["stopped_by"] == "error" and "failed on purpose" in s["error"]
+
+
+@pytest.mark.timeout(90)
+def test_the_summary_counts_restarts_per_role(jobdir, tmp_path):
+    """Needs the runtime: the count comes from ta.actor_status, the public API."""
+    out = tmp_path / "out"
+    r = torchactors(jobdir, "run", "job.yaml", "program=clijobmod:crash_once", "roles.counter.max_restarts=1",
+                    "--out", str(out), timeout=80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = _summary(out)
+    assert s["actors"]["counter"] == {"count": 2, "restarts": 1}
+    assert s["actors"]["single"] == {"count": 1, "restarts": 0}
 
 
 @pytest.mark.timeout(90)
