@@ -30,7 +30,7 @@ from torchactors.jobs.imports import RUNNER_ARGS, plain_class
 from torchactors.jobs.schema import (
     ENV_KEYS,
     JOB_KEYS,
-    MAX_PROCESSES,
+    MAX_ACTORS,
     OVERRIDE_ALIASES,
     PROGRAM_KEY,
     REQUIRED,
@@ -333,9 +333,9 @@ def _validate(doc: Doc, overrides: Sequence[str]) -> JobConfig:
         _check_env_args(doc, name, role["class"], role["args"], env_spaces)
         roles[name] = RoleConfig(name=name, class_path=role.pop("class"), **role)
         total = sum(r.replicas for r in roles.values())
-        if total > MAX_PROCESSES:
+        if total > MAX_ACTORS:
             raise doc.error(("roles", name, "replicas"), f"roles up to {name} add up to {total} actor processes, "
-                            f"more than a job can hold", allowed=f"at most {MAX_PROCESSES} replicas over all roles")
+                            f"more than a job can hold", allowed=f"at most {MAX_ACTORS} replicas over all roles")
 
     try:
         program = PROGRAM_KEY.check(data["program"])

@@ -153,7 +153,6 @@ def _import_ref(what: str) -> Callable[[Any], str]:
     return check
 
 
-MAX_PROCESSES = MAX_ACTORS     # actor processes one job can hold
 START_TIMEOUT_S = 120.0     # default seconds a role's constructors may take
 
 JOB_KEYS: dict[str, Key] = {
@@ -171,7 +170,7 @@ RUNTIME_KEYS: dict[str, Key] = {
 }
 ROLE_KEYS: dict[str, Key] = {
     "class": Key(_import_ref("class"), REQUIRED, "'module:Class', importable"),
-    "replicas": Key(integer(1, MAX_PROCESSES), 1, f"int >= 1, at most {MAX_PROCESSES} (actor processes in a job)"),
+    "replicas": Key(integer(1, MAX_ACTORS), 1, f"int >= 1, at most {MAX_ACTORS} (actor processes in a job)"),
     "args": Key(keyword_args, {}, "a mapping of keyword arguments for the class"),
     # the options of the role's actors, as the decorator takes them
     **{o.name: Key(_option(o), o.role_default, o.allowed) for o in OPTIONS.values() if o.in_job_file},
