@@ -167,7 +167,7 @@ def child_torchactors(w: dict, seconds: float, envpool: bool = False) -> None:
     With ``envpool``, the same job on the envpool backend (one env thread per rollout actor)."""
     out = Path(tempfile.mkdtemp(prefix="rlfps-ta-"))
     env_key = "roles.rollout.args.env"
-    cmd = [sys.executable, "-m", "torchactors.runtime.cli", "run", str(REPO / w["config"]),
+    cmd = [sys.executable, "-m", "torchactors.jobs.cli", "run", str(REPO / w["config"]),
            f"roles.rollout.replicas={w['workers']}", f"{env_key}.num_envs={w['envs']}",
            f"roles.rollout.args.unroll_length={w['unroll']}", "stop.target_return=null", "stop.max_frames=null",
            f"stop.max_seconds={seconds}", "--out", str(out)]

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from torchactors.runtime import cli
-from torchactors.runtime.config import parse_config
-from torchactors.runtime.runner import METRICS_COLUMNS, STOP_REASONS, JobContext
+from torchactors.jobs import cli
+from torchactors.jobs.config import parse_config
+from torchactors.jobs.context import JobContext
+from torchactors.jobs.progress import METRICS_COLUMNS
+from torchactors.jobs.summary import STOP_REASONS
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_JOB = REPO / "configs" / "impala_cartpole.yaml"
@@ -100,6 +102,16 @@ JOBMOD = textwrap.dedent('''
         raise ValueError("the program failed on purpose")
 
 
+    def crash_once(job):
+        """SIGKILL the first counter once; its call made meanwhile waits for the restart."""
+        import signal
+        import torchactors as ta
+        h = job.roles["counter"][0]
+        pid = ta.get(h.whoami.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert ta.get(h.whoami.remote(), timeout=30)["pid"] != pid
+
+
     def quick(job):
         pass
 
@@ -154,14 +166,14 @@ def _env(jobdir: Path) -> dict:
 
 
 def torchactors(jobdir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run `python -m torchactors.runtime.cli ARGS` from jobdir, as a user would run `torchactors`."""
-    return subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", *args], cwd=jobdir, env=_env(jobdir),
+    """Run `python -m torchactors.jobs.cli ARGS` from jobdir, as a user would run `torchactors`."""
+    return subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", *args], cwd=jobdir, env=_env(jobdir),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def start(jobdir: Path, *args: str) -> subprocess.Popen:
     """Start `torchactors ARGS` in a process group of its own, as a shell starts a foreground job."""
-    return subprocess.Popen([sys.executable, "-m", "torchactors.runtime.cli", *args], cwd=jobdir, env=_env(jobdir),
+    return subprocess.Popen([sys.executable, "-m", "torchactors.jobs.cli", *args], cwd=jobdir, env=_env(jobdir),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -244,8 +256,19 @@ def test_overrides_may_follow_the_out_option(inprocess, capsys):
     assert args.overrides == ["a.b=1", "c.d=2"] and args.out == "d"
 
 
+@pytest.mark.parametrize("module", ["torchactors", "torchactors.jobs.cli"])
+def test_python_dash_m_runs_the_command_and_validate_starts_nothing(module, tmp_path):
+    """`python -m torchactors` is the console script; validate exits 0 with no job directory made."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", module, "validate", str(MAIN_JOB)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"OK: {MAIN_JOB}")
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())     # no runtime, no job directory
+
+
 def test_main_job_config_validates():
-    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "validate", str(MAIN_JOB)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "validate", str(MAIN_JOB)], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"OK: {MAIN_JOB}")
@@ -455,6 +478,18 @@ def test_program_error_exits_1_with_a_summary(jobdir, tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_the_summary_counts_restarts_per_role(jobdir, tmp_path):
+    """Needs the runtime: the count comes from ta.actor_status, the public API."""
+    out = tmp_path / "out"
+    r = torchactors(jobdir, "run", "job.yaml", "program=clijobmod:crash_once", "roles.counter.max_restarts=1",
+                    "--out", str(out), timeout=80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = _summary(out)
+    assert s["actors"]["counter"] == {"count": 2, "restarts": 1}
+    assert s["actors"]["single"] == {"count": 1, "restarts": 0}
+
+
+@pytest.mark.timeout(90)
 def test_program_end_and_default_out_dir(jobdir, tmp_path):
     """Needs the runtime: a program that just returns; the run directory is runs/<name>-<time>."""
     r = torchactors(jobdir, "run", "job.yaml", "program=clijobmod:quick", ONE_COUNTER, timeout=80)
@@ -508,7 +543,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_nothing(jobdir, tmp_path, program, pres
 def test_main_job_short_run(tmp_path):
     """Needs the runtime: the shipped IMPALA job, cut to a few thousand frames, ends well under a minute."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", str(MAIN_JOB), "stop.max_frames=20000",
+    r = subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "run", str(MAIN_JOB), "stop.max_frames=20000",
                         "stop.max_seconds=40", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                        timeout=55)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -546,7 +581,7 @@ def test_run_with_an_unsafe_base_dir_exits_1_saying_what_to_do_without_a_traceba
     base.mkdir()
     os.chmod(base, 0o777)
     env = dict(_env(jobdir), XDG_RUNTIME_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", "job.yaml", "--out",
+    r = subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "run", "job.yaml", "--out",
                         str(tmp_path / "out")], cwd=jobdir, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert f"torchactors: job clitest not started: torchactors will not keep its job files in {base}" in r.stderr

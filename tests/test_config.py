@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from torchactors.errors import ConfigError
-from torchactors.runtime.config import JOB_KEYS, ROLE_KEYS, RUNTIME_KEYS, STOP_KEYS, load_config
+from torchactors.jobs.config import JOB_KEYS, ROLE_KEYS, RUNTIME_KEYS, STOP_KEYS, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -299,6 +299,29 @@ def test_bad_values_name_line_key_and_allowed(job_file, old, new, key, allowed):
     line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.strip() == new)
     err = expect_error(job_file(text), line=line, key=key, contains=[key, allowed])
     assert allowed in str(err.allowed)
+
+
+ROLE_ONLY_KEYS = {"class", "replicas", "args", "start_timeout"}
+
+
+def test_role_keys_are_the_actor_options_a_job_file_may_set():
+    """One schema (torchactors/actors/options.py): a role's keys beyond its own are actor options."""
+    from torchactors.actors.options import OPTIONS
+
+    assert set(ROLE_KEYS) - ROLE_ONLY_KEYS == {name for name, o in OPTIONS.items() if o.in_job_file}
+
+
+@pytest.mark.parametrize("option,value", [("num_threads", 0), ("max_restarts", -2), ("device", "gpu"),
+                                          ("env", {"A": 1}), ("max_concurrency", True)])
+def test_a_bad_option_gives_the_same_reason_in_python_and_in_a_job_file(job_file, option, value):
+    import torchactors as ta
+
+    with pytest.raises(ValueError) as python_error:
+        ta.actor(**{option: value})
+    text = GOOD.replace("replicas: 2", f"{option}: {json.dumps(value)}", 1)
+    err = expect_error(job_file(text), line=L_REPLICAS, key=f"roles.rollout.{option}",
+                       contains=[str(python_error.value)])
+    assert f"roles.rollout.{option}: " in str(err)
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])

@@ -20,10 +20,10 @@ import torch
 
 import torchactors as ta
 from torchactors.errors import ConfigError
+from torchactors.jobs.config import load_config
 from torchactors.rl.gym_env import GymVecEnv, check_spec
 from torchactors.rl.impala import Learner, RolloutActor
 from torchactors.rl.model import NatureCNN, PolicyValueNet, build_model
-from torchactors.runtime.config import load_config
 
 gym = pytest.importorskip("gymnasium", reason='gymnasium is not installed (pip install -e ".[envs]")')
 
@@ -246,7 +246,7 @@ def test_missing_ale_py_for_an_atari_id_says_how_to_install_it(tmp_path):
     """In a fresh process: once ale_py has registered its games in this one, they stay registered."""
     job = _job(tmp_path, **{"id: CartPole-v1": "id: ALE/Pong-v5"})
     code = ("import sys; sys.modules['ale_py'] = None\n"
-            "from torchactors.runtime.config import load_config\n"
+            "from torchactors.jobs.config import load_config\n"
             f"load_config({str(job)!r})")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "ConfigError" in r.stderr
@@ -359,7 +359,7 @@ def test_an_atari_rollout_is_uint8_frames_into_the_cnn_learner(runtime):
 @pytest.mark.timeout(170)
 def test_cartpole_gym_job_reaches_195_within_2_minutes(tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run",
+    r = subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "run",
                         str(REPO / "configs" / "impala_cartpole_gym.yaml"), "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=160)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -375,7 +375,7 @@ def test_cartpole_gym_job_reaches_195_within_2_minutes(tmp_path):
 @pytest.mark.timeout(120)
 def test_atari_job_short_run(tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", str(REPO / "configs" / "impala_atari.yaml"),
+    r = subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "run", str(REPO / "configs" / "impala_atari.yaml"),
                         "stop.max_frames=3000", "stop.max_seconds=60", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=110)
     assert r.returncode == 0, r.stdout + r.stderr

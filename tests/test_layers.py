@@ -131,7 +131,6 @@ def cycles(root: Path = PACKAGE) -> list[list[str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="#12: the layout refactor lands it")
 def test_no_module_imports_a_layer_above_it():
     assert upward_imports() == []
 

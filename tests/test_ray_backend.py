@@ -207,7 +207,7 @@ def test_calls_after_kill_raise_actor_died_error(seen):
 
 @pytest.mark.timeout(300)
 def test_the_main_job_runs_on_the_ray_backend(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", str(MAIN_JOB), "runtime.backend=ray",
+    r = subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "run", str(MAIN_JOB), "runtime.backend=ray",
                         "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

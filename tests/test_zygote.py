@@ -18,8 +18,8 @@ from conftest import process_alive, wait_for
 
 import torchactors as ta
 from torchactors.actors import api
-from torchactors.runtime.config import parse_config
-from torchactors.runtime.runner import run_job
+from torchactors.jobs.config import parse_config
+from torchactors.jobs.runner import run_job
 from torchactors.runtime.supervisor import Backoff
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,12 +5,17 @@ in job files). Units are binary whichever spelling is used: ``K``, ``KB`` and ``
 1024, as "4KB" means 4096 bytes in BENCH.md and the benchmarks, and as memory sizes are read in
 Docker's ``--shm-size 64m`` or ``ulimit``. One meaning per letter, so a job file and ``ta.init``
 never disagree on how big a store is.
+
+``import_string`` resolves the ``"module:attr"`` strings that job files write (a role's
+``class``, the ``program``, an env wrapper ``module:Class``).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
+from typing import Any
 
 _UNITS = {"": 1, "b": 1}
 for _i, _letter in enumerate("kmgt", start=1):
@@ -37,3 +42,20 @@ def parse_size(value: int | float | str) -> int:
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"a size must be a finite number of bytes, 0 or more, not {value!r}")
     return int(number * _UNITS[unit])
+
+
+def import_string(ref: str) -> Any:
+    """The object named by ``"package.module:Attr.path"``; ImportError (with the reason) if absent."""
+    module_name, sep, attr_path = ref.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ImportError(f"{ref!r} is not of the form 'module:attribute'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # a module that fails while importing is as unusable as a missing one
+        raise ImportError(f"cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    return obj

@@ -9,7 +9,6 @@ process has its backend set when it starts serving, so the API is the same insid
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from torchactors.actors import _current, calls
 from torchactors.actors.backend import Backend
 from torchactors.actors.handle import ActorHandle
 from torchactors.actors.local import Runtime
+from torchactors.actors.options import default_num_threads
 from torchactors.runtime.job import Job
 from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.supervisor import check_start_method
@@ -54,7 +54,7 @@ def init(backend: str = "local", num_threads: int | None = None, store_capacity:
                 torch.set_num_threads(num_threads)
             return _current.backend
         capacity = parse_size(store_capacity) if store_capacity is not None else None
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // 2))
+        torch.set_num_threads(num_threads or default_num_threads(0))
         if backend == "ray":
             # Ray is imported only when asked for (the "ray" extra).
             from torchactors.actors import ray_backend

@@ -19,82 +19,9 @@ from typing import Any
 import cloudpickle
 
 from torchactors.actors import _current, lifetime
+from torchactors.actors import options as actor_options
 from torchactors.actors.pending import split_returns
-from torchactors.runtime.child import DEVICE
-from torchactors.runtime.supervisor import Backoff, check_start_method
 from torchactors.store.refs import ObjectRef
-
-OPTION_DEFAULTS: dict[str, Any] = {
-    "num_threads": None, "device": "cpu", "max_restarts": 0, "max_task_retries": 0, "max_concurrency": None,
-    "start_method": None, "restart_backoff": None,     # None: the job's start method, Backoff's defaults
-    "name": None, "namespace": None, "lifetime": None, "get_if_exists": False, "env": None, "ray_options": None,
-    # Ray's placement hints: accepted so that Ray code runs; on the local backend one machine has
-    # no scheduler, so they are not enforced (num_gpus >= 1 selects device "cuda", see README).
-    "num_cpus": None, "num_gpus": None, "resources": None, "memory": None, "object_store_memory": None,
-    "accelerator_type": None, "scheduling_strategy": None, "runtime_env": None,
-}
-REFUSED_OPTIONS = {
-    "concurrency_groups": "concurrency groups are not supported; use max_concurrency (one pool for all "
-                          "methods) or separate actors",
-    "max_pending_calls": "max_pending_calls is not supported; callers are not throttled",
-}
-ASYNC_DEFAULT_CONCURRENCY = 1000    # Ray's default max_concurrency for an actor with async methods
-
-
-def _count(value: Any, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-        raise ValueError(f"{what} must be an int >= 0, or -1 for unlimited, not {value!r}")
-
-
-def check_options(options: dict) -> dict:
-    for key, why in REFUSED_OPTIONS.items():
-        if key in options:
-            raise ValueError(f"actor option {key!r}: {why}")
-    unknown = set(options) - set(OPTION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown actor option(s) {sorted(unknown)}; allowed: {sorted(OPTION_DEFAULTS)}")
-    o = dict(options)
-    if o.get("num_threads") is not None and (not isinstance(o["num_threads"], int) or o["num_threads"] < 1):
-        raise ValueError(f"num_threads must be a positive int or None, not {o['num_threads']!r}")
-    _count(o.get("max_restarts", 0), "max_restarts")
-    _count(o.get("max_task_retries", 0), "max_task_retries")
-    mc = o.get("max_concurrency")
-    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 1):
-        raise ValueError(f"max_concurrency must be an int >= 1, not {mc!r}")
-    if o.get("ray_options") is not None and not isinstance(o["ray_options"], dict):
-        raise ValueError(f"ray_options must be a dict of Ray actor options, not {o['ray_options']!r}")
-    if o.get("start_method") is not None:
-        check_start_method(o["start_method"])
-    Backoff.parse(o.get("restart_backoff"))
-    for key in ("name", "namespace"):
-        if o.get(key) is not None and (not isinstance(o[key], str) or not o[key]):
-            raise ValueError(f"actor option {key} must be a non-empty str or None, not {o[key]!r}")
-    if o.get("lifetime") not in (None, "detached", "non_detached"):
-        raise ValueError(f"lifetime must be None, 'detached' or 'non_detached', not {o['lifetime']!r}")
-    if o.get("get_if_exists") and o.get("name") is None and "name" in options:
-        raise ValueError("get_if_exists=True needs a name: .options(name='x', get_if_exists=True)")
-    env = o.get("runtime_env")
-    if env is not None and (not isinstance(env, dict) or set(env) - {"env_vars"}):
-        raise ValueError(f"runtime_env: only {{'env_vars': {{...}}}} is supported on one machine, not {env!r}")
-    device = o.get("device", "cpu")
-    if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
-    return o
-
-
-def resolved(options: dict, cls: type) -> dict:
-    """The options an actor starts with: Ray's spellings mapped onto ours."""
-    o = dict(options)
-    if o["max_concurrency"] is None:
-        o["max_concurrency"] = ASYNC_DEFAULT_CONCURRENCY if is_async_class(cls) else 1
-    if o.get("num_gpus") and o["device"] == "cpu":
-        o["device"] = "cuda"
-    if o.get("runtime_env"):
-        o["env"] = {**o["runtime_env"].get("env_vars", {}), **(o.get("env") or {})}
-    if o.get("lifetime") == "non_detached":
-        o["lifetime"] = None
-    return o
-
 
 _actor_ids = itertools.count(1)
 
@@ -158,7 +85,7 @@ class ActorClass:
 
     def __init__(self, cls: type, options: dict) -> None:
         self._cls = cls
-        self._options = {**OPTION_DEFAULTS, **check_options(options)}
+        self._options = {**actor_options.DEFAULTS, **actor_options.check(options)}
         self._signature: Any = None
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
@@ -184,7 +111,7 @@ class ActorClass:
 
     def options(self, **options: Any) -> ActorClass:
         """The same class with some options overridden for the next ``.remote()``."""
-        return ActorClass(self._cls, {**self._options, **check_options(options)})
+        return ActorClass(self._cls, {**self._options, **actor_options.check(options)})
 
     def check_arguments(self, args: tuple, kwargs: dict) -> None:
         """TypeError at the caller for arguments the constructor cannot take."""
@@ -203,7 +130,8 @@ class ActorClass:
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         self.check_arguments(args, kwargs)
-        return _current.get().create_actor(self._cls, resolved(self._options, self._cls), args, kwargs)
+        options = actor_options.resolve(self._options, is_async_class(self._cls))
+        return _current.get().create_actor(self._cls, options, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self._cls.__name__}()', "
@@ -223,7 +151,7 @@ def _decorate(target: Any, options: dict, how: str) -> ActorClass:
 def actor(cls: type | None = None, **options: Any) -> Any:
     """``@ta.actor`` or ``@ta.actor(num_threads=1, device="cpu", max_restarts=0, max_concurrency=1)``."""
     if cls is None:
-        check_options(options)
+        actor_options.check(options)
         return lambda c: _decorate(c, options, "@ta.actor")
     return _decorate(cls, options, "@ta.actor")
 
@@ -236,7 +164,7 @@ def remote(*args: Any, **options: Any) -> Any:
         raise TypeError("@ta.remote takes a class, or only keyword options: @ta.remote(max_restarts=1)")
     if not options:
         raise TypeError("@ta.remote() needs options; without options write @ta.remote (no parentheses)")
-    check_options(options)
+    actor_options.check(options)
     return lambda c: _decorate(c, options, "@ta.remote")
 
 

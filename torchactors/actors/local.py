@@ -20,6 +20,7 @@ from torchactors.actors import lifetime, protocol
 from torchactors.actors.calls import DependencyFailed, encode_args
 from torchactors.actors.channel import Channel
 from torchactors.actors.handle import ActorHandle, dumps_class, method_returns, new_actor_id, public_methods
+from torchactors.actors.options import default_num_threads
 from torchactors.actors.pending import failed_ref
 from torchactors.errors import ActorDiedError
 from torchactors.runtime.job import Job
@@ -107,7 +108,7 @@ class Runtime:
             self._watch_handles()
         handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns)
         spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
-        threads = options["num_threads"] or max(1, (os.cpu_count() or 1) // (len(self.owned) + 2))
+        threads = options["num_threads"] or default_num_threads(len(self.owned))
         self.owned[actor_id] = _Owned(actor_id, key, held)
         self.supervisor.start(ProcessSpec(
             key=actor_id, target="torchactors.actors.worker:serve", payload=pickle.dumps(spec),

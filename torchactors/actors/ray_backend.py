@@ -37,6 +37,7 @@ from torchactors.actors.handle import (
     new_actor_id,
     public_methods,
 )
+from torchactors.actors.options import default_num_threads
 from torchactors.actors.pending import PendingResult, failed_ref
 from torchactors.errors import ActorDiedError, ActorError, GetTimeoutError
 from torchactors.runtime import job as job_module
@@ -216,7 +217,7 @@ class RayRuntime:
             ray_options["runtime_env"] = {"env_vars": dict(options["env"])}
         ray_options.update(options.get("ray_options") or {})      # the user's word wins
         spec = {"actor_id": actor_id, "name": name or actor_id, "cls": cls_bytes, "args": args_bytes,
-                "num_threads": options["num_threads"] or 1, "device": options["device"],
+                "num_threads": options["num_threads"] or default_num_threads(len(self.owned) + len(self.unnamed)), "device": options["device"],
                 "job": job_module.describe(self.job), "sys_path": list(sys.path),
                 "max_task_retries": options["max_task_retries"]}
         host_cls = _AsyncHost if is_async_class(cls) else _Host

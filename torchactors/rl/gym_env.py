@@ -148,7 +148,7 @@ def _wrapper_class(gym: Any, name: str, i: int) -> type:
     """``AtariPreprocessing`` (a class of gymnasium.wrappers) or ``module:Class``."""
     path = ("wrappers", str(i), name)  # the name's line when written as {Name: {...}}
     if ":" in name:
-        from torchactors.runtime.config import import_string  # the job file's own importer
+        from torchactors._util import import_string  # the job file's own importer
 
         try:
             cls = import_string(name)

@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import pickle
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     from torchactors.store.core import Store
 
 PR_SET_PDEATHSIG = 1
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")   # an actor's device, as options and job files spell it
 
 
 @dataclass

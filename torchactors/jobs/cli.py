@@ -6,13 +6,12 @@ file fails with exit code 2 before anything starts) and maps outcomes to exit co
     0 ok    1 the job failed    2 bad config or usage    3 a role's actors did not start within
     its start_timeout (the job was stopped)    130 stopped by Ctrl-C (after a clean stop)
 
-The runtime is imported only by ``run``, so ``validate`` and ``plot`` work without it.
+Only ``run`` starts the runtime (``ta.init``): ``validate`` and ``plot`` start no process.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -21,11 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torchactors.errors import ConfigError, UnsafeDirectoryError
-from torchactors.runtime.config import load_config
+from torchactors.jobs.config import load_config
+from torchactors.jobs.interrupts import EXIT_INTERRUPTED
+from torchactors.jobs.plot import PlotError, plot_run
+from torchactors.jobs.runner import StartTimeoutError, run_job
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_START_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_START_TIMEOUT = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +72,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.job, args.overrides)
-    from torchactors.runtime.runner import StartTimeoutError, run_job  # imports the runtime only now
 
     try:
         summary = run_job(cfg, args.out)
@@ -91,46 +92,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    run_dir = Path(args.dir)
-    metrics = run_dir / "metrics.csv"
-    if not metrics.is_file():
-        print(f"torchactors plot: no {metrics} (give the output directory of a run)", file=sys.stderr)
-        return EXIT_FAILED
     try:
-        import matplotlib
-    except ImportError:
-        print("torchactors plot needs matplotlib, which is not installed: pip install matplotlib",
-              file=sys.stderr)
+        out, rows = plot_run(Path(args.dir))
+    except PlotError as e:
+        print(f"torchactors plot: {e}", file=sys.stderr)
         return EXIT_FAILED
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    t, fps, t_ret, ret = [], [], [], []
-    with metrics.open(newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                time_s = float(row["time_s"])
-                fps.append(float(row["fps"]))
-            except (KeyError, TypeError, ValueError):
-                continue  # a torn last row of a run still going
-            t.append(time_s)
-            if row.get("mean_return") not in (None, "", "nan"):
-                t_ret.append(time_s)
-                ret.append(float(row["mean_return"]))
-    fig, (ax_ret, ax_fps) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    ax_ret.plot(t_ret, ret)
-    ax_ret.set_ylabel("mean return")
-    ax_ret.grid(alpha=0.3)
-    ax_fps.plot(t, fps)
-    ax_fps.set_ylabel("frames / s")
-    ax_fps.set_xlabel("time (s)")
-    ax_fps.grid(alpha=0.3)
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out} ({len(t)} rows)")
+    print(f"wrote {out} ({rows} rows)")
     return EXIT_OK
 
 
