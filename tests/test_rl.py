@@ -8,7 +8,8 @@ import torch
 
 from torchactors.rl import vtrace
 from torchactors.rl.cartpole import MAX_EPISODE_STEPS, VecCartPole, cartpole_dynamics
-from torchactors.rl.impala import Learner, RolloutActor
+from torchactors.rl.impala import Learner, RolloutActor, _concat_unrolls
+from torchactors.rl.model import sample_actions
 
 torch.set_num_threads(1)
 
@@ -167,3 +168,58 @@ def test_learning_smoke():
     w = learner.weights()
     learner.update(actors[0].rollout())
     assert not torch.equal(w["policy.0.weight"], learner.model.state_dict()["policy.0.weight"])
+
+
+def test_sample_actions_follows_the_softmax():
+    """Gumbel-max draws: frequencies within 5 standard errors of softmax(logits), never a masked action."""
+    logits = torch.tensor([[0.0, 1.0, -1.0, -math.inf], [2.0, 2.0, 0.0, 0.5]])
+    n = 100_000
+    draws = sample_actions(logits.repeat(n, 1), torch.Generator().manual_seed(3)).view(n, 2)
+    assert draws.dtype == torch.int64
+    probs = torch.softmax(logits, -1)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=4).double() / n
+        se = (probs[row] * (1 - probs[row]) / n).sqrt().double()
+        assert ((freq - probs[row].double()).abs() <= 5 * se + 1e-12).all(), (row, freq, probs[row])
+    assert not (draws[:, 0] == 3).any()
+    again = sample_actions(logits.repeat(n, 1), torch.Generator().manual_seed(3)).view(n, 2)
+    assert torch.equal(draws, again)  # the actor's generator makes its draws reproducible
+
+
+def _cut_actor(seed: int, max_steps: int) -> RolloutActor:
+    """A rollout actor whose built-in CartPoles are cut by a short time limit (so unrolls hold truncations)."""
+    actor = RolloutActor(num_envs=4, unroll_length=12, seed=seed)
+    actor.env = VecCartPole(4, seed=seed, max_episode_steps=max_steps)
+    actor.obs = actor.env.reset()
+    return actor
+
+
+def test_final_obs_holds_one_observation_per_cut_in_the_joined_order():
+    learner = Learner()
+    actors = [_cut_actor(1, 5), _cut_actor(2, 7)]
+    unrolls = []
+    for a in actors:
+        a.set_weights(learner.weights(), 0)
+        u = a.rollout()
+        cuts = int(u["truncated"].sum())
+        assert cuts > 0 and u["final_obs"].shape == (cuts, 4) and u["final_obs"].dtype == torch.float32
+        # A cut's final observation is not the next episode's first (obs[t + 1]), which is a reset state.
+        assert not torch.equal(u["final_obs"], u["obs"][1:][u["truncated"]])
+        assert u["obs"][1:][u["truncated"]].abs().max() <= 0.05
+        unrolls.append(u)
+    joined = _concat_unrolls(tuple(unrolls))
+    full = []  # the old layout, [T, B, 4] with the final observation at every cut
+    for u in unrolls:
+        f = torch.zeros(*u["truncated"].shape, 4)
+        f[u["truncated"]] = u["final_obs"]
+        full.append(f)
+    torch.testing.assert_close(joined["final_obs"], torch.cat(full, dim=1)[joined["truncated"]], rtol=0, atol=0)
+    assert math.isfinite(learner.update(*unrolls)["loss"])
+
+
+def test_an_unroll_with_final_obs_in_the_old_layout_is_refused():
+    actor = _cut_actor(1, 5)
+    u = actor.rollout()
+    u["final_obs"] = torch.zeros(12, 4, 4)
+    with pytest.raises(ValueError, match=r"one final observation per truncated step"):
+        Learner().update(u)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torchactors.rl import vtrace
 from torchactors.rl.cartpole import VecCartPole
 from torchactors.rl.gym_env import EnvSpec, GymVecEnv, check_spec
-from torchactors.rl.model import build_model
+from torchactors.rl.model import build_model, sample_actions
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,10 @@ class RolloutActor:
         self.model.load_state_dict(state)
         self.version = int(version)
 
-    @torch.no_grad()
     def rollout(self, weights: Any = None) -> dict[str, Any]:
-        """Step every env ``unroll_length`` times with the current policy; tensors are [T(+1), B, ...].
+        """Step every env ``unroll_length`` times with the current policy; tensors are [T(+1), B, ...],
+        except ``final_obs`` [N, ...]: the observations the N time-limit cuts (``truncated``, in
+        its row-major order) ended in, all the learner needs of final observations.
         With ``weights`` (a ``ta.Weights``), act with its newest version."""
         if weights is not None:
             self.sync_weights(weights)
@@ -114,31 +115,33 @@ class RolloutActor:
         obs = torch.empty(T + 1, B, *shape, dtype=dtype)
         actions = torch.empty(T, B, dtype=torch.int64)
         rewards = torch.empty(T, B)
-        dones = torch.empty(T, B, dtype=torch.bool)
+        terminated = torch.empty(T, B, dtype=torch.bool)
         truncated = torch.empty(T, B, dtype=torch.bool)
-        final_obs = torch.empty(T, B, *shape, dtype=dtype)
         logits = torch.empty(T, B, A)
+        finals = []
         obs[0] = self.obs
         policy = self.model.policy
         for t in range(T):
-            lg = policy(obs[t])
-            a = torch.multinomial(F.softmax(lg, dim=-1), 1, generator=self.generator).squeeze(1)
-            step = self.env.step(a)
-            logits[t] = lg
-            actions[t] = a
+            # Inference mode for the model alone: what it makes must not reach autograd, and the
+            # env's tensors (the built-in CartPole's state) must stay ordinary ones.
+            with torch.inference_mode():
+                logits[t] = policy(obs[t])
+                actions[t] = sample_actions(logits[t], self.generator)
+            step = self.env.step(actions[t])
             obs[t + 1] = step.obs
             rewards[t] = step.reward
-            dones[t] = step.terminated | step.truncated
+            terminated[t] = step.terminated
             truncated[t] = step.truncated
-            final_obs[t] = step.final_obs
+            if step.truncated.any():
+                finals.append(step.final_obs[step.truncated])
         self.obs = obs[T].clone()
         return {
             "obs": obs,
             "actions": actions,
             "rewards": rewards,
-            "dones": dones,
+            "dones": terminated | truncated,
             "truncated": truncated,
-            "final_obs": final_obs,
+            "final_obs": torch.cat(finals) if finals else obs.new_empty((0, *shape)),
             "behaviour_logits": logits,
             "episode_returns": self.env.pop_episode_returns(),
             "version": self.version,
@@ -146,7 +149,14 @@ class RolloutActor:
 
 
 def _concat_unrolls(unrolls: tuple[Mapping[str, Any], ...]) -> dict[str, Any]:
-    """Join unrolls along the batch dimension (dim 1), episode returns along dim 0."""
+    """Join unrolls along the batch dimension (dim 1), episode returns along dim 0, and the final
+    observations of the cuts in the row-major order of the joined ``truncated``."""
+    for u in unrolls:
+        cuts = int(u["truncated"].sum())
+        if u["final_obs"].shape[0] != cuts or u["final_obs"].shape[1:] != u["obs"].shape[2:]:
+            raise ValueError(f"an unroll with {cuts} truncated steps has final_obs of shape "
+                             f"{tuple(u['final_obs'].shape)}; expected ({cuts}, {', '.join(map(str, u['obs'].shape[2:]))}): "
+                             "one final observation per truncated step, as RolloutActor.rollout returns them")
     if len(unrolls) == 1:
         return dict(unrolls[0])
     out: dict[str, Any] = {}
@@ -155,6 +165,11 @@ def _concat_unrolls(unrolls: tuple[Mapping[str, Any], ...]) -> dict[str, Any]:
             out[key] = min(int(u[key]) for u in unrolls)
         elif key == "episode_returns":
             out[key] = torch.cat([u[key] for u in unrolls])
+        elif key == "final_obs":
+            # Each unroll's cuts are in (t, b) order: a stable sort by t of them all, unroll after
+            # unroll, is the (t, unroll, b) order of the joined mask.
+            steps = torch.cat([u["truncated"].nonzero()[:, 0] for u in unrolls])
+            out[key] = torch.cat([u[key] for u in unrolls])[torch.sort(steps, stable=True).indices]
         else:
             out[key] = torch.cat([u[key] for u in unrolls], dim=1)
     return out
@@ -224,7 +239,7 @@ class Learner:
             # as terminal gives states that look alike value targets of 0 and ~100, and the
             # resulting advantages of ~-100 at every cut make the policy collapse.
             with torch.no_grad():
-                cut_values = self.model.value(batch["final_obs"][truncated]).squeeze(-1)
+                cut_values = self.model.value(batch["final_obs"]).squeeze(-1)
             rewards = rewards.clone()
             rewards[truncated] += self.gamma * cut_values
         vt = vtrace.from_logits(
