@@ -1,14 +1,18 @@
 """Tests of the learning code: torch CartPole vs a scalar gym-style reference, V-trace vs a
 direct loop, and a short single-process learning smoke."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from torchactors.rl import vtrace
 from torchactors.rl.cartpole import MAX_EPISODE_STEPS, VecCartPole, cartpole_dynamics
-from torchactors.rl.impala import Learner, RolloutActor, _concat_unrolls
+from torchactors.rl.impala import Learner, RolloutActor, _concat_unrolls, train
 from torchactors.rl.model import sample_actions
 
 torch.set_num_threads(1)
@@ -223,3 +227,47 @@ def test_an_unroll_with_final_obs_in_the_old_layout_is_refused():
     u["final_obs"] = torch.zeros(12, 4, 4)
     with pytest.raises(ValueError, match=r"one final observation per truncated step"):
         Learner().update(u)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_main_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", str(REPO / "configs" / "impala_cartpole.yaml"),
+                           "stop.target_return=null", "--out", str(tmp_path / "out"), *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_unrolls_per_update_batches_that_many_unrolls_into_each_update(tmp_path):
+    r = _run_main_job(tmp_path, "stop.max_frames=40000", "program_args.unrolls_per_update=3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    per_update = 3 * 64 * 20  # 3 unrolls of 64 envs x 20 steps
+    # Updates still queued at the stop (max_pending_updates) and a partial batch are not counted.
+    assert s["frames"] // per_update - 4 <= s["updates"] <= s["frames"] // per_update, s
+
+
+def test_a_bad_unrolls_per_update_says_what_to_give():
+    with pytest.raises(ValueError, match=r"unrolls_per_update is 0: give an int >= 1"):
+        train(None, unrolls_per_update=0)  # refused before the job is touched
+
+
+def test_a_bad_nice_says_what_to_give():
+    with pytest.raises(ValueError, match=r"nice is 20: give an int from 0"):
+        RolloutActor(num_envs=2, nice=20)
+
+
+def test_nice_lowers_every_thread_of_the_actor_process():
+    """In a child process (the priority cannot be raised back): the threads it had, and one started later."""
+    code = ("import os, threading, torch; from torchactors.rl.impala import RolloutActor\n"
+            "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
+            "t = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True); t.start()\n"
+            "RolloutActor(num_envs=2, nice=3)\n"
+            "late = []; u = threading.Thread(target=lambda: late.append(os.getpriority(os.PRIO_PROCESS, 0))); u.start(); u.join()\n"
+            "import json; print(json.dumps([before, sorted({os.getpriority(os.PRIO_PROCESS, int(x))\n"
+            "                                        for x in os.listdir('/proc/self/task')}), late]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    before, seen, late = json.loads(r.stdout)
+    assert seen == [before + 3] and late == [before + 3], r.stdout
