@@ -13,7 +13,7 @@ import torch
 from torchactors.rl import vtrace
 from torchactors.rl.cartpole import MAX_EPISODE_STEPS, VecCartPole, cartpole_dynamics
 from torchactors.rl.impala import Learner, RolloutActor, _concat_unrolls, train
-from torchactors.rl.model import sample_actions
+from torchactors.rl.model import CHANNELS_LAST_MIN_BATCH, NatureCNN, sample_actions
 
 torch.set_num_threads(1)
 
@@ -271,3 +271,19 @@ def test_nice_lowers_every_thread_of_the_actor_process():
     assert r.returncode == 0, r.stderr
     before, seen, late = json.loads(r.stdout)
     assert seen == [before + 3] and late == [before + 3], r.stdout
+
+
+def test_the_cnn_gives_the_same_outputs_in_either_layout_and_leaves_its_input_alone():
+    """Batches from CHANNELS_LAST_MIN_BATCH on run channels-last: the same logits and values as in
+    small (default-layout) batches, up to float rounding; float frames are not scaled in place."""
+    torch.manual_seed(0)
+    model = NatureCNN(num_actions=4)
+    frames = torch.randint(0, 256, (CHANNELS_LAST_MIN_BATCH, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, values = model(frames)
+        parts = [model(frames[i:i + 8]) for i in range(0, len(frames), 8)]
+        torch.testing.assert_close(logits, torch.cat([p[0] for p in parts]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(values, torch.cat([p[1] for p in parts]), rtol=1e-4, atol=1e-5)
+        as_float = frames[:8].float()
+        model(as_float)
+        assert torch.equal(as_float, frames[:8].float())

@@ -87,10 +87,11 @@ class NatureCNN(nn.Module):
 
     def _features(self, obs: torch.Tensor) -> torch.Tensor:
         lead = obs.shape[:-3]
-        x = obs.reshape(-1, *obs.shape[-3:]).float().div_(255.0)
+        x = obs.reshape(-1, *obs.shape[-3:])
         if x.shape[0] >= CHANNELS_LAST_MIN_BATCH:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.torso(x).reshape(*lead, 512)
+            x = x.contiguous(memory_format=torch.channels_last)  # the uint8 frames: a quarter of the bytes
+        # One pass to float32 in a new tensor (keeps the layout; never writes into the caller's frames).
+        return self.torso(x / 255.0).reshape(*lead, 512)
 
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         return self.policy_head(self._features(obs))
