@@ -55,6 +55,7 @@ WEIGHTS_WAIT_S = 120.0
 # The job's weights channel (one job, one learner: one name).
 WEIGHTS_NAME = "impala/policy"
 
+
 def _lower_priority(nice: int) -> None:
     """Run every thread of this process (and what they start later) ``nice`` steps below the CPU
     priority it has (as ``os.nice``); Linux keeps a nice value per thread, so ``os.nice`` would lower one."""
@@ -69,9 +70,9 @@ class RolloutActor:
     """Acts in ``num_envs`` CartPoles (or the gymnasium ``env``) with the last weights it was
     sent; returns unrolls. With ``env``, its ``num_envs`` counts and ``num_envs`` here is unused.
 
-    ``nice`` (0-19) lowers the actor's CPU priority by that many steps: with more busy processes than cores (2
-    rollout actors and a learner on 2), a learner that waits for a core stalls every actor's
-    next unroll; at a lower priority the actors take the cycles the learner leaves.
+    ``nice`` (0-19) lowers the actor's CPU priority by that many steps: with more busy
+    processes than cores (2 rollout actors and a learner on 2), a learner that waits for a core
+    stalls every actor's next unroll; at a lower priority the actors take what the learner leaves.
     """
 
     def __init__(
