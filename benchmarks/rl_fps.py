@@ -30,6 +30,7 @@ between the first progress sample after the warm-up and the last one.
     python benchmarks/rl_fps.py --setup                                   # peer venvs, once
     python benchmarks/rl_fps.py --seconds 60 --json rl_fps.json           # every system, both workloads
     python benchmarks/rl_fps.py --systems torchactors,raw --workloads CartPole-v1 --seconds 20
+    python benchmarks/rl_fps.py --systems torchactors --workloads Breakout --ta-set roles.rollout.args.nice=10
 
 Only the standard library is imported at the top: the children run in the peers' venvs, and the
 raw env workers (which import this file) should not pay for torch.
@@ -72,6 +73,7 @@ PEERS = {
 }
 SYSTEMS = ("torchactors", "torchactors_envpool", "sample_factory", "torchrl", "raw", "raw_envpool")
 PROGRESS = "RLFPS"  # children print "RLFPS <seconds since start> <agent steps so far>"
+TA_OVERRIDES = "RLFPS_TA_OVERRIDES"  # --ta-set's overrides, to the torchactors children (JSON list)
 
 
 def progress(t0: float, frames: int) -> None:
@@ -175,6 +177,7 @@ def child_torchactors(w: dict, seconds: float, envpool: bool = False) -> None:
         for key in (env_key, "roles.learner.args.env"):  # the learner's spec too: its model follows its spaces
             cmd += [f"{key}.vectorization=envpool", f"{key}.id={w['envpool_id']}", f"{key}.wrappers=[]",
                     f"{key}.kwargs={{num_threads: 1}}"]
+    cmd += json.loads(os.environ.get(TA_OVERRIDES, "[]"))
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
@@ -432,11 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=20.0, help="seconds not counted at the start of each run")
     p.add_argument("--grace", type=float, default=60.0, help="start-up seconds allowed before a run is killed")
     p.add_argument("--venv-dir", type=Path, default=DEFAULT_VENV_DIR, help="where the peers' venvs are")
+    p.add_argument("--ta-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of torchactors' job file (repeatable), e.g. roles.rollout.args.nice=10")
     p.add_argument("--setup", action="store_true", help="make the peers' venvs and exit")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.ta_set:
+        os.environ[TA_OVERRIDES] = json.dumps(args.ta_set)
     if args.setup:
         setup_venvs(args.venv_dir, list(PEERS))
         return 0

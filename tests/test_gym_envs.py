@@ -290,7 +290,7 @@ def test_a_gym_rollout_travels_from_a_real_actor_into_the_learner(runtime):
             ref = actor.rollout.remote()
             u = ta.get(ref)
             assert u["obs"].shape == (T + 1, 8, 4) and u["obs"].dtype == torch.float32
-            assert u["final_obs"].shape == (T, 8, 4) and u["behaviour_logits"].shape == (T, 8, 2)
+            assert u["final_obs"].shape == (int(u["truncated"].sum()), 4) and u["behaviour_logits"].shape == (T, 8, 2)
             assert u["actions"].dtype == torch.int64 and set(u["actions"].unique().tolist()) <= {0, 1}
             assert u["rewards"].dtype == torch.float32 and bool((u["rewards"] == 1).all())  # CartPole: 1 a step
             assert u["dones"].dtype == torch.bool and u["truncated"].dtype == torch.bool
@@ -344,6 +344,7 @@ def test_an_atari_rollout_is_uint8_frames_into_the_cnn_learner(runtime):
         u = ta.get(ref)
         assert u["obs"].shape == (7, 2, 4, 84, 84) and u["obs"].dtype == torch.uint8
         assert u["behaviour_logits"].shape == (6, 2, 4) and u["final_obs"].dtype == torch.uint8
+        assert u["final_obs"].shape == (int(u["truncated"].sum()), 4, 84, 84)
         torch.testing.assert_close(u["obs"][1:, :, 2], u["obs"][:-1, :, 3])  # frames stacked in order
         del u
         stats = ta.get(learner.update.remote(ref))

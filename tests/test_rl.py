@@ -1,14 +1,19 @@
 """Tests of the learning code: torch CartPole vs a scalar gym-style reference, V-trace vs a
 direct loop, and a short single-process learning smoke."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from torchactors.rl import vtrace
 from torchactors.rl.cartpole import MAX_EPISODE_STEPS, VecCartPole, cartpole_dynamics
-from torchactors.rl.impala import Learner, RolloutActor
+from torchactors.rl.impala import Learner, RolloutActor, _concat_unrolls, train
+from torchactors.rl.model import CHANNELS_LAST_MIN_BATCH, NatureCNN, sample_actions
 
 torch.set_num_threads(1)
 
@@ -167,3 +172,118 @@ def test_learning_smoke():
     w = learner.weights()
     learner.update(actors[0].rollout())
     assert not torch.equal(w["policy.0.weight"], learner.model.state_dict()["policy.0.weight"])
+
+
+def test_sample_actions_follows_the_softmax():
+    """Gumbel-max draws: frequencies within 5 standard errors of softmax(logits), never a masked action."""
+    logits = torch.tensor([[0.0, 1.0, -1.0, -math.inf], [2.0, 2.0, 0.0, 0.5]])
+    n = 100_000
+    draws = sample_actions(logits.repeat(n, 1), torch.Generator().manual_seed(3)).view(n, 2)
+    assert draws.dtype == torch.int64
+    probs = torch.softmax(logits, -1)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=4).double() / n
+        se = (probs[row] * (1 - probs[row]) / n).sqrt().double()
+        assert ((freq - probs[row].double()).abs() <= 5 * se + 1e-12).all(), (row, freq, probs[row])
+    assert not (draws[:, 0] == 3).any()
+    again = sample_actions(logits.repeat(n, 1), torch.Generator().manual_seed(3)).view(n, 2)
+    assert torch.equal(draws, again)  # the actor's generator makes its draws reproducible
+
+
+def _cut_actor(seed: int, max_steps: int) -> RolloutActor:
+    """A rollout actor whose built-in CartPoles are cut by a short time limit (so unrolls hold truncations)."""
+    actor = RolloutActor(num_envs=4, unroll_length=12, seed=seed)
+    actor.env = VecCartPole(4, seed=seed, max_episode_steps=max_steps)
+    actor.obs = actor.env.reset()
+    return actor
+
+
+def test_final_obs_holds_one_observation_per_cut_in_the_joined_order():
+    learner = Learner()
+    actors = [_cut_actor(1, 5), _cut_actor(2, 7)]
+    unrolls = []
+    for a in actors:
+        a.set_weights(learner.weights(), 0)
+        u = a.rollout()
+        cuts = int(u["truncated"].sum())
+        assert cuts > 0 and u["final_obs"].shape == (cuts, 4) and u["final_obs"].dtype == torch.float32
+        # A cut's final observation is not the next episode's first (obs[t + 1]), which is a reset state.
+        assert not torch.equal(u["final_obs"], u["obs"][1:][u["truncated"]])
+        assert u["obs"][1:][u["truncated"]].abs().max() <= 0.05
+        unrolls.append(u)
+    joined = _concat_unrolls(tuple(unrolls))
+    full = []  # the old layout, [T, B, 4] with the final observation at every cut
+    for u in unrolls:
+        f = torch.zeros(*u["truncated"].shape, 4)
+        f[u["truncated"]] = u["final_obs"]
+        full.append(f)
+    torch.testing.assert_close(joined["final_obs"], torch.cat(full, dim=1)[joined["truncated"]], rtol=0, atol=0)
+    assert math.isfinite(learner.update(*unrolls)["loss"])
+
+
+def test_an_unroll_with_final_obs_in_the_old_layout_is_refused():
+    actor = _cut_actor(1, 5)
+    u = actor.rollout()
+    u["final_obs"] = torch.zeros(12, 4, 4)
+    with pytest.raises(ValueError, match=r"one final observation per truncated step"):
+        Learner().update(u)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_main_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", str(REPO / "configs" / "impala_cartpole.yaml"),
+                           "stop.target_return=null", "--out", str(tmp_path / "out"), *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_unrolls_per_update_batches_that_many_unrolls_into_each_update(tmp_path):
+    r = _run_main_job(tmp_path, "stop.max_frames=40000", "program_args.unrolls_per_update=3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    per_update = 3 * 64 * 20  # 3 unrolls of 64 envs x 20 steps
+    # Updates still queued at the stop (max_pending_updates) and a partial batch are not counted.
+    assert s["frames"] // per_update - 4 <= s["updates"] <= s["frames"] // per_update, s
+
+
+def test_a_bad_unrolls_per_update_says_what_to_give():
+    with pytest.raises(ValueError, match=r"unrolls_per_update is 0: give an int >= 1"):
+        train(None, unrolls_per_update=0)  # refused before the job is touched
+
+
+def test_a_bad_nice_says_what_to_give():
+    with pytest.raises(ValueError, match=r"nice is 20: give an int from 0"):
+        RolloutActor(num_envs=2, nice=20)
+
+
+def test_nice_lowers_every_thread_of_the_actor_process():
+    """In a child process (the priority cannot be raised back): the threads it had, and one started later."""
+    code = ("import os, threading, torch; from torchactors.rl.impala import RolloutActor\n"
+            "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
+            "t = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True); t.start()\n"
+            "RolloutActor(num_envs=2, nice=3)\n"
+            "late = []; u = threading.Thread(target=lambda: late.append(os.getpriority(os.PRIO_PROCESS, 0))); u.start(); u.join()\n"
+            "import json; print(json.dumps([before, sorted({os.getpriority(os.PRIO_PROCESS, int(x))\n"
+            "                                        for x in os.listdir('/proc/self/task')}), late]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    before, seen, late = json.loads(r.stdout)
+    assert seen == [before + 3] and late == [before + 3], r.stdout
+
+
+def test_the_cnn_gives_the_same_outputs_in_either_layout_and_leaves_its_input_alone():
+    """Batches from CHANNELS_LAST_MIN_BATCH on run channels-last: the same logits and values as in
+    small (default-layout) batches, up to float rounding; float frames are not scaled in place."""
+    torch.manual_seed(0)
+    model = NatureCNN(num_actions=4)
+    frames = torch.randint(0, 256, (CHANNELS_LAST_MIN_BATCH, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, values = model(frames)
+        parts = [model(frames[i:i + 8]) for i in range(0, len(frames), 8)]
+        torch.testing.assert_close(logits, torch.cat([p[0] for p in parts]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(values, torch.cat([p[1] for p in parts]), rtol=1e-4, atol=1e-5)
+        as_float = frames[:8].float()
+        model(as_float)
+        assert torch.equal(as_float, frames[:8].float())

@@ -354,9 +354,9 @@ def _same_step_envpool(pool: Any) -> Any:
     from gymnasium.vector import AutoresetMode, VectorWrapper
 
     class SameStepEnvPool(VectorWrapper):
-        @property
-        def metadata(self) -> dict:
-            return {**self.env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
+        def __init__(self, env: Any) -> None:
+            super().__init__(env)
+            self.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
 
         def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
             obs, _ = self.env.reset()  # envpool is seeded at construction

@@ -7,6 +7,7 @@ policy's features. ``NatureCNN`` is the torso of Mnih et al. 2015 for [C, 84, 84
 shared by both heads as in IMPALA's shallow model. ``build_model`` picks one from
 :class:`~torchactors.rl.gym_env.EnvSpaces`. Both take ``policy(obs)``, ``value(obs)`` (the value
 with a trailing dimension of 1) and ``forward(obs) -> (logits, value)``, on any leading dims.
+:func:`sample_actions` draws actions from the policy's logits.
 """
 
 from __future__ import annotations
@@ -22,15 +23,35 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# From this many frames on, the CNN runs on channels-last input: oneDNN's convolutions train
+# 13-23% faster so (learner batches of 168 and 336 frames, measured on 2 cores), while the
+# rollout actors' batches of 8 ran ~10% slower. Numerics differ only by summation order.
+CHANNELS_LAST_MIN_BATCH = 64
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One action per row of ``logits`` [..., A], drawn from softmax(logits), as int64 [...].
+
+    Gumbel-max: argmax(logits + Gumbel noise) is distributed exactly as the softmax, in three
+    elementwise ops and an argmax; ``torch.multinomial`` on the softmax took 2.9x as long for
+    64 rows of 2 actions (34 vs 12 us), which was a tenth of a CartPole step.
+    """
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype)
+    return (logits - u.log_().neg_().log_()).argmax(-1)
+
+
+def _orthogonal(layer: nn.Linear | nn.Conv2d, gain: float) -> None:
+    nn.init.orthogonal_(layer.weight, gain=gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
 
 def _mlp(inp: int, hidden: int, out: int, out_gain: float) -> nn.Sequential:
-    net = nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out))
-    for layer in net:
-        if isinstance(layer, nn.Linear):
-            nn.init.orthogonal_(layer.weight, gain=2**0.5)
-            nn.init.zeros_(layer.bias)
-    nn.init.orthogonal_(net[-1].weight, gain=out_gain)
-    return net
+    layers = [nn.Linear(inp, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, out)]
+    for layer in layers:
+        _orthogonal(layer, 2**0.5)
+    nn.init.orthogonal_(layers[-1].weight, gain=out_gain)
+    return nn.Sequential(layers[0], nn.Tanh(), layers[1], nn.Tanh(), layers[2])
 
 
 class PolicyValueNet(nn.Module):
@@ -58,19 +79,19 @@ class NatureCNN(nn.Module):
         )
         for layer in self.torso:
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.orthogonal_(layer.weight, gain=2**0.5)
-                nn.init.zeros_(layer.bias)
+                _orthogonal(layer, 2**0.5)
         self.policy_head = nn.Linear(512, num_actions)
         self.value_head = nn.Linear(512, 1)
-        nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
-        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
-        nn.init.zeros_(self.policy_head.bias)
-        nn.init.zeros_(self.value_head.bias)
+        _orthogonal(self.policy_head, 0.01)
+        _orthogonal(self.value_head, 1.0)
 
     def _features(self, obs: torch.Tensor) -> torch.Tensor:
         lead = obs.shape[:-3]
-        x = obs.reshape(-1, *obs.shape[-3:]).float().div_(255.0)
-        return self.torso(x).reshape(*lead, 512)
+        x = obs.reshape(-1, *obs.shape[-3:])
+        if x.shape[0] >= CHANNELS_LAST_MIN_BATCH:
+            x = x.contiguous(memory_format=torch.channels_last)  # the uint8 frames: a quarter of the bytes
+        # One pass to float32 in a new tensor (keeps the layout; never writes into the caller's frames).
+        return self.torso(x / 255.0).reshape(*lead, 512)
 
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         return self.policy_head(self._features(obs))
