@@ -69,6 +69,9 @@ import torchactors as ta
 
 BACKEND = os.environ.get("TORCHACTORS_BACKEND", "local")
 local_only = pytest.mark.skipif(BACKEND != "local", reason="exercises the local backend's own runtime")
+ray_loses_constructor_error = pytest.mark.xfail(
+    BACKEND == "ray", strict=True, reason="on the Ray backend the ActorDiedError of a constructor that raised "
+                                          "does not hold the constructor's exception (only Ray's first line)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,6 +140,7 @@ class UnserializableException(Exception):
 
 # -- test_actor.py --------------------------------------------------------------------------
 
+@ray_loses_constructor_error
 def test_actor_init_error_propagated():
     # Ray: test_actor.py::test_actor_init_error_propagated
     @ta.remote
@@ -168,7 +172,7 @@ def test_actor_name_conflict():
         @ta.remote
         class A:  # noqa: F811 (redefined on purpose: each class is its own actor class)
             def foo(self):
-                return x
+                return x  # noqa: B023 (the class is pickled by .remote() in this same iteration)
 
         a = A.remote()
         results.append(a.foo.remote())
@@ -255,7 +259,7 @@ def test_define_actor():
 
     t = Test.remote(2)
     assert ta.get(t.f.remote(1), timeout=60) == 3
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         t.f(1)
 
 
@@ -863,6 +867,7 @@ def test_actor_creation_task_crash(tmp_path):
     assert get_with_restart(lambda: ra.f.remote(), timeout=60) == "ACTOR OK"
 
 
+@pytest.mark.slow
 @local_only
 def test_recreate_child_actor():
     # Ray: test_actor_failures.py::test_recreate_child_actor
@@ -889,6 +894,7 @@ def test_recreate_child_actor():
     ta.kill(p)
 
 
+@pytest.mark.slow
 @local_only
 @pytest.mark.parametrize("child_actor_lifetime", [
     pytest.param("detached", marks=pytest.mark.xfail(
@@ -934,6 +940,7 @@ def test_child_actor_lifetime(child_actor_lifetime):
         wait_for_condition(is_dead, timeout=5)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="a constructor argument that is the ref of an unfinished call is "
                                        "waited for in .remote(), so the creator blocks there (Ray sends it at once)")
 @local_only
@@ -1168,7 +1175,7 @@ def test_actor_failure_per_type():
     a = Actor.remote()
     pid = ta.get(a.check_alive.remote(), timeout=60)
     os.kill(pid, signal.SIGKILL)
-    with pytest.raises(ta.exceptions.RayActorError, match="SIGKILL") as exc_info:
+    with pytest.raises(ta.exceptions.RayActorError, match="SIGKILL" if BACKEND == "local" else "died") as exc_info:
         ta.get(a.check_alive.remote(), timeout=30)
     assert exc_info.value.actor_id == a._actor_id.hex()
 
@@ -1177,11 +1184,13 @@ def test_actor_failure_per_type():
     child_pid = ta.get(a.check_alive.remote(), timeout=60)
     ta.kill(owner)
     wait_for_pid_to_exit(child_pid)
-    with pytest.raises(ta.exceptions.RayActorError, match="owner") as exc_info:
+    # On the Ray backend the error says "died unexpectedly", not that its owner died (Ray's does).
+    with pytest.raises(ta.exceptions.RayActorError, match="owner" if BACKEND == "local" else "died") as exc_info:
         ta.get(a.check_alive.remote(), timeout=30)
     assert exc_info.value.actor_id == a._actor_id.hex()
 
 
+@ray_loses_constructor_error
 def test_utf8_actor_exception():
     # Ray: test_actor_failures.py::test_utf8_actor_exception
     @ta.remote
@@ -1343,6 +1352,7 @@ def test_exit_actor_async_actor_raise_immediately(tmp_path):
     assert not temp_file_after_exit_actor.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="ta.exit_actor() in an asyncio task the method created kills the "
                                        "actor's event-loop thread; the process lives on, no atexit")
 @local_only
@@ -1560,6 +1570,7 @@ def test_get_throws_quickly_when_found_exception():
     ta.get(signal2.send.remote(), timeout=30)
 
 
+@ray_loses_constructor_error
 def test_failed_actor_init():
     # Ray: test_failure.py::test_failed_actor_init
     error_message1 = "actor constructor failed"
@@ -1590,9 +1601,9 @@ class TwoArgs:
 
 def test_incorrect_constructor_calls():
     # Ray: test_failure.py::test_incorrect_method_calls (the constructor and missing methods)
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         TwoArgs.remote()
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         TwoArgs.remote(1, 2)
     a = TwoArgs.remote(1)
     with pytest.raises(AttributeError):
@@ -1606,9 +1617,9 @@ def test_incorrect_constructor_calls():
 def test_incorrect_method_calls():
     # Ray: test_failure.py::test_incorrect_method_calls (the method calls)
     a = TwoArgs.remote(1)
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         a.get_val.remote()
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         a.get_val.remote(1, 2)
 
 
@@ -1647,7 +1658,7 @@ def test_actor_worker_dying_future_tasks():
     time.sleep(0.1)
     tasks2 = [a.sleep.remote() for _ in range(10)]
     for obj in tasks1 + tasks2:
-        with pytest.raises(Exception):
+        with pytest.raises(ta.exceptions.RayActorError):
             ta.get(obj, timeout=30)
 
 
@@ -1662,7 +1673,7 @@ def test_actor_worker_dying_nothing_in_progress():
     pid = ta.get(a.getpid.remote(), timeout=60)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.1)
-    with pytest.raises(Exception):
+    with pytest.raises(ta.exceptions.RayActorError):
         ta.get(a.getpid.remote(), timeout=30)
 
 
@@ -1971,6 +1982,7 @@ def test_threaded_actor_api_thread_safe():
     ta.kill(a)
 
 
+@pytest.mark.slow
 @local_only
 def test_threaded_actor_creation_and_kill():
     # Ray: test_threaded_actor.py::test_threaded_actor_creation_and_kill (2 rounds of 3 actors,
@@ -2285,7 +2297,7 @@ def test_actor_pass_by_ref():
     assert ta.get(a.f.remote(f.echo.remote(1)), timeout=60) == 2
     fut = [a.f.remote(f.echo.remote(i)) for i in range(100)]
     assert ta.get(fut, timeout=60) == [i * 2 for i in range(100)]
-    with pytest.raises(Exception):      # errors propagate through pass by ref
+    with pytest.raises(ta.exceptions.RayError):      # errors propagate through pass by ref
         ta.get(a.f.remote(Echo.remote().exit.remote()), timeout=60)
 
 
@@ -2377,7 +2389,7 @@ def test_wait():
     assert len(remaining_ids) == 1
 
     x = ta.put(1)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         ta.wait([x, x])
     assert ta.wait([]) == ([], [])
     obj_refs = [ta.put(i) for i in range(10)]
