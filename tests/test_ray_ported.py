@@ -756,6 +756,38 @@ def test_detached_actor_name_checks():
 
 
 @ta.remote
+class Pinger:
+    def ping(self):
+        return "ok"
+
+
+@ta.remote
+class Getter:
+    """test_actor_advanced.py::test_get_actor_race_condition's getter task, as an actor."""
+
+    def get_or_create(self, name):
+        try:
+            try:
+                actor = ta.get_actor(name)
+            except Exception:
+                actor = Pinger.options(name=name, lifetime="detached").remote()
+        except Exception:
+            actor = ta.get_actor(name)      # someone else created it first
+        return ta.get(actor.ping.remote(), timeout=60)
+
+
+@pytest.mark.slow
+def test_get_actor_race_condition():
+    # Ray: test_actor_advanced.py::test_get_actor_race_condition (4 getter actors racing, 10
+    # rounds; Ray: 8 getter tasks, 50 rounds; slow: each getter starts its own zygote)
+    getters = [Getter.remote() for _ in range(4)]
+    for i in range(10):
+        name = f"actor_{i}"
+        assert ta.get([g.get_or_create.remote(name) for g in getters], timeout=60) == ["ok"] * len(getters)
+        ta.kill(ta.get_actor(name))
+
+
+@ta.remote
 class Queue:
     """test_actor_advanced.py's setup_queue_actor."""
 
@@ -1064,6 +1096,111 @@ def test_actor_restart_with_retry():
     actor.__ray_terminate__.remote()
     with pytest.raises(ta.exceptions.RayActorError):        # terminated on purpose: no restart
         ta.get(actor.sleep_and_echo.remote(0), timeout=30)
+
+
+@local_only
+def test_actor_restart_with_retry_keeps_order():
+    # Ray: test_actor_failures.py::test_actor_restart_with_retry (its earlier form: the calls
+    # retried on the restarted actor run in their order, counting from 1 again). Local only:
+    # Ray 2.x retries out of order (its newer form of the test checks the values only).
+    @ta.remote(max_restarts=1, max_task_retries=-1)
+    class RestartableActor:
+        def __init__(self):
+            self.value = 0
+
+        def increase(self, delay=0):
+            time.sleep(delay)
+            self.value += 1
+            return self.value
+
+        def get_pid(self):
+            return os.getpid()
+
+    actor = RestartableActor.remote()
+    pid = ta.get(actor.get_pid.remote(), timeout=60)
+    results = [actor.increase.remote() for _ in range(100)]
+    os.kill(pid, signal.SIGKILL)
+    wait_for_pid_to_exit(pid)
+    seq = list(range(1, 101))
+    results = ta.get(results, timeout=60)       # none of the calls failed
+    failed_task_index = None
+    for i, res in enumerate(results):           # in order before and after the death
+        if res != seq[0]:
+            if failed_task_index is None:
+                failed_task_index = i
+            assert res + failed_task_index == seq[0]
+        seq.pop(0)
+    assert ta.get(actor.increase.remote(), timeout=30) == results[-1] + 1
+
+
+@pytest.mark.xfail(strict=True, reason="__ray_invocation_decorator__ on a method is ignored: .remote() "
+                                       "returns a bare ref")
+def test_decorated_method():
+    # Ray: test_actor_failures.py::test_decorated_method
+    def method_invocation_decorator(f):
+        def new_f_invocation(args, kwargs):
+            # Split one argument into two; return the kwargs without passing them to the actor.
+            return f([args[0], args[0]], {}), kwargs
+
+        return new_f_invocation
+
+    def method_execution_decorator(f):
+        def new_f_execution(self, b, c):
+            return f(self, b + c)       # two arguments into one
+
+        new_f_execution.__ray_invocation_decorator__ = method_invocation_decorator
+        return new_f_execution
+
+    @ta.remote
+    class Actor:
+        @method_execution_decorator
+        def decorated_method(self, x):
+            return x + 1
+
+    a = Actor.remote()
+    object_ref, extra = a.decorated_method.remote(3, kwarg=3)
+    assert isinstance(object_ref, ta.ObjectRef)
+    assert extra == {"kwarg": 3}
+    assert ta.get(object_ref, timeout=60) == 7      # 2 * 3 + 1
+
+
+@local_only
+def test_wait_dead_actor():
+    # Ray: test_actor_failures.py::test_ray_wait_dead_actor (a killed process, not a removed
+    # node): calls of a dead actor are ready for ta.wait, in the driver and inside an actor
+    @ta.remote
+    class Actor:
+        def ping(self):
+            time.sleep(1)
+
+        def pid(self):
+            return os.getpid()
+
+    def actor_dead(actors):
+        ping_ids = [actor.ping.remote() for actor in actors]
+        unready = ping_ids[:]
+        deadline = time.monotonic() + 30
+        while unready:
+            _, unready = ta.wait(unready, timeout=0)
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        try:
+            ta.get(ping_ids, timeout=30)
+            return False
+        except ta.exceptions.RayActorError:
+            return True
+
+    @ta.remote
+    class ParentActor:
+        def wait(self, actors):
+            return actor_dead(actors)
+
+    actors = [Actor.remote() for _ in range(2)]
+    ta.get([actor.ping.remote() for actor in actors], timeout=60)
+    os.kill(ta.get(actors[-1].pid.remote(), timeout=30), signal.SIGKILL)
+    wait_for_condition(lambda: actor_dead(actors), timeout=30)
+    parent_actor = ParentActor.remote()
+    wait_for_condition(lambda: ta.get(parent_actor.wait.remote(actors), timeout=60), timeout=60)
 
 
 @ta.remote(num_cpus=0)
