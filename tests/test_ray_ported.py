@@ -1676,6 +1676,148 @@ def test_actor_ray_shutdown_dont_interfere_with_kill(tmp_path):
     assert not os.path.exists(shutdown_file)
 
 
+# -- test_failure_3.py ----------------------------------------------------------------------
+
+def test_async_actor_task_retries():
+    # Ray: test_failure_3.py::test_async_actor_task_retries: only the calls pending at the
+    # death are retried, never the ones that finished (ref_2 again would kill ref_3's actor)
+    signal_actor = SignalActor.remote()
+
+    @ta.remote
+    class DyingActor:
+        def __init__(self):
+            self.should_exit = False
+
+        def set_should_exit(self):
+            self.should_exit = True
+
+        async def get(self, x, wait=False):
+            if self.should_exit:
+                os._exit(0)
+            if wait:
+                await signal_actor.wait.remote()
+            return x
+
+    dying = DyingActor.options(max_restarts=-1, max_task_retries=-1).remote()
+    assert ta.get(dying.get.remote(1), timeout=60) == 1
+    ta.get(dying.set_should_exit.remote(), timeout=60)
+    assert ta.get(dying.get.remote(42), timeout=60) == 42
+
+    dying = DyingActor.options(max_restarts=-1, max_task_retries=-1).remote()
+    ref_0 = dying.get.remote(0)
+    assert ta.get(ref_0, timeout=60) == 0
+    ref_1 = dying.get.remote(1, wait=True)
+    wait_for_condition(lambda: ta.get(signal_actor.cur_num_waiters.remote(), timeout=30) > 0)
+    ref_2 = dying.set_should_exit.remote()
+    assert ta.get(ref_2, timeout=60) is None
+    ref_3 = dying.get.remote(3)             # kills the actor; ref_1 and ref_3 are retried
+    ta.get(signal_actor.send.remote(), timeout=30)
+    assert ta.get(ref_1, timeout=60) == 1
+    assert ta.get(ref_3, timeout=60) == 3
+    ta.kill(dying)
+
+
+def test_actor_failure_async():
+    # Ray: test_failure_3.py::test_actor_failure_async (Ray's _on_completed callbacks left out;
+    # 2,000 calls, not 10,000): calls submitted from a thread while the actor is SIGKILLed
+    @ta.remote
+    class A:
+        def echo(self):
+            pass
+
+        def pid(self):
+            return os.getpid()
+
+    a = A.remote()
+    rs = []
+
+    def submit():
+        for _ in range(2000):
+            rs.append(a.echo.remote())
+
+    t = threading.Thread(target=submit)
+    pid = ta.get(a.pid.remote(), timeout=60)
+    t.start()
+    time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive()
+    ready, _ = ta.wait(rs, num_returns=len(rs), timeout=60)     # every call ends, one way or the other
+    assert len(ready) == len(rs)
+
+
+@local_only
+def test_actor_failure_async_2(tmp_path):
+    # Ray: test_failure_3.py::test_actor_failure_async_2: killed again while its restart is
+    # stuck in the constructor, a pending call fails instead of hanging
+    p = tmp_path / "a_pid"
+
+    @ta.remote(max_restarts=1)
+    class A:
+        def __init__(self):
+            pid = os.getpid()
+            if p.exists():              # the restart blocks, so we know it is restarting
+                p.write_text(str(pid))
+                time.sleep(100000)
+            else:
+                p.write_text(str(pid))
+
+        def pid(self):
+            return os.getpid()
+
+    a = A.remote()
+    pid = ta.get(a.pid.remote(), timeout=60)
+    os.kill(int(pid), signal.SIGKILL)
+
+    def kill():
+        new_pid = int(p.read_text())
+        while new_pid == pid:
+            time.sleep(0.1)
+            new_pid = int(p.read_text())
+        os.kill(new_pid, signal.SIGKILL)
+
+    t = threading.Thread(target=kill)
+    t.start()
+    o = a.pid.remote()
+    with pytest.raises(ta.exceptions.RayActorError):
+        ta.get(o, timeout=60)
+    t.join(60)
+
+
+@local_only
+def test_actor_failure_no_wait(tmp_path):
+    # Ray: test_failure_3.py::test_actor_failure_no_wait: a pending call fails within a second
+    # of the death, even though the restart is stuck in the constructor
+    p = tmp_path / "a_pid"
+
+    @ta.remote(max_restarts=1, max_task_retries=0)
+    class A:
+        def __init__(self):
+            pid = os.getpid()
+            if p.exists():
+                p.write_text(str(pid))
+                time.sleep(100000)
+            else:
+                p.write_text(str(pid))
+
+        def p(self):
+            time.sleep(100000)
+
+        def pid(self):
+            return os.getpid()
+
+    a = A.remote()
+    pid = ta.get(a.pid.remote(), timeout=60)
+    t = a.p.remote()
+    time.sleep(0.1)
+    start = time.monotonic()
+    os.kill(int(pid), signal.SIGKILL)
+    with pytest.raises(ta.exceptions.RayActorError):
+        ta.get(t, timeout=30)
+    assert time.monotonic() - start < 1.0
+    ta.kill(a)
+
+
 # -- test_failure.py ------------------------------------------------------------------------
 
 def test_get_throws_quickly_when_found_exception():
