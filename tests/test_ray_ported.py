@@ -1676,6 +1676,81 @@ def test_actor_ray_shutdown_dont_interfere_with_kill(tmp_path):
     assert not os.path.exists(shutdown_file)
 
 
+# -- test_actor_retry.py --------------------------------------------------------------------
+
+@ta.remote
+class RetryCounter:
+    """test_actor_retry.py's Counter."""
+
+    def __init__(self):
+        self.count = 0
+
+    def increment(self):
+        ret = self.count
+        self.count += 1
+        return ret
+
+
+@ta.remote(max_restarts=5)
+class DieNTimesBeforeAlive:
+    def __init__(self, counter, n):
+        c = ta.get(counter.increment.remote(), timeout=60)
+        if c < n:
+            os._exit(-1)        # die in the first n constructors
+        self.c = c
+
+    def incarnation(self):
+        return self.c
+
+
+def test_actor_retry_5_times():
+    # Ray: test_actor_retry.py::test_actor_retry_5_times
+    c = RetryCounter.remote()
+    died_five_times = DieNTimesBeforeAlive.remote(c, 5)
+    assert get_with_restart(lambda: died_five_times.incarnation.remote(), timeout=60) == 5
+
+
+def test_actor_dont_over_retry():
+    # Ray: test_actor_retry.py::test_actor_dont_over_retry
+    c = RetryCounter.remote()
+    died_six_times = DieNTimesBeforeAlive.remote(c, 6)
+    deadline = time.monotonic() + 60
+    while True:             # restarting: call again; out of restarts: the error says so
+        with pytest.raises(ta.exceptions.RayActorError) as info:
+            ta.get(died_six_times.incarnation.remote(), timeout=60)
+        if not info.value.restarting:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert ta.get(c.increment.remote(), timeout=30) == 6       # 1 start + 5 restarts, no more
+
+
+class MyError(Exception):
+    pass
+
+
+@pytest.mark.xfail(strict=True, reason="@ta.method takes only num_returns: max_retries and retry_exceptions "
+                                       "(retry a method that raised) are a TypeError")
+def test_method_raise_5_times():
+    # Ray: test_actor_retry.py::test_method_raise_5_times
+    @ta.remote(max_restarts=5)
+    class MethodDieNTimesBeforeAlive:
+        @ta.method(max_retries=5, retry_exceptions=[MyError])
+        def may_raise_n_times(self, counter, n):
+            c = ta.get(counter.increment.remote(), timeout=60)
+            if c < n:
+                raise MyError()
+            return c
+
+        def ping(self):
+            return "pong"
+
+    c = RetryCounter.remote()
+    could_die = MethodDieNTimesBeforeAlive.remote()
+    assert ta.get(could_die.may_raise_n_times.remote(c, 5), timeout=60) == 5
+    assert ta.get(could_die.ping.remote(), timeout=60) == "pong"
+
+
 # -- test_failure_3.py ----------------------------------------------------------------------
 
 def test_async_actor_task_retries():
