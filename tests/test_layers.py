@@ -135,7 +135,6 @@ def test_no_module_imports_a_layer_above_it():
     assert upward_imports() == []
 
 
-@pytest.mark.xfail(strict=True, reason="#12: the layout refactor lands it")
 def test_the_import_graph_has_no_cycle():
     assert cycles() == []
 

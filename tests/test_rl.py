@@ -233,7 +233,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_main_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torchactors.runtime.cli", "run", str(REPO / "configs" / "impala_cartpole.yaml"),
+    return subprocess.run([sys.executable, "-m", "torchactors.jobs.cli", "run", str(REPO / "configs" / "impala_cartpole.yaml"),
                            "stop.target_return=null", "--out", str(tmp_path / "out"), *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
