@@ -2,7 +2,7 @@
 
 ``parse_size`` reads the byte counts users write (``store_capacity="4GiB"`` in ``ta.init`` and
 in job files). Units are binary whichever spelling is used: ``K``, ``KB`` and ``KiB`` all mean
-1024, as "4KB" means 4096 bytes in BENCH.md and the benchmarks, and as memory sizes are read in
+1024, as "4KB" means 4096 bytes in the benchmarks, and as memory sizes are read in
 Docker's ``--shm-size 64m`` or ``ulimit``. One meaning per letter, so a job file and ``ta.init``
 never disagree on how big a store is.
 

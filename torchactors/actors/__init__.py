@@ -1,1 +1,1 @@
-"""Actors: the ``@actor`` decorator, handles, and the actor process's call loop."""
+"""Actors: the decorator and its options, handles, the call codec, the local and Ray backends, the actor server, Weights, Queue, ActorPool."""

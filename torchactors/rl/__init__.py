@@ -1,1 +1,1 @@
-"""Learning code for the main job: a torch CartPole, V-trace and an IMPALA actor/learner."""
+"""Learning code: a torch CartPole, gymnasium envs, models, V-trace and an IMPALA actor/learner (the main job)."""

@@ -1,4 +1,4 @@
-"""IMPALA on CartPole: rollout actors, a V-trace learner and the driver program.
+"""IMPALA: rollout actors (torch CartPole or any gymnasium env), a V-trace learner and the driver program.
 
 Roles (see ``configs/impala_cartpole.yaml``):
 

@@ -1,1 +1,1 @@
-"""Processes: the spawn supervisor, the transport, the job, YAML job configs and the CLI."""
+"""Processes: the job directory, the supervisor and its zygote, a child's start-up, the authenticated transport."""
