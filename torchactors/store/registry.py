@@ -235,6 +235,7 @@ class Membership:
         self.gen_base = secrets.randbits(40) << 16     # this incarnation's generations start here
         self.peers: dict[int, Peer] = {}
         self._peers_mtime = 0
+        self._replaced: list[int] = []      # pids of dead peers a new process at their index replaced
         self._procs_dir = os.path.join(job_dir, "procs")
         self.lock = threading.Lock()
         self.count_lock = threading.Lock()
@@ -370,10 +371,15 @@ class Membership:
                     return True
         return False
 
+    def replaced_peers(self) -> bool:
+        """Whether a new process took the index of a peer before ``drop_dead_peers`` saw it dead
+        (its pid is then reported by the next ``drop_dead_peers``)."""
+        return bool(self._replaced)
+
     def drop_dead_peers(self) -> list[int]:
         """Unmap the tables of peers that died (their holds no longer count); their pids."""
-        dead = []
         with self.lock:
+            dead, self._replaced = self._replaced, []   # replaced before anyone saw them dead
             for p in self.peers.values():
                 if p.holds is not None and not p.alive():
                     p.close()
@@ -423,6 +429,8 @@ class Membership:
                 peer = self._open_peer(index)
                 if known is None or peer.pid != known.pid:     # new, or a new process at a reused index
                     if known is not None:
+                        if known.holds is not None:         # not yet reported by drop_dead_peers
+                            self._replaced.append(known.pid)
                         known.close()
                     self.peers[index] = peer
                     if self.on_new_peer is not None:

@@ -72,6 +72,8 @@ class Watcher:
         return [p.pidfd for p in list(self.store.membership.peers.values()) if p.pidfd >= 0 and not p.dead]
 
     def _check_deaths(self) -> None:
+        if self.store.membership.replaced_peers():     # dead, and already replaced at their index
+            self.store.drop_dead_peers()
         fds = self._live_pidfds()
         if not fds:
             return
