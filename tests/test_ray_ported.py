@@ -2102,8 +2102,6 @@ def test_mixed_hanging_and_died_actor_should_not_hang():
         ta.kill(actor)
 
 
-@pytest.mark.xfail(strict=True, reason="an ActorError re-raised by a method reaches its caller as a plain "
-                                       "ActorError: the first remote class (ZeroDivisionError) is lost")
 def test_exception_chain():
     # Ray: test_failure.py::test_exception_chain (tasks there, actors here)
     @ta.remote
@@ -2153,7 +2151,6 @@ def test_final_user_exception():
     assert "MyFinalException from task" in str(exc_info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="ActorError has no .cause (Ray's RayTaskError.cause: the user's exception)")
 def test_final_user_exception_cause():
     # Ray: test_failure.py::test_final_user_exception (the .cause asserts)
     @ta.remote
@@ -2167,8 +2164,6 @@ def test_final_user_exception_cause():
     assert str(exc_info.value.cause) == "MyFinalException from task"
 
 
-@pytest.mark.xfail(strict=True, reason="the ActorError that is also MyException has none of its attributes "
-                                       "(.one, .two), before or after pickling")
 def test_raytaskerror_serialization():
     # Ray: test_failure.py::test_raytaskerror_serialization (the dual error comes from an actor
     # here; Ray builds it with make_dual_exception_instance)
