@@ -738,8 +738,6 @@ def test_detached_actor_duplicate_name():
     ta.kill(d)
 
 
-@pytest.mark.xfail(strict=True, reason="a non-str name or namespace is a ValueError (Ray: TypeError), and an "
-                                       "empty name's message is not Ray's 'Actor name cannot be an empty string'")
 def test_detached_actor_name_checks():
     # Ray: test_actor_advanced.py::test_detached_actor (the argument checks)
     @ta.remote
@@ -2753,8 +2751,6 @@ def test_wait():
     ta.kill(f)
 
 
-@pytest.mark.xfail(strict=True, reason="ta.wait(refs, num_returns=0) returns at once; Ray raises ValueError "
-                                       "('Invalid number of objects to return')")
 def test_wait_invalid_num_returns():
     # Ray: test_asyncio.py::test_wait_async_rejects_invalid_args (ray.wait checks num_returns the same way)
     ref = ta.put(1)
