@@ -272,6 +272,47 @@ def test_unknown_method_names_the_methods_it_has(counter):
         _ = counter.nope
 
 
+@ta.actor(num_threads=1)
+class Shapes:
+    def plain(self, a, b=2, *, c, d=4):
+        return a, b, c, d
+
+    def star(self, *args, **kwargs):
+        return args, kwargs
+
+    @staticmethod
+    def static(x):
+        return x
+
+    @classmethod
+    def klass(cls, x):
+        return x
+
+    def call(self, other: ta.ActorHandle, *args):
+        return ta.get(other.plain.remote(*args))
+
+
+def test_method_arguments_are_checked_at_remote_against_the_signature():
+    h = Shapes.remote()
+    assert ta.get(h.plain.remote(1, c=3)) == (1, 2, 3, 4)
+    assert ta.get(h.star.remote(1, 2, k=3)) == ((1, 2), {"k": 3})
+    assert ta.get([h.static.remote(5), h.klass.remote(6)]) == [5, 6]
+    for bad in (lambda: h.plain.remote(1), lambda: h.plain.remote(1, 2, 3, c=3), lambda: h.plain.remote(c=3),
+                lambda: h.plain.remote(1, c=3, e=5), lambda: h.static.remote(), lambda: h.klass.remote(1, 2)):
+        with pytest.raises(TypeError, match=r"\.remote\(\): .*the arguments do not match"):
+            bad()
+    with pytest.raises(TypeError, match="missing a required argument: 'c'"):
+        ta.get(h.call.remote(h, 1), timeout=60)        # the handle checks in the actor it was passed to
+    again = pickle.loads(pickle.dumps(h))
+    with pytest.raises(TypeError):
+        again.plain.remote()
+
+
+def test_dir_of_a_handle_lists_the_actors_methods(counter):
+    assert {"incr", "record", "fail"} <= set(dir(counter))
+    assert [n for n in dir(counter.incr) if not n.startswith("_")] == ["options", "remote"]
+
+
 def test_handles_pass_between_actors(counter):
     other = Counter.remote(10)
     try:

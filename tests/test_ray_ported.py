@@ -496,8 +496,6 @@ def test_actor_ready():
     assert ta.get(actor.__ray_ready__.remote(), timeout=60)
 
 
-@pytest.mark.xfail(strict=True, reason="dir() of a handle does not list the actor's methods (no __dir__), "
-                                       "and dir() of a method shows its slots")
 def test_actor_autocomplete():
     # Ray: test_actor.py::test_actor_autocomplete (the handle's part; Ray's class also has bind)
     @ta.remote
@@ -1964,8 +1962,6 @@ def test_incorrect_constructor_calls():
         a.nonexistent_method.remote()
 
 
-@pytest.mark.xfail(strict=True, reason="method arguments are not checked at .remote() (only the "
-                                       "constructor's are): the TypeError comes at ta.get")
 def test_incorrect_method_calls():
     # Ray: test_failure.py::test_incorrect_method_calls (the method calls)
     a = TwoArgs.remote(1)
