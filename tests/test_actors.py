@@ -153,6 +153,73 @@ def test_exception_reaches_caller_with_type_message_traceback_and_actor_keeps_se
     assert ta.get(counter.incr.remote(0)) >= 0
 
 
+class PairError(Exception):
+    """Its own pickling does not rebuild it (pickle calls PairError(message)): the cause must
+    travel by its state."""
+
+    def __init__(self, code: int, where: str) -> None:
+        super().__init__(f"code {code} at {where}")
+        self.code = code
+        self.where = where
+
+
+@ta.actor(num_threads=1)
+class Raises:
+    def pair_error(self) -> None:
+        raise PairError(7, "step")
+
+    def raise_(self, exc: BaseException) -> None:
+        raise exc
+
+    def relay(self, other: ta.ActorHandle) -> None:
+        ta.get(other.pair_error.remote())
+
+
+def test_remote_exception_is_the_cause_with_its_attributes_even_when_its_pickling_is_broken():
+    with pytest.raises(PairError) as info:
+        ta.get(Raises.remote().pair_error.remote())
+    err = info.value
+    assert isinstance(err, ta.ActorError)
+    assert type(err.cause) is PairError and (err.cause.code, err.cause.where) == (7, "step")
+    assert (err.code, err.where) == (7, "step")     # the dual error's missing attributes are the cause's
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, PairError) and again.code == 7 and str(again) == str(err)
+
+
+def test_an_error_class_defined_in_a_function_is_caught_by_its_class():
+    class LocalError(Exception):
+        pass
+
+    with pytest.raises(LocalError) as info:
+        ta.get(Raises.remote().raise_.remote(LocalError("from a test function")))
+    assert type(info.value.cause) is LocalError and str(info.value.cause) == "from a test function"
+
+
+def test_an_exception_that_cannot_be_pickled_has_no_cause_but_keeps_its_text():
+    class Unpicklable(Exception):
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()     # neither the exception nor its state pickles
+
+    @ta.actor(num_threads=1)
+    class Thrower:
+        def boom(self) -> None:
+            raise Unpicklable("the message")
+
+    with pytest.raises(ta.ActorError) as info:
+        ta.get(Thrower.remote().boom.remote())
+    assert info.value.cause is None
+    assert info.value.remote_type.endswith("Unpicklable") and "the message" in str(info.value)
+
+
+def test_an_error_a_method_lets_through_keeps_the_first_remote_class_and_cause():
+    with pytest.raises(PairError) as info:
+        ta.get(Raises.remote().relay.remote(Raises.remote()))
+    err = info.value
+    assert err.remote_type == "PairError" and err.remote_message == "code 7 at step"
+    assert err.code == 7 and "in relay" in err.remote_traceback
+
+
 def test_get_timeout_raises_get_timeout_error(counter):
     ref = counter.sleep.remote(1.0)
     t0 = time.monotonic()
@@ -203,6 +270,47 @@ def test_unpicklable_argument_raises_at_call_site_naming_it(counter):
 def test_unknown_method_names_the_methods_it_has(counter):
     with pytest.raises(AttributeError, match="incr"):
         _ = counter.nope
+
+
+@ta.actor(num_threads=1)
+class Shapes:
+    def plain(self, a, b=2, *, c, d=4):
+        return a, b, c, d
+
+    def star(self, *args, **kwargs):
+        return args, kwargs
+
+    @staticmethod
+    def static(x):
+        return x
+
+    @classmethod
+    def klass(cls, x):
+        return x
+
+    def call(self, other: ta.ActorHandle, *args):
+        return ta.get(other.plain.remote(*args))
+
+
+def test_method_arguments_are_checked_at_remote_against_the_signature():
+    h = Shapes.remote()
+    assert ta.get(h.plain.remote(1, c=3)) == (1, 2, 3, 4)
+    assert ta.get(h.star.remote(1, 2, k=3)) == ((1, 2), {"k": 3})
+    assert ta.get([h.static.remote(5), h.klass.remote(6)]) == [5, 6]
+    for bad in (lambda: h.plain.remote(1), lambda: h.plain.remote(1, 2, 3, c=3), lambda: h.plain.remote(c=3),
+                lambda: h.plain.remote(1, c=3, e=5), lambda: h.static.remote(), lambda: h.klass.remote(1, 2)):
+        with pytest.raises(TypeError, match=r"\.remote\(\): .*the arguments do not match"):
+            bad()
+    with pytest.raises(TypeError, match="missing a required argument: 'c'"):
+        ta.get(h.call.remote(h, 1), timeout=60)        # the handle checks in the actor it was passed to
+    again = pickle.loads(pickle.dumps(h))
+    with pytest.raises(TypeError):
+        again.plain.remote()
+
+
+def test_dir_of_a_handle_lists_the_actors_methods(counter):
+    assert {"incr", "record", "fail"} <= set(dir(counter))
+    assert [n for n in dir(counter.incr) if not n.startswith("_")] == ["options", "remote"]
 
 
 def test_handles_pass_between_actors(counter):

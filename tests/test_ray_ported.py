@@ -496,8 +496,6 @@ def test_actor_ready():
     assert ta.get(actor.__ray_ready__.remote(), timeout=60)
 
 
-@pytest.mark.xfail(strict=True, reason="dir() of a handle does not list the actor's methods (no __dir__), "
-                                       "and dir() of a method shows its slots")
 def test_actor_autocomplete():
     # Ray: test_actor.py::test_actor_autocomplete (the handle's part; Ray's class also has bind)
     @ta.remote
@@ -738,8 +736,6 @@ def test_detached_actor_duplicate_name():
     ta.kill(d)
 
 
-@pytest.mark.xfail(strict=True, reason="a non-str name or namespace is a ValueError (Ray: TypeError), and an "
-                                       "empty name's message is not Ray's 'Actor name cannot be an empty string'")
 def test_detached_actor_name_checks():
     # Ray: test_actor_advanced.py::test_detached_actor (the argument checks)
     @ta.remote
@@ -1966,8 +1962,6 @@ def test_incorrect_constructor_calls():
         a.nonexistent_method.remote()
 
 
-@pytest.mark.xfail(strict=True, reason="method arguments are not checked at .remote() (only the "
-                                       "constructor's are): the TypeError comes at ta.get")
 def test_incorrect_method_calls():
     # Ray: test_failure.py::test_incorrect_method_calls (the method calls)
     a = TwoArgs.remote(1)
@@ -2102,8 +2096,6 @@ def test_mixed_hanging_and_died_actor_should_not_hang():
         ta.kill(actor)
 
 
-@pytest.mark.xfail(strict=True, reason="an ActorError re-raised by a method reaches its caller as a plain "
-                                       "ActorError: the first remote class (ZeroDivisionError) is lost")
 def test_exception_chain():
     # Ray: test_failure.py::test_exception_chain (tasks there, actors here)
     @ta.remote
@@ -2153,7 +2145,6 @@ def test_final_user_exception():
     assert "MyFinalException from task" in str(exc_info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="ActorError has no .cause (Ray's RayTaskError.cause: the user's exception)")
 def test_final_user_exception_cause():
     # Ray: test_failure.py::test_final_user_exception (the .cause asserts)
     @ta.remote
@@ -2167,8 +2158,6 @@ def test_final_user_exception_cause():
     assert str(exc_info.value.cause) == "MyFinalException from task"
 
 
-@pytest.mark.xfail(strict=True, reason="the ActorError that is also MyException has none of its attributes "
-                                       "(.one, .two), before or after pickling")
 def test_raytaskerror_serialization():
     # Ray: test_failure.py::test_raytaskerror_serialization (the dual error comes from an actor
     # here; Ray builds it with make_dual_exception_instance)
@@ -2758,8 +2747,6 @@ def test_wait():
     ta.kill(f)
 
 
-@pytest.mark.xfail(strict=True, reason="ta.wait(refs, num_returns=0) returns at once; Ray raises ValueError "
-                                       "('Invalid number of objects to return')")
 def test_wait_invalid_num_returns():
     # Ray: test_asyncio.py::test_wait_async_rejects_invalid_args (ray.wait checks num_returns the same way)
     ref = ta.put(1)

@@ -8,7 +8,10 @@ re-raised in the caller with the same attributes.
 from __future__ import annotations
 
 import importlib
+import pickle
 from typing import Any
+
+import cloudpickle
 
 
 class TorchActorsError(Exception):
@@ -32,22 +35,28 @@ def _rebuild_error(cls: type[TorchActorsError], args: tuple, fields: dict) -> To
 
 
 class ActorError(TorchActorsError):
-    """An actor method raised: carries the remote type, message and formatted traceback.
+    """An actor method raised: carries the remote type, message and formatted traceback, and
+    ``cause``, the user's exception itself (Ray's ``RayTaskError.cause``) where it could be
+    pickled in the actor and rebuilt here (else None).
 
-    Rebuilt in a caller that can import the remote exception's class, it is also an instance
-    of that class (``except ValueError:`` catches a remote ValueError), and its ``__cause__``
-    is a ``RemoteTraceback`` holding the remote traceback, as ``concurrent.futures`` does."""
+    Rebuilt in a caller that has the remote exception's class (it imports it, or the cause
+    brought it), it is also an instance of that class (``except ValueError:`` catches a remote
+    ValueError) whose missing attributes are the cause's (``err.code`` of a remote exception
+    with a ``code``), and its ``__cause__`` is a ``RemoteTraceback`` holding the remote
+    traceback, as ``concurrent.futures`` does."""
 
     _fields = ("remote_type", "remote_message", "remote_traceback", "actor", "method", "remote_module")
 
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str,
-                 actor: str = "", method: str = "", remote_module: str = "") -> None:
+                 actor: str = "", method: str = "", remote_module: str = "",
+                 cause: BaseException | None = None) -> None:
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.actor = actor
         self.method = method
         self.remote_module = remote_module
+        self.cause = cause
         where = f" in {actor}.{method}()" if actor else ""
         super().__init__(f"{remote_type}: {remote_message}{where}\n\nRemote traceback:\n{remote_traceback}")
 
@@ -55,7 +64,8 @@ class ActorError(TorchActorsError):
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_actor_error, (self.args, {f: getattr(self, f, None) for f in self._fields}))
+        return (_rebuild_actor_error, (self.args, {f: getattr(self, f, None) for f in self._fields},
+                                       _pack_cause(self.__dict__.get("cause"))))
 
 
 class RemoteTraceback(TorchActorsError):
@@ -68,6 +78,12 @@ class RemoteTraceback(TorchActorsError):
 _dual_classes: dict[type, type[ActorError]] = {}
 
 
+def _can_be_dual(cls: Any) -> bool:
+    """Whether an ActorError may also be an instance of ``cls``: a user's exception class (a
+    torchactors error keeps its own kind, see ``actors.calls.remote_error``)."""
+    return isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, TorchActorsError)
+
+
 def _remote_class(module: str | None, qualname: str | None) -> type | None:
     """The remote exception's class, if this process can import it (else None)."""
     if not module or not qualname or "<locals>" in qualname:
@@ -78,27 +94,85 @@ def _remote_class(module: str | None, qualname: str | None) -> type | None:
             obj = getattr(obj, part)
     except Exception:
         return None
-    if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, TorchActorsError):
-        return obj
+    return obj if _can_be_dual(obj) else None
+
+
+class _ByState:
+    """Pickles an exception as its class, ``args`` and ``__dict__``, rebuilt without calling its
+    ``__init__``: for the many classes whose own pickling does not rebuild them (an
+    ``__init__`` that takes other parameters than the ``args`` it passes on)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_by_state, (type(self.exc), self.exc.args, dict(vars(self.exc))))
+
+
+def _rebuild_by_state(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
+
+def _pack_cause(cause: BaseException | None) -> bytes | None:
+    """The user's exception as bytes the caller can rebuild (by value where its class is
+    defined in a function), or None where it cannot be pickled at all (say, a lock in its
+    ``__dict__``): the caller still has its type, message and traceback as text. Bytes that do
+    not load here would not load in the caller either, so the second way is tried then."""
+    if cause is None:
+        return None
+    for packed in (cause, _ByState(cause)):
+        try:
+            data = cloudpickle.dumps(packed, pickle.HIGHEST_PROTOCOL)
+            pickle.loads(data)
+        except Exception:
+            continue
+        return data
     return None
 
 
-def _rebuild_actor_error(args: tuple, fields: dict) -> ActorError:
-    cls: type[ActorError] = ActorError
+def _unpack_cause(data: bytes | None) -> BaseException | None:
+    if data is None:
+        return None
+    try:
+        cause = pickle.loads(data)
+    except Exception:               # its class is not importable here, say: the text must do
+        return None
+    return cause if isinstance(cause, BaseException) else None
+
+
+def _cause_attribute(self: ActorError, name: str) -> Any:
+    """``__getattr__`` of a dual error: what the ActorError lacks, its cause has (Ray's rule)."""
+    cause = self.__dict__.get("cause")
+    if cause is None or name.startswith("__"):
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    return getattr(cause, name)
+
+
+def _dual_class(remote: type) -> type[ActorError]:
+    """ActorError and ``remote`` in one class (ActorError alone where they cannot be mixed)."""
+    dual = _dual_classes.get(remote)
+    if dual is None:
+        try:
+            dual = type(f"ActorError[{remote.__qualname__}]", (ActorError, remote),
+                        {"__module__": __name__, "__reduce__": ActorError.__reduce__,
+                         "__getattr__": _cause_attribute})
+        except TypeError:           # e.g. a base class whose layout cannot be mixed in
+            dual = ActorError
+        _dual_classes[remote] = dual
+    return dual
+
+
+def _rebuild_actor_error(args: tuple, fields: dict, cause_data: bytes | None = None) -> ActorError:
+    cause = _unpack_cause(cause_data)
     remote = _remote_class(fields.get("remote_module"), fields.get("remote_type"))
-    if remote is not None:
-        dual = _dual_classes.get(remote)
-        if dual is not None:
-            cls = dual
-        else:
-            try:
-                cls = type(f"ActorError[{remote.__qualname__}]", (ActorError, remote),
-                           {"__module__": __name__, "__reduce__": ActorError.__reduce__})
-            except TypeError:           # e.g. a base class whose layout cannot be mixed in
-                cls = ActorError
-            _dual_classes[remote] = cls
-    err = _rebuild_error(cls, args, fields)
+    if remote is None and cause is not None and _can_be_dual(type(cause)):
+        remote = type(cause)        # a class defined in a function, brought by value with its instance
+    err = _rebuild_error(ActorError if remote is None else _dual_class(remote), args, fields)
     assert isinstance(err, ActorError)
+    err.cause = cause
     if fields.get("remote_traceback"):
         err.__cause__ = RemoteTraceback(fields["remote_traceback"])
     return err

@@ -141,8 +141,12 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: float | None 
         raise ValueError("Wait requires a list of unique object refs; the list given holds one ref twice")
     if not refs:
         return [], []
-    if not isinstance(num_returns, int) or num_returns < 0 or num_returns > len(refs):
-        raise ValueError(f"num_returns must be an int from 0 to the number of refs ({len(refs)}), not {num_returns!r}")
+    if not isinstance(num_returns, int) or num_returns <= 0:
+        raise ValueError(f"Invalid number of objects to return {num_returns!r}: num_returns must be an int "
+                         f"from 1 to the number of refs ({len(refs)})")
+    if num_returns > len(refs):
+        raise ValueError(f"num_returns cannot be greater than the number of objects provided to wait(): "
+                         f"{num_returns} > {len(refs)} refs")
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
     return store_core.current().wait(refs, num_returns, timeout)

@@ -179,9 +179,14 @@ def encode_result(result: Any) -> tuple[int, bytes, list | None]:
 
 
 def remote_error(exc: BaseException, actor: str, method: str) -> ActorError:
-    """What the caller's get raises for an exception in a method: type, message, traceback."""
+    """What the caller's get raises for an exception in a method: type, message, traceback and
+    the exception itself as its ``cause``. An ActorError the method let through (from a call
+    it made) keeps the first remote exception's class, message and cause (Ray's chain rule)."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return ActorError(type(exc).__qualname__, str(exc), tb, actor, method, type(exc).__module__)
+    if isinstance(exc, ActorError):
+        return ActorError(exc.remote_type, exc.remote_message, tb, actor, method, exc.remote_module,
+                          exc.__dict__.get("cause"))
+    return ActorError(type(exc).__qualname__, str(exc), tb, actor, method, type(exc).__module__, exc)
 
 
 def error_reply(seq: int, err: BaseException, actor: str, method: str) -> bytes:

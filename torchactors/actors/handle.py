@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import pickle
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,52 @@ def new_actor_id(cls: type) -> str:
 
 def public_methods(cls: type) -> list[str]:
     return sorted(n for n, v in inspect.getmembers(cls) if callable(v) and not n.startswith("_"))
+
+
+class _Default:
+    """The default of every parameter in a checked signature: only that there is one matters."""
+
+    def __repr__(self) -> str:
+        return "..."
+
+    def __reduce__(self) -> str:
+        return "_DEFAULT"
+
+
+_DEFAULT = _Default()
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+# A method's check: its Signature, and the numbers of positional arguments that certainly bind
+# (lo..hi), so a call without keywords is checked without Signature.bind (a tenth of a call's cost).
+MethodCheck = tuple[inspect.Signature, int, int]
+
+
+def method_signatures(cls: type) -> dict[str, MethodCheck]:
+    """Per public method, the parameters a call must bind to, as the actor's process calls it
+    (no ``self``), with defaults and annotations dropped: only whether a parameter has a
+    default matters, and a default's value (a tensor, say) must not travel with every handle.
+    A method whose signature cannot be read is left out (not checked)."""
+    out = {}
+    for n in public_methods(cls):
+        fn = getattr(cls, n)
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            continue
+        params = list(sig.parameters.values())
+        if inspect.isfunction(fn) and not isinstance(inspect.getattr_static(cls, n), staticmethod):
+            params = params[1:]     # a plain method: its self is the instance
+        elif not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+            continue                # a callable object, a builtin: how it binds is its own affair
+        params = [p.replace(annotation=p.empty, default=p.empty if p.default is p.empty else _DEFAULT)
+                  for p in params]
+        positional = [p for p in params if p.kind in _POSITIONAL]
+        hi = sys.maxsize if any(p.kind == p.VAR_POSITIONAL for p in params) else len(positional)
+        lo = sum(p.default is p.empty for p in positional)
+        if any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in params):
+            lo = sys.maxsize        # never binds without keywords: bind says why
+        out[n] = (inspect.Signature(params), lo, hi)
+    return out
 
 
 def method_returns(cls: type) -> dict[str, int]:
@@ -131,7 +178,9 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         self.check_arguments(args, kwargs)
         options = actor_options.resolve(self._options, is_async_class(self._cls))
-        return _current.get().create_actor(self._cls, options, args, kwargs)
+        handle = _current.get().create_actor(self._cls, options, args, kwargs)
+        handle._signatures = method_signatures(self._cls)
+        return handle
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self._cls.__name__}()', "
@@ -208,6 +257,9 @@ class ActorHandle:
             on_borrow()
         if actor_id in lifetime.counts:
             lifetime.counts[actor_id] += 1
+        # method -> the Signature its calls are checked against at .remote(); set by
+        # ActorClass.remote (a handle from get_actor has none: its calls are checked in the actor)
+        self._signatures: dict[str, MethodCheck] = {}
 
     def __del__(self) -> None:
         counts = lifetime.counts
@@ -232,6 +284,30 @@ class ActorHandle:
     def __reduce__(self) -> tuple:
         return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._returns,
                               lifetime.lend(self._actor_id)))
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """``__reduce__`` (this class's or a backend's subclass's) with the method signatures
+        as the pickle's state, so every handle class carries them the same way."""
+        rebuild, args = self.__reduce__()[:2]
+        return (rebuild, args, {"_signatures": self._signatures}) if self._signatures else (rebuild, args)
+
+    def __dir__(self) -> list[str]:
+        """The actor's methods (tab completion, Ray's ``dir(handle)``) and the handle's own names."""
+        return sorted({*object.__dir__(self), *self._methods})
+
+    def _check_call(self, method: str, args: tuple, kwargs: dict) -> None:
+        """TypeError at the caller for arguments ``method`` cannot take (Ray checks at .remote())."""
+        check = self._signatures.get(method)
+        if check is None:
+            return
+        sig, lo, hi = check
+        if not kwargs and lo <= len(args) <= hi:
+            return
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self._name}.{method}.remote(): {e} (the arguments do not match "
+                            f"{method}{sig})") from None
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._name})"
@@ -286,6 +362,7 @@ class ActorMethod:
         return ActorMethod(self.handle, self.name, _check_num_returns(num_returns))
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        self.handle._check_call(self.name, args, kwargs)
         ref = _current.get().call(self.handle, self.name, args, kwargs)
         if self.num_returns == 1:
             return ref
@@ -293,3 +370,7 @@ class ActorMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote(...)")
+
+    def __dir__(self) -> list[str]:
+        """``options`` and ``remote`` (and the dunders), not the slots that say which method it is."""
+        return sorted(set(object.__dir__(self)) - set(ActorMethod.__slots__))

@@ -86,12 +86,21 @@ def _restart_backoff(v: Any) -> Any:
     return None if v is None else dict(v) if isinstance(v, dict) else v
 
 
-def _text_or_none(name: str) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if v is not None and (not isinstance(v, str) or not v):
-            raise ValueError(f"actor option {name} must be a non-empty str or None, not {v!r}")
-        return v
-    return check
+def _name(v: Any) -> str | None:
+    """Ray's check and messages: a non-str is a TypeError, an empty name a ValueError."""
+    if v is not None and not isinstance(v, str):
+        raise TypeError(f"name must be None or a string, got: '{type(v)}'")
+    if v == "":
+        raise ValueError("Actor name cannot be an empty string; pass a non-empty name, or None for no name")
+    return v
+
+
+def _namespace(v: Any) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise TypeError(f"namespace must be None or a string, got: '{type(v)}'")
+    if v == "":
+        raise ValueError('"" is not a valid namespace. Pass None to not specify a namespace')
+    return v
 
 
 def _lifetime(v: Any) -> str | None:
@@ -169,8 +178,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "null (the defaults) or a mapping with some of fast, initial, max, reset_after"),
     Option("env", None, _env, "a mapping of environment variable names to strings", job_default={}),
     Option("ray_options", None, _ray_options, "a mapping of Ray actor options (backend: ray only)", job_default={}),
-    Option("name", None, _text_or_none("name")),
-    Option("namespace", None, _text_or_none("namespace")),
+    Option("name", None, _name),
+    Option("namespace", None, _namespace),
     Option("lifetime", None, _lifetime),
     Option("get_if_exists", False, _any),
     Option("runtime_env", None, _runtime_env),
@@ -188,8 +197,9 @@ REFUSED = {
 
 
 def check(options: dict) -> dict:
-    """The given options, checked (and mappings copied); TypeError for an unknown one,
-    ValueError naming the option and what it takes for a bad value."""
+    """The given options, checked (and mappings copied); TypeError for an unknown one (and, as
+    in Ray, for a name or namespace that is not a str), ValueError naming the option and what it
+    takes for a bad value."""
     for key, why in REFUSED.items():
         if key in options:
             raise ValueError(f"actor option {key!r}: {why}")
