@@ -69,9 +69,6 @@ import torchactors as ta
 
 BACKEND = os.environ.get("TORCHACTORS_BACKEND", "local")
 local_only = pytest.mark.skipif(BACKEND != "local", reason="exercises the local backend's own runtime")
-ray_loses_constructor_error = pytest.mark.xfail(
-    BACKEND == "ray", strict=True, reason="on the Ray backend the ActorDiedError of a constructor that raised "
-                                          "does not hold the constructor's exception (only Ray's first line)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -140,7 +137,6 @@ class UnserializableException(Exception):
 
 # -- test_actor.py --------------------------------------------------------------------------
 
-@ray_loses_constructor_error
 def test_actor_init_error_propagated():
     # Ray: test_actor.py::test_actor_init_error_propagated
     @ta.remote
@@ -1324,7 +1320,6 @@ def test_actor_failure_per_type():
     assert exc_info.value.actor_id == a._actor_id.hex()
 
 
-@ray_loses_constructor_error
 def test_utf8_actor_exception():
     # Ray: test_actor_failures.py::test_utf8_actor_exception
     @ta.remote
@@ -1913,7 +1908,6 @@ def test_get_throws_quickly_when_found_exception():
     ta.get(signal2.send.remote(), timeout=30)
 
 
-@ray_loses_constructor_error
 def test_failed_actor_init():
     # Ray: test_failure.py::test_failed_actor_init
     error_message1 = "actor constructor failed"

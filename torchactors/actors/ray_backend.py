@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -152,10 +153,18 @@ class RayPendingCall(PendingResult):
         _ray().wait([p.oref for p in pendings if not p.kind], num_returns=1, timeout=timeout)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")     # the colours of Ray's task names in its messages
+
+
 def _death(actor: str, error: Exception, killed: bool) -> ActorDiedError:
+    """Ray's RayActorError as ours: its first line, or all of it (the constructor's traceback
+    and exception) when the constructor raised, as the local backend says it."""
     ray = _ray()
     restarting = isinstance(error, getattr(ray.exceptions, "ActorUnavailableError", ()))
-    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = _ANSI.sub("", str(error)).strip()
+    if getattr(error, "actor_init_failed", False):
+        return ActorDiedError(actor, detail=f"its constructor raised (Ray says):\n{text}", restarting=restarting)
+    said = text.splitlines()[0] if text else type(error).__name__
     detail = ("it was killed with ta.kill(); " if killed else "") + f"Ray says: {said}"
     return ActorDiedError(actor, detail=detail, restarting=restarting)
 
