@@ -628,3 +628,25 @@ def test_threads_of_one_caller_share_an_actor_without_mixing_results(counter):
     assert errors == []
     # ~2 s normally; a wait() that missed a reply another thread read would sit out its timeout.
     assert time.monotonic() - t0 < 30
+
+
+def test_ray_shutdown_runs_when_last_handle_goes_before_any_call(counter, tmp_path):
+    # Ray calls __ray_shutdown__ when an actor goes out of scope, called or not: the local
+    # backend must stop it (not kill it) even though this process never connected to it.
+    path = tmp_path / "shutdown"
+
+    @ta.remote
+    class Closer:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def __ray_shutdown__(self) -> None:
+            with open(self.path, "w") as f:
+                f.write("closed")
+
+    h = Closer.remote(str(path))
+    del h
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text() == "closed"):
+        assert time.monotonic() < deadline, "__ray_shutdown__ did not run after the last handle went"
+        time.sleep(0.05)

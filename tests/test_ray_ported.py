@@ -69,9 +69,6 @@ import torchactors as ta
 
 BACKEND = os.environ.get("TORCHACTORS_BACKEND", "local")
 local_only = pytest.mark.skipif(BACKEND != "local", reason="exercises the local backend's own runtime")
-ray_loses_constructor_error = pytest.mark.xfail(
-    BACKEND == "ray", strict=True, reason="on the Ray backend the ActorDiedError of a constructor that raised "
-                                          "does not hold the constructor's exception (only Ray's first line)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -140,7 +137,6 @@ class UnserializableException(Exception):
 
 # -- test_actor.py --------------------------------------------------------------------------
 
-@ray_loses_constructor_error
 def test_actor_init_error_propagated():
     # Ray: test_actor.py::test_actor_init_error_propagated
     @ta.remote
@@ -444,8 +440,7 @@ def test_wrapped_and_returned_actor_handles():
 
 
 @pytest.mark.parametrize("exit_condition", [
-    pytest.param("__ray_terminate__", marks=pytest.mark.xfail(
-        strict=True, reason="h.__ray_terminate__.remote() returns None, not a ref ta.wait can take")),
+    "__ray_terminate__",
     "ta.kill",
 ])
 def test_atexit_handler(tmp_path, exit_condition):
@@ -482,8 +477,6 @@ def test_atexit_handler(tmp_path, exit_condition):
         wait_for_condition(check_file_written)
 
 
-@pytest.mark.xfail(strict=True, reason="h.__ray_ready__() does not raise TypeError, and __ray_ready__ "
-                                       "resolves to None where Ray gives True")
 def test_actor_ready():
     # Ray: test_actor.py::test_actor_ready
     @ta.remote
@@ -1323,7 +1316,6 @@ def test_actor_failure_per_type():
     assert exc_info.value.actor_id == a._actor_id.hex()
 
 
-@ray_loses_constructor_error
 def test_utf8_actor_exception():
     # Ray: test_actor_failures.py::test_utf8_actor_exception
     @ta.remote
@@ -1385,8 +1377,6 @@ def test_exit_actor_normal_actor_raise_immediately(tmp_path):
     assert not temp_file_after_exit_actor.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="ta.exit_actor() in a constructor is taken for a constructor error: "
-                                       "the process exits with code 1 and its atexit handlers do not run")
 @local_only
 @pytest.mark.parametrize("is_async", [False, True])
 def test_exit_actor_in_constructor_should_exit(tmp_path, is_async):
@@ -1416,8 +1406,6 @@ def test_exit_actor_in_constructor_should_exit(tmp_path, is_async):
         ta.get(a.ping.remote(), timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="a method that catches the SystemExit of ta.exit_actor() returns "
-                                       "normally and the actor lives on (Ray ends it anyway)")
 @pytest.mark.parametrize("is_async", [False, True])
 def test_exit_actor_user_catch_err_should_still_exit(tmp_path, is_async):
     # Ray: test_actor_failures.py::test_exit_actor_normal_actor_user_catch_err_should_still_exit
@@ -1486,8 +1474,6 @@ def test_exit_actor_async_actor_raise_immediately(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="ta.exit_actor() in an asyncio task the method created kills the "
-                                       "actor's event-loop thread; the process lives on, no atexit")
 @local_only
 def test_exit_actor_async_actor_nested_task(tmp_path):
     # Ray: test_actor_failures.py::test_exit_actor_async_actor_nested_task
@@ -1606,7 +1592,6 @@ def test_actor_restart_and_partial_task_not_completed():
     assert ta.get(refs, timeout=60) == [3, 4, 5]
 
 
-@pytest.mark.xfail(strict=True, reason="__ray_shutdown__ is not called when an actor is terminated")
 def test_actor_user_shutdown_method(tmp_path):
     # Ray: test_actor_failures.py::test_actor_user_shutdown_method
     shutdown_file = str(tmp_path / "shutdown")
@@ -1627,7 +1612,6 @@ def test_actor_user_shutdown_method(tmp_path):
     assert open(shutdown_file).read() == "ray_shutdown_called"
 
 
-@pytest.mark.xfail(strict=True, reason="__ray_shutdown__ is not called when the last handle goes")
 def test_actor_ray_shutdown_called_on_del(tmp_path):
     # Ray: test_actor_failures.py::test_actor_ray_shutdown_called_on_del
     shutdown_file = str(tmp_path / "shutdown")
@@ -1920,7 +1904,6 @@ def test_get_throws_quickly_when_found_exception():
     ta.get(signal2.send.remote(), timeout=30)
 
 
-@ray_loses_constructor_error
 def test_failed_actor_init():
     # Ray: test_failure.py::test_failed_actor_init
     error_message1 = "actor constructor failed"
@@ -1971,8 +1954,6 @@ def test_incorrect_method_calls():
         a.get_val.remote(1, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="exit() / sys.exit() in a method is reported as an ActorError and the "
-                                       "actor lives on; Ray ends the actor (RayActorError)")
 def test_actor_worker_dying():
     # Ray: test_failure.py::test_actor_worker_dying (``consume`` is a method of another actor;
     # Ray's consume raises RayTaskError, ours the dependency's error, as README documents)
@@ -2025,8 +2006,6 @@ def test_actor_worker_dying_nothing_in_progress():
         ta.get(a.getpid.remote(), timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="h.__ray_terminate__.remote() returns None, not a ref that raises "
-                                       "ActorDiedError")
 def test_actor_scope_or_intentionally_killed_message():
     # Ray: test_failure.py::test_actor_scope_or_intentionally_killed_message (no error pub/sub here)
     @ta.remote
@@ -2378,8 +2357,6 @@ class StartCounter:
         return self._count
 
 
-@pytest.mark.xfail(strict=True, reason="ta.exit_actor() in one thread of a threaded actor ends the process "
-                                       "at once: calls running in its other threads fail with ActorDiedError")
 def test_exit_actor_delivers_inflight_task_results():
     # Ray: test_threaded_actor.py::test_exit_actor_delivers_inflight_task_results (Ray's
     # core_worker.get_current_actor_should_exit() is an Event the exit method sets first)

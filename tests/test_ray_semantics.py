@@ -331,8 +331,8 @@ def test_detached_and_named_actors_outlive_their_handles():
 def test_ready():
     # Ray: test_actor.py (ray.get(a.__ray_ready__.remote()) in many tests)
     a = Pid.remote()
-    assert ta.get(a.ready(), timeout=60) is None
-    assert ta.get(a.__ray_ready__.remote(), timeout=60) is None
+    assert ta.get(a.ready(), timeout=60) is True         # Ray's __ray_ready__ resolves to True
+    assert ta.get(a.__ray_ready__.remote(), timeout=60) is True
 
 
 def test_get_if_exists_and_namespaces():

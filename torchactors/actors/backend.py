@@ -38,8 +38,9 @@ class Backend(Protocol):
         """A ref that resolves once the actor has run its constructor and answers calls."""
         ...
 
-    def terminate(self, handle: ActorHandle) -> None:
-        """Stop the actor once the calls sent to it so far have run (``__ray_terminate__``)."""
+    def terminate(self, handle: ActorHandle) -> ObjectRef:
+        """Stop the actor once the calls sent to it so far have run (``__ray_terminate__``);
+        the ref raises ActorDiedError once it has ended."""
         ...
 
     def kill(self, handle: ActorHandle, no_restart: bool = True) -> None:

@@ -11,6 +11,7 @@ plain results travel inline, an exception comes back as ``ActorError`` with its 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import pickle
 import threading
@@ -26,6 +27,7 @@ from torchactors.store import serialize
 from torchactors.store.refs import ObjectRef, SerializationContext
 
 NONE = pickle.dumps(None, pickle.HIGHEST_PROTOCOL)      # the body of a None result
+READY = pickle.dumps(True, pickle.HIGHEST_PROTOCOL)     # what ``__ray_ready__`` resolves to (Ray's)
 # What pickle.loads raises for bytes that are not a pickle at all (a broken sender), as
 # opposed to a whole pickle whose class cannot be imported here (the caller's error).
 _NOT_A_PICKLE = (pickle.UnpicklingError, EOFError)
@@ -156,10 +158,21 @@ async def run_coroutine(fn: Callable, call: list) -> tuple[bool, Any]:
         return False, e
 
 
-def start_event_loop() -> asyncio.AbstractEventLoop:
-    """An event loop running on a thread of its own, for an actor's ``async def`` methods."""
+def start_event_loop(on_exit: Callable[[SystemExit], None] | None = None) -> asyncio.AbstractEventLoop:
+    """An event loop running on a thread of its own, for an actor's ``async def`` methods.
+    ``on_exit``: what a SystemExit out of the loop means (``ta.exit_actor()`` in an asyncio
+    task a method created: asyncio lets it escape the loop, which would end only the thread)."""
     loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="actor-asyncio", daemon=True).start()
+
+    def run() -> None:
+        try:
+            loop.run_forever()
+        except SystemExit as e:
+            if on_exit is None:
+                raise
+            on_exit(e)
+
+    threading.Thread(target=run, name="actor-asyncio", daemon=True).start()
     return loop
 
 
@@ -215,6 +228,11 @@ def decode_reply(msg: bytes | memoryview) -> tuple[int, int, bool, Any]:
 
 # -- ta.exit_actor() -------------------------------------------------------------------------
 
+# Set by ``ta.exit_actor()`` in the call (thread or asyncio task) that called it: other calls
+# of a threaded actor still running do not see it, and deliver their results first.
+exit_requested: contextvars.ContextVar[bool] = contextvars.ContextVar("exit_requested", default=False)
+
+
 class ExitActor(SystemExit):
     """Raised by ``ta.exit_actor()``: unwinds the method (``except Exception`` does not catch
     it); the actor then ends."""
@@ -223,14 +241,20 @@ class ExitActor(SystemExit):
 def exit_actor() -> None:
     if not _current.in_actor:
         raise TypeError("ta.exit_actor() was called outside an actor; call it inside an actor's method")
+    exit_requested.set(True)        # the actor ends after this call even if the method catches it
     raise ExitActor(0)
 
 
-def exit_reason(method: str) -> str:
-    """Why an actor that ran ``ta.exit_actor()`` in ``method`` is gone (its callers' error says it)."""
-    return f"it exited on purpose: ta.exit_actor() was called in its method {method}()"
+def exit_reason(method: str, exc: BaseException | None = None) -> str:
+    """Why an actor that ran ``ta.exit_actor()`` in ``method`` is gone (its callers' error says
+    it); ``exc``: the SystemExit that ended it, if not ``ta.exit_actor()``'s (``sys.exit()``)."""
+    if exc is None or isinstance(exc, ExitActor):
+        return f"it exited on purpose: ta.exit_actor() was called in its method {method}()"
+    code = exc.code if isinstance(exc, SystemExit) else None
+    return f"it exited on purpose: its method {method}() raised SystemExit({code!r}) (exit() or sys.exit())"
 
 
-def exited(actor: str, actor_id: str, method: str) -> ActorDiedError:
-    """The error of the call that ran ``ta.exit_actor()`` and of the calls queued behind it."""
-    return ActorDiedError(actor, exit_code=0, detail=exit_reason(method), final=True, actor_id=actor_id)
+def exited(actor: str, actor_id: str, method: str, reason: str | None = None) -> ActorDiedError:
+    """The error of the call that ran ``ta.exit_actor()`` (or ``reason``: another exit on
+    purpose) and of the calls queued behind it."""
+    return ActorDiedError(actor, exit_code=0, detail=reason or exit_reason(method), final=True, actor_id=actor_id)

@@ -322,27 +322,29 @@ class ActorHandle:
 class _Builtin:
     """``h.__ray_ready__`` / ``h.__ray_terminate__``: Ray's built-in actor methods."""
 
-    __slots__ = ("handle", "kind")
+    __slots__ = ("handle", "kind", "name")
 
-    def __init__(self, handle: ActorHandle, kind: str) -> None:
+    def __init__(self, handle: ActorHandle, kind: str, name: str) -> None:
         self.handle = handle
         self.kind = kind
+        self.name = name
 
-    def remote(self) -> ObjectRef | None:
+    def remote(self) -> ObjectRef:
         rt = _current.get()
         if self.kind == "ready":
             return rt.ping(self.handle)
-        rt.terminate(self.handle)
-        return None
+        return rt.terminate(self.handle)
 
-    def __call__(self) -> ObjectRef | None:        # h.ready()
+    def __call__(self) -> ObjectRef:        # h.ready(); Ray's own names must be called with .remote()
+        if self.name != "ready":
+            raise TypeError(f"call actor methods with .remote(): {self.handle._name}.{self.name}.remote()")
         return self.remote()
 
 
 _SPECIAL: dict[str, Callable[[ActorHandle], Any]] = {
-    "__ray_ready__": lambda h: _Builtin(h, "ready"),
-    "ready": lambda h: _Builtin(h, "ready"),
-    "__ray_terminate__": lambda h: _Builtin(h, "terminate"),
+    "__ray_ready__": lambda h: _Builtin(h, "ready", "__ray_ready__"),
+    "ready": lambda h: _Builtin(h, "ready", "ready"),
+    "__ray_terminate__": lambda h: _Builtin(h, "terminate", "__ray_terminate__"),
 }
 
 

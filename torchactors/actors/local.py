@@ -35,10 +35,11 @@ logger = logging.getLogger(__name__)
 class _Owned:
     """An actor this process started: what must live as long as it may restart."""
 
-    def __init__(self, actor_id: str, name: str | None, held: list) -> None:
+    def __init__(self, actor_id: str, name: str | None, held: list, shutdown_hook: bool = False) -> None:
         self.actor_id = actor_id
         self.name = name        # its key in the job's names (namespace included), if named
         self.held = held        # refs in the constructor arguments (a restart re-reads them)
+        self.shutdown_hook = shutdown_hook      # its class has __ray_shutdown__: stop it, do not kill it
 
 
 def name_key(name: str, namespace: str | None) -> str:
@@ -109,7 +110,7 @@ class Runtime:
         handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns)
         spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
         threads = options["num_threads"] or default_num_threads(len(self.owned))
-        self.owned[actor_id] = _Owned(actor_id, key, held)
+        self.owned[actor_id] = _Owned(actor_id, key, held, callable(getattr(cls, "__ray_shutdown__", None)))
         self.supervisor.start(ProcessSpec(
             key=actor_id, target="torchactors.actors.worker:serve", payload=pickle.dumps(spec),
             num_threads=threads, env=dict(options.get("env") or {}), max_restarts=options["max_restarts"],
@@ -158,26 +159,27 @@ class Runtime:
         """Stop the actor once the calls sent to it so far have run; no restart."""
         self.job.mark_killed(actor_id, reason)
         ch = self.channels.get(actor_id)
-        if ch is None and actor_id in self.owned:
+        owned = self.owned.pop(actor_id, None)
+        if ch is None and owned is not None and not owned.shutdown_hook:
             self.supervisor.kill(actor_id)          # never called from here: nothing to wait for
-        elif ch is not None:
-            self._send_stop(ch)
-            self.channels.pop(actor_id, None)   # its pending refs keep it (and their replies)
-        else:                                   # a borrower, the last holder, that never called it
-            self._send_stop(self.channel(ActorHandle(actor_id, actor_id, [])))
-        self.owned.pop(actor_id, None)
+            return
+        if ch is None:      # a borrower, the last holder, that never called it, or a __ray_shutdown__ to run
+            ch = self.channel(ActorHandle(actor_id, actor_id, []))
+        self._send_stop(ch)
+        self.channels.pop(actor_id, None)   # its pending refs keep it (and their replies)
 
-    def terminate(self, handle: ActorHandle) -> None:
-        """``h.__ray_terminate__.remote()``: stop once the calls sent so far ran."""
+    def terminate(self, handle: ActorHandle) -> ObjectRef:
+        """``h.__ray_terminate__.remote()``: stop once the calls sent so far ran; the ref
+        raises ActorDiedError once it has ended."""
         self.job.mark_killed(handle._actor_id, "it was terminated with __ray_terminate__")
-        self._send_stop(self.channel(handle))
+        return self._send_stop(self.channel(handle))
 
     @staticmethod
-    def _send_stop(ch: Channel) -> None:
+    def _send_stop(ch: Channel) -> ObjectRef:
         try:
-            ch.call("", b"", [], kind=protocol.STOP)    # no reply: the pending call fails at the EOF
-        except ActorDiedError:
-            pass            # already gone
+            return ch.call("", b"", [], kind=protocol.STOP)    # no reply: the pending call fails at the EOF
+        except ActorDiedError as e:
+            return failed_ref(e, f"{ch.actor_id}.__ray_terminate__")       # already gone
 
     def ping(self, handle: ActorHandle) -> ObjectRef:
         """A ref that resolves once the actor has run its constructor and answers calls."""

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -152,10 +153,18 @@ class RayPendingCall(PendingResult):
         _ray().wait([p.oref for p in pendings if not p.kind], num_returns=1, timeout=timeout)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")     # the colours of Ray's task names in its messages
+
+
 def _death(actor: str, error: Exception, killed: bool) -> ActorDiedError:
+    """Ray's RayActorError as ours: its first line, or all of it (the constructor's traceback
+    and exception) when the constructor raised, as the local backend says it."""
     ray = _ray()
     restarting = isinstance(error, getattr(ray.exceptions, "ActorUnavailableError", ()))
-    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = _ANSI.sub("", str(error)).strip()
+    if getattr(error, "actor_init_failed", False):
+        return ActorDiedError(actor, detail=f"its constructor raised (Ray says):\n{text}", restarting=restarting)
+    said = text.splitlines()[0] if text else type(error).__name__
     detail = ("it was killed with ta.kill(); " if killed else "") + f"Ray says: {said}"
     return ActorDiedError(actor, detail=detail, restarting=restarting)
 
@@ -303,8 +312,9 @@ class RayRuntime:
             self.killed.add(handle._actor_id)
         _ray().kill(self._ours(handle)._ray_actor, no_restart=no_restart)
 
-    def terminate(self, handle: ActorHandle) -> None:
-        self._ours(handle)._ray_actor.__ray_terminate__.remote()
+    def terminate(self, handle: ActorHandle) -> ObjectRef:
+        ours = self._ours(handle)
+        return ObjectRef.pending(RayPendingCall(ours._ray_actor.__ray_terminate__.remote(), [], ours, self))
 
     def status(self, handle: ActorHandle) -> None:
         """Ray keeps its actors' states in its GCS, read only through its state API (a
@@ -365,6 +375,7 @@ class _Host:
         self.swept = time.monotonic()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.exited: ActorDiedError | None = None
+        self.inflight = 0       # calls of a sync host running now (a threaded one runs several)
         cls = cloudpickle.loads(spec["cls"])
         args, kwargs = calls.resolve_top_level(*pickle.loads(spec["args"]))
         self.instance = cls(*args, **kwargs)
@@ -378,7 +389,7 @@ class _Host:
         return self.actor_id, self.methods, self.max_task_retries, self.returns
 
     def ping(self) -> bytes:
-        return protocol.reply(protocol.OK_VALUE, 0, False, calls.NONE)
+        return protocol.reply(protocol.OK_VALUE, 0, False, calls.READY)
 
     def ack(self, call_id: int) -> None:
         with self.lock:
@@ -389,28 +400,49 @@ class _Host:
         if isinstance(prepared, bytes):
             return prepared
         fn, call, same_store = prepared
-        if inspect.iscoroutinefunction(fn):
-            ok, value = asyncio.run_coroutine_threadsafe(calls.run_coroutine(fn, call), self._event_loop()).result()
-        else:
-            ok, value = calls.run_method(fn, call)
-        return self._outcome(call_id, method, ok, value, caller_pid, same_store)
+        with self.lock:
+            self.inflight += 1
+        try:
+            if inspect.iscoroutinefunction(fn):
+                ok, value = asyncio.run_coroutine_threadsafe(calls.run_coroutine(fn, call),
+                                                             self._event_loop()).result()
+            else:
+                ok, value = calls.run_method(fn, call)
+            return self._outcome(call_id, method, ok, value, caller_pid, same_store)
+        finally:
+            with self.lock:
+                self.inflight -= 1
 
     def _outcome(self, call_id: int, method: str, ok: bool, value: Any, caller_pid: int, same_store: bool) -> bytes:
-        """The reply to a call that ran: its result, its error, or the end of the actor."""
+        """The reply to a call that ran: its result, its error, or the end of the actor (a
+        SystemExit, or a ``ta.exit_actor()`` whose SystemExit the method caught)."""
+        if calls.exit_requested.get() or (not ok and isinstance(value, SystemExit)):
+            return self._exit(call_id, method, calls.exit_reason(method, None if ok else value))
         if ok:
             return self._encode(call_id, value, method, caller_pid, same_store)
-        if isinstance(value, calls.ExitActor):
-            return self._exit(call_id, method)
         return self._error(call_id, value, method)
 
-    def _exit(self, call_id: int, method: str) -> bytes:
-        """``ta.exit_actor()`` in ``method``: this call fails with ActorDiedError saying so, and
-        the host asks Ray to end it for good right after (Ray's kill: atexit handlers of the
-        process do not run there, since Ray's own would tear the worker down mid-call)."""
-        err = self.exited = calls.exited(self.name, self.actor_id, method)
+    def _exit(self, call_id: int, method: str, reason: str) -> bytes:
+        """An exit on purpose in ``method``: this call fails with ActorDiedError saying so, and
+        the host asks Ray to end it for good once the calls running in its other threads
+        have returned (Ray's kill: atexit handlers of the process do not run there, since
+        Ray's own would tear the worker down mid-call)."""
+        err = self.exited = calls.exited(self.name, self.actor_id, method, reason)
         me = _ray().get_runtime_context().current_actor
-        threading.Timer(0.05, _ray().kill, args=(me,), kwargs={"no_restart": True}).start()
+        threading.Thread(target=self._kill_when_idle, args=(me,), daemon=True, name="host-exit").start()
         return calls.error_reply(call_id, err, self.name, method)
+
+    def _kill_when_idle(self, me: Any) -> None:
+        while self.inflight > 0:
+            time.sleep(0.005)
+        time.sleep(0.05)            # Ray sends the last replies
+        _ray().kill(me, no_restart=True)
+
+    def __ray_shutdown__(self) -> None:
+        """Ray calls this when the actor ends gracefully: the user's ``__ray_shutdown__``."""
+        hook = getattr(self.instance, "__ray_shutdown__", None)
+        if hook is not None:
+            hook()
 
     def _prepare(self, method: str, body: bytes, caller_node: str, by_ref: bool, deps: tuple) -> tuple[int, Any]:
         """The call's id and (bound method, [args, kwargs], same store), or the reply bytes of

@@ -34,12 +34,13 @@ import cloudpickle
 
 from torchactors.actors import _current, protocol
 from torchactors.actors.calls import (
-    NONE,
+    READY,
     ExitActor,
     decode_args,
     encode_result,
     error_reply,
     exit_reason,
+    exit_requested,
     exited,
     fill_deps,
     remote_error,
@@ -87,8 +88,13 @@ class _Refusals:
             self.count, self.logged_at = 0, now
 
 
+_exit_lock = threading.Lock()
+
+
 def exit_process(code: int = 0) -> None:
-    """End this actor's process from any thread: its atexit handlers run first."""
+    """End this actor's process from any thread: its atexit handlers run first, once (a second
+    caller waits here for the first's ``os._exit``)."""
+    _exit_lock.acquire()
     try:
         atexit._run_exitfuncs()
     finally:
@@ -158,13 +164,14 @@ class ActorServer:
         self._fd_shortage = _Refusals(self.listener.path)       # logged apart: the operator's problem
         self._backoff = 0.0                      # the listener's current rest after EMFILE
         self._listen_at: float | None = None  # when a resting listener listens again
+        self.exiting: BaseException | None = None   # set once the actor ends on purpose: queued calls' error
         self.instance = self._construct(spec)
 
     def _construct(self, spec: dict) -> Any:
         try:
             cls = cloudpickle.loads(spec["cls"])
             if is_async_class(cls):
-                self.loop = start_event_loop()
+                self.loop = start_event_loop(on_exit=self._exit_from_task)
                 self.slots = asyncio.Semaphore(self.max_concurrency)
                 self.ordered = False
             elif self.max_concurrency > 1:
@@ -172,6 +179,9 @@ class ActorServer:
                 self.ordered = False
             args, kwargs = resolve_top_level(*pickle.loads(spec["args"]))
             return cls(*args, **kwargs)
+        except SystemExit as e:     # ta.exit_actor() or sys.exit() in __init__: an exit on purpose, no restart
+            self.job.mark_killed(self.key, exit_reason("__init__", e))
+            exit_process(0)
         except BaseException:
             text = traceback.format_exc()
             self.job.write_error(self.key, text)
@@ -319,7 +329,15 @@ class ActorServer:
     def _run_inline(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
         """Run ``fn(*args, **kwargs)`` (``call`` = [args, kwargs], emptied: see below) and reply."""
         ok, value = run_method(fn, call)
-        if ok:
+        self._finish(peer, seq, method, ok, value)
+
+    def _finish(self, peer: _Peer, seq: int, method: str, ok: bool, value: Any) -> None:
+        """Reply with a call's outcome, in the thread or task that ran it. A SystemExit
+        (``ta.exit_actor()``, ``sys.exit()``), or a ``ta.exit_actor()`` whose SystemExit the
+        method caught, ends the actor instead (Ray's rule)."""
+        if exit_requested.get() or (not ok and isinstance(value, SystemExit)):
+            self._exit_on_purpose(peer, seq, method, exit_reason(method, None if ok else value))
+        elif ok:
             self._reply(peer, seq, method, value)
         else:
             self._reply_error(peer, seq, method, value)
@@ -336,7 +354,11 @@ class ActorServer:
 
     def _run_pooled(self, peer: _Peer, seq: int, method: str, fn: Any, call: list) -> None:
         try:
-            self._run_inline(peer, seq, method, fn, call)
+            if self.exiting is not None:    # queued behind ta.exit_actor() in another thread
+                call.clear()
+                self._send(peer, seq, error_reply(seq, self.exiting, self.name, method), None)
+            else:
+                self._run_inline(peer, seq, method, fn, call)
         finally:
             self._done()
 
@@ -353,10 +375,7 @@ class ActorServer:
         try:
             async with self.slots:
                 ok, value = await run_coroutine(fn, call)
-            if ok:
-                self._reply(peer, seq, method, value)
-            else:
-                self._reply_error(peer, seq, method, value)
+            self._finish(peer, seq, method, ok, value)
         finally:
             self._done()
 
@@ -373,7 +392,7 @@ class ActorServer:
             logger.info("%s killed on request", self.name)
             os._exit(0)
         if kind == protocol.PING:
-            self._send(peer, seq, protocol.reply(protocol.OK_VALUE, seq, False, NONE), None)
+            self._send(peer, seq, protocol.reply(protocol.OK_VALUE, seq, False, READY), None)
         elif kind == protocol.DEP:
             if not method.isdigit():
                 raise ProtocolError(f"a dependency's index is {method!r}, not a number")
@@ -456,15 +475,31 @@ class ActorServer:
 
     def _stop(self) -> None:
         """A caller's STOP (its last handle went, or __ray_terminate__): end once the calls
-        in progress have replied."""
+        in progress have replied, calling the instance's ``__ray_shutdown__`` first (Ray's)."""
         if self.ordered:
+            self._call_shutdown()
             exit_process(0)
-        threading.Thread(target=self._exit_when_idle, daemon=True, name="actor-stop").start()
+        threading.Thread(target=self._exit_when_idle, args=(True,), daemon=True, name="actor-stop").start()
 
-    def _exit_when_idle(self) -> None:
+    def _exit_when_idle(self, shutdown: bool) -> None:
         while self.inflight > 0:
             time.sleep(0.005)
+        if shutdown:
+            self._call_shutdown()
         exit_process(0)
+
+    def _call_shutdown(self) -> None:
+        """The instance's ``__ray_shutdown__()`` (a coroutine of an async actor runs on its
+        loop). Its error is logged: the actor ends anyway."""
+        hook = getattr(self.instance, "__ray_shutdown__", None)
+        if hook is None:
+            return
+        try:
+            result = hook()
+            if inspect.isawaitable(result) and self.loop is not None:
+                asyncio.run_coroutine_threadsafe(_awaited(result), self.loop).result()
+        except BaseException:
+            logger.exception("%s: __ray_shutdown__ raised; the actor ends anyway", self.name)
 
     def _method(self, name: str) -> tuple[Any, bool]:
         """The bound method and whether it is ``async``, looked up once per name."""
@@ -483,16 +518,24 @@ class ActorServer:
         self._send(peer, seq, protocol.reply(kind, seq, held is not None, body), held)
 
     def _reply_error(self, peer: _Peer, seq: int, method: str, exc: BaseException) -> None:
-        if isinstance(exc, ExitActor):
-            self._exit_on_purpose(peer, seq, method)
         self._send(peer, seq, error_reply(seq, remote_error(exc, self.name, method), self.name, method), None)
 
-    def _exit_on_purpose(self, peer: _Peer, seq: int, method: str) -> None:
-        """``ta.exit_actor()`` in ``method``: no restart; this call and the ones queued behind
-        it fail with ActorDiedError saying so (the callers read the reason from the job)."""
-        self.job.mark_killed(self.key, exit_reason(method))
-        err = exited(self.name, self.key, method)
+    def _exit_on_purpose(self, peer: _Peer, seq: int, method: str, reason: str) -> None:
+        """An exit on purpose in ``method``: no restart; this call and the ones queued behind
+        it fail with ActorDiedError saying so (the callers read the reason from the job). A
+        threaded actor's calls running in its other threads finish and reply first (Ray's)."""
+        self.job.mark_killed(self.key, reason)
+        err = self.exiting = exited(self.name, self.key, method, reason)
         self._send(peer, seq, error_reply(seq, err, self.name, method), None)
+        if self.pool is None:
+            exit_process(0)
+        threading.Thread(target=self._exit_when_idle, args=(False,), daemon=True, name="actor-exit").start()
+
+    def _exit_from_task(self, exc: SystemExit) -> None:
+        """A SystemExit out of the event loop: ``ta.exit_actor()`` in an asyncio task that a
+        method created. The loop is gone, so the actor ends now."""
+        how = "ta.exit_actor() was called" if isinstance(exc, ExitActor) else f"SystemExit({exc.code!r}) was raised"
+        self.job.mark_killed(self.key, f"it exited on purpose: {how} in an asyncio task the actor started")
         exit_process(0)
 
     def _send(self, peer: _Peer, seq: int, msg: bytes, held: list | None) -> None:
@@ -524,6 +567,10 @@ class ActorServer:
                 peer.outbox.clear()         # the caller is gone; the read side sees the EOF
             if not peer.outbox and not peer.conn.closed:
                 self.poller.modify(fd, select.EPOLLIN)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def serve(payload: bytes, ctx: ChildContext) -> None:
