@@ -973,8 +973,6 @@ def test_child_actor_lifetime(child_actor_lifetime):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a constructor argument that is the ref of an unfinished call is "
-                                       "waited for in .remote(), so the creator blocks there (Ray sends it at once)")
 @local_only
 def test_actor_owner_worker_dies_before_dependency_ready():
     # Ray: test_actor_failures.py::test_actor_owner_worker_dies_before_dependency_ready
@@ -1133,8 +1131,6 @@ def test_actor_restart_with_retry_keeps_order():
     assert ta.get(actor.increase.remote(), timeout=30) == results[-1] + 1
 
 
-@pytest.mark.xfail(strict=True, reason="__ray_invocation_decorator__ on a method is ignored: .remote() "
-                                       "returns a bare ref")
 def test_decorated_method():
     # Ray: test_actor_failures.py::test_decorated_method
     def method_invocation_decorator(f):
@@ -1729,8 +1725,6 @@ class MyError(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason="@ta.method takes only num_returns: max_retries and retry_exceptions "
-                                       "(retry a method that raised) are a TypeError")
 def test_method_raise_5_times():
     # Ray: test_actor_retry.py::test_method_raise_5_times
     @ta.remote(max_restarts=5)

@@ -234,6 +234,8 @@ class Supervisor:
                 victim = self.procs.get(req[1])
                 if victim is not None:
                     self._terminate([victim])
+                else:       # not started yet (its constructor waits for arguments): it never will be
+                    self.job.write_status(req[1], ActorStatus("dead", killed=True))
                 req[2].set()
             elif req[0] == "zygote":
                 try:
