@@ -123,7 +123,9 @@ class Runtime:
             num_threads=options["num_threads"] or default_num_threads(len(self.owned)),
             env=dict(options.get("env") or {}), max_restarts=options["max_restarts"],
             device=options["device"], start_method=options.get("start_method") or self.start_method,
-            backoff=Backoff.parse(options.get("restart_backoff")))
+            backoff=Backoff.parse(options.get("restart_backoff")),
+            # Outlives this actor (Ray); the driver's own detached actors end with it as before.
+            detached=options.get("lifetime") == "detached" and not self.job.driver)
         self.owned[actor_id] = _Owned(actor_id, key, held)
         if deps:
             # Its constructor waits for calls still running: start it once they are done
