@@ -67,6 +67,18 @@ def test_async_method_gives_up_after_its_retries():
     assert ta.get(a.count.remote(), timeout=60) == 2
 
 
+def test_options_of_a_call_override_the_method():
+    a = Retrying.remote()
+    with pytest.raises(Flaky, match="run 1"):
+        ta.get(a.fails_twice.options(retry_exceptions=False).remote(), timeout=60)
+    b = Retrying.remote()
+    with pytest.raises(KeyError):
+        ta.get(b.wrong_error.options(max_task_retries=2, retry_exceptions=[KeyError]).remote(), timeout=60)
+    assert ta.get(b.count.remote(), timeout=60) == 3        # the first run and two retries
+    c = Retrying.remote()
+    assert ta.get(c.fails_twice.options(max_retries=-1, retry_exceptions=True).remote(), timeout=60) == 3
+
+
 @pytest.mark.parametrize("options, error", [
     ({"retry_exceptions": [Flaky]}, ValueError),                 # how many times?
     ({"max_task_retries": 3}, ValueError),                       # retries of what?

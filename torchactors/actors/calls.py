@@ -134,11 +134,22 @@ def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _retry(fn: Callable, error: BaseException, attempt: int) -> bool:
+# The keyword argument that carries a call's own retry policy (``h.m.options(max_task_retries=n,
+# retry_exceptions=...)``) to the actor, where run_method takes it out before the method runs.
+RETRY_KWARG = "__torchactors_retry__"
+
+
+def _policy(fn: Callable, kwargs: dict) -> Any:
+    """The call's retry policy: its own (``h.m.options``), else its method's (``@ta.method``)."""
+    if kwargs and RETRY_KWARG in kwargs:
+        return kwargs.pop(RETRY_KWARG)
+    return getattr(fn, "__torchactors_retry__", None)
+
+
+def _retry(fn: Callable, policy: Any, error: BaseException, attempt: int) -> bool:
     """Whether ``fn`` runs again after raising ``error`` in run ``attempt`` (0: the first), as
-    its ``@ta.method(max_task_retries=n, retry_exceptions=...)`` says (Ray's application-level
-    retries; ``ta.exit_actor()`` and other non-``Exception`` errors are never retried)."""
-    policy = getattr(fn, "__torchactors_retry__", None)
+    ``policy`` ``(retries, True or exception types)`` says (Ray's application-level retries;
+    ``ta.exit_actor()`` and other non-``Exception`` errors are never retried)."""
     if policy is None or not isinstance(error, Exception):
         return False
     retries, exceptions = policy
@@ -158,11 +169,12 @@ def run_method(fn: Callable, call: list) -> tuple[bool, Any]:
     A method declared with ``retry_exceptions`` runs again while it raises one of them."""
     args, kwargs = call
     call.clear()
+    policy = _policy(fn, kwargs)
     for attempt in itertools.count():
         try:
             return True, fn(*args, **kwargs)
         except BaseException as e:      # ExitActor too: the server decides what it means
-            if not _retry(fn, e, attempt):
+            if not _retry(fn, policy, e, attempt):
                 return False, e
     raise AssertionError("unreachable")
 
@@ -172,6 +184,7 @@ async def run_coroutine(fn: Callable, call: list) -> tuple[bool, Any]:
     runs as it is, on the event loop, as in Ray)."""
     args, kwargs = call
     call.clear()
+    policy = _policy(fn, kwargs)
     for attempt in itertools.count():
         try:
             result = fn(*args, **kwargs)
@@ -179,7 +192,7 @@ async def run_coroutine(fn: Callable, call: list) -> tuple[bool, Any]:
                 result = await result
             return True, result
         except BaseException as e:      # ExitActor and CancelledError too: never out of the task
-            if not _retry(fn, e, attempt):
+            if not _retry(fn, policy, e, attempt):
                 return False, e
     raise AssertionError("unreachable")
 

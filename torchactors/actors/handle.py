@@ -20,6 +20,7 @@ import cloudpickle
 
 from torchactors.actors import _current, lifetime
 from torchactors.actors import options as actor_options
+from torchactors.actors.calls import RETRY_KWARG
 from torchactors.actors.pending import split_returns
 from torchactors.store.refs import ObjectRef
 
@@ -323,21 +324,30 @@ _SPECIAL: dict[str, Callable[[ActorHandle], Any]] = {
 
 
 class ActorMethod:
-    __slots__ = ("handle", "name", "num_returns", "decorator")
+    __slots__ = ("handle", "name", "num_returns", "decorator", "retry")
 
     def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1,
-                 decorator: Callable | None = None) -> None:
+                 decorator: Callable | None = None, retry: tuple | None = None) -> None:
         self.handle = handle
         self.name = name
         self.num_returns = num_returns
         self.decorator = decorator      # the method's __ray_invocation_decorator__, if any
+        self.retry = retry              # this call's own retry policy (see retry_policy)
 
-    def options(self, num_returns: int = 1, **unsupported: Any) -> ActorMethod:
-        """``h.m.options(num_returns=2).remote(...)``."""
+    def options(self, num_returns: int | None = None, max_retries: int | None = None,
+                max_task_retries: int | None = None, retry_exceptions: Any = None,
+                **unsupported: Any) -> ActorMethod:
+        """``h.m.options(num_returns=2).remote(...)``; ``max_task_retries`` (or ``max_retries``)
+        and ``retry_exceptions`` as in ``@ta.method``, for these calls (``retry_exceptions=False``
+        turns the method's retries off)."""
         if unsupported:
             raise TypeError(f"{self.name}.options(): unsupported option(s) {sorted(unsupported)}; "
-                            f"supported: num_returns")
-        return ActorMethod(self.handle, self.name, _check_num_returns(num_returns), self.decorator)
+                            f"supported: num_returns, max_task_retries (or max_retries), retry_exceptions")
+        retry = self.retry
+        if retry_exceptions is not None or max_retries is not None or max_task_retries is not None:
+            retry = retry_policy(max_retries, max_task_retries, retry_exceptions) or (0, True)
+        returns = self.num_returns if num_returns is None else _check_num_returns(num_returns)
+        return ActorMethod(self.handle, self.name, returns, self.decorator, retry)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         if self.decorator is not None:
@@ -345,7 +355,8 @@ class ActorMethod:
         return self._invoke(args, kwargs)
 
     def _invoke(self, args: Any, kwargs: Any) -> Any:
-        ref = _current.get().call(self.handle, self.name, tuple(args), dict(kwargs))
+        kwargs = dict(kwargs) if self.retry is None else {**kwargs, RETRY_KWARG: self.retry}
+        ref = _current.get().call(self.handle, self.name, tuple(args), kwargs)
         if self.num_returns == 1:
             return ref
         return split_returns(ref, self.num_returns)
