@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import itertools
+import logging
 import pickle
 import threading
 import traceback
@@ -31,6 +33,8 @@ READY = pickle.dumps(True, pickle.HIGHEST_PROTOCOL)     # what ``__ray_ready__``
 # What pickle.loads raises for bytes that are not a pickle at all (a broken sender), as
 # opposed to a whole pickle whose class cannot be imported here (the caller's error).
 _NOT_A_PICKLE = (pickle.UnpicklingError, EOFError)
+
+logger = logging.getLogger(__name__)
 
 
 # -- the caller's side: arguments ------------------------------------------------------------
@@ -132,16 +136,49 @@ def resolve_top_level(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+# The keyword argument that carries a call's own retry policy (``h.m.options(max_task_retries=n,
+# retry_exceptions=...)``) to the actor, where run_method takes it out before the method runs.
+RETRY_KWARG = "__torchactors_retry__"
+
+
+def _policy(fn: Callable, kwargs: dict) -> Any:
+    """The call's retry policy: its own (``h.m.options``), else its method's (``@ta.method``)."""
+    if kwargs and RETRY_KWARG in kwargs:
+        return kwargs.pop(RETRY_KWARG)
+    return getattr(fn, "__torchactors_retry__", None)
+
+
+def _retry(fn: Callable, policy: Any, error: BaseException, attempt: int) -> bool:
+    """Whether ``fn`` runs again after raising ``error`` in run ``attempt`` (0: the first), as
+    ``policy`` ``(retries, True or exception types)`` says (Ray's application-level retries;
+    ``ta.exit_actor()`` and other non-``Exception`` errors are never retried)."""
+    if policy is None or not isinstance(error, Exception):
+        return False
+    retries, exceptions = policy
+    if retries != -1 and attempt >= retries:
+        return False
+    if exceptions is not True and not isinstance(error, exceptions):
+        return False
+    logger.info("%s raised %r; retrying it (retry %d of %s)", getattr(fn, "__qualname__", fn), error,
+                attempt + 1, "unlimited" if retries == -1 else retries)
+    return True
+
+
 def run_method(fn: Callable, call: list) -> tuple[bool, Any]:
     """``(True, fn(*args, **kwargs))`` or ``(False, the exception)``, for ``call`` =
     ``[args, kwargs]``, which is emptied first: once the method returns, nothing holds the
-    arguments, so the caller's next put may reuse their memory as soon as it has the reply."""
+    arguments, so the caller's next put may reuse their memory as soon as it has the reply.
+    A method declared with ``retry_exceptions`` runs again while it raises one of them."""
     args, kwargs = call
     call.clear()
-    try:
-        return True, fn(*args, **kwargs)
-    except BaseException as e:      # ExitActor too: the server decides what it means
-        return False, e
+    policy = _policy(fn, kwargs)
+    for attempt in itertools.count():
+        try:
+            return True, fn(*args, **kwargs)
+        except BaseException as e:      # ExitActor too: the server decides what it means
+            if not _retry(fn, policy, e, attempt):
+                return False, e
+    raise AssertionError("unreachable")
 
 
 async def run_coroutine(fn: Callable, call: list) -> tuple[bool, Any]:
@@ -149,13 +186,17 @@ async def run_coroutine(fn: Callable, call: list) -> tuple[bool, Any]:
     runs as it is, on the event loop, as in Ray)."""
     args, kwargs = call
     call.clear()
-    try:
-        result = fn(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        return True, result
-    except BaseException as e:      # ExitActor and CancelledError too: never out of the task
-        return False, e
+    policy = _policy(fn, kwargs)
+    for attempt in itertools.count():
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return True, result
+        except BaseException as e:      # ExitActor and CancelledError too: never out of the task
+            if not _retry(fn, policy, e, attempt):
+                return False, e
+    raise AssertionError("unreachable")
 
 
 def start_event_loop(on_exit: Callable[[SystemExit], None] | None = None) -> asyncio.AbstractEventLoop:

@@ -124,6 +124,14 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _orphaned(status: ActorStatus) -> bool:
+    """Whether the actor is gone with its owner (the process whose supervisor started it and
+    would write its status): a detached actor outlives its owner, so then its own process counts."""
+    if _alive(status.owner):
+        return False
+    return not status.detached or not _alive(status.pid)
+
+
 def _spin_select(conns: list, seconds: float) -> list:
     """The connections readable now, polling up to ``seconds`` without sleeping (see
     Connection.read_spinning for why)."""
@@ -315,7 +323,7 @@ class Channel:
         incarnation = status.incarnation
         state = status.state
         down = state == "restarting" or (self.dead is not None and incarnation <= self.incarnation)
-        if state == "dead" or (down and not self.max_task_retries) or not _alive(status.owner):
+        if state == "dead" or (down and not self.max_task_retries) or _orphaned(status):
             self.incarnation = max(self.incarnation, incarnation)
             raise self._death(status)
         if self.conn is not None:
@@ -361,7 +369,7 @@ class Channel:
             status = self.job.read_status(self.actor_id) or ActorStatus()
             state, current = status.state, status.incarnation
             if state == "dead" or (not restart and (state == "restarting" or current != incarnation)) or (
-                    not _alive(status.owner)):
+                    _orphaned(status)):
                 raise self._death(status)
             path = self.job.socket_path(self.actor_id, current)
             if current >= incarnation and state != "restarting" and os.path.exists(path):
@@ -387,8 +395,10 @@ class Channel:
         state, owner = status.state, status.owner
         reason = self.job.killed_reason(self.actor_id) or (
             "it was stopped when its owner shut down" if status.killed else "")
-        if not reason and state != "dead" and not _alive(owner):
-            reason = f"its owner (pid {owner}, the process that created it) died, and an actor dies with its owner"
+        if not reason and state != "dead" and _orphaned(status):
+            reason = (f"it died after its owner (pid {owner}, the process that created it), so nobody restarts it"
+                      if status.detached else
+                      f"its owner (pid {owner}, the process that created it) died, and an actor dies with its owner")
         if reason:
             detail = reason + (f"; {detail}" if detail else "")
         # A newer incarnation than the one we talked to is up or coming: the actor was restarted.
@@ -479,7 +489,7 @@ class Channel:
             deadline = time.monotonic() + DEATH_DETAIL_WAIT
             status = self.job.read_status(self.actor_id) or ActorStatus()
             while (status.state == "alive" and status.incarnation == self.incarnation
-                   and time.monotonic() < deadline and _alive(status.owner)):
+                   and time.monotonic() < deadline and not _orphaned(status)):
                 time.sleep(0.01)
                 status = self.job.read_status(self.actor_id) or ActorStatus()
             self.dead = self._death(status)

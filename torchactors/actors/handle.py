@@ -21,6 +21,7 @@ import cloudpickle
 
 from torchactors.actors import _current, lifetime
 from torchactors.actors import options as actor_options
+from torchactors.actors.calls import RETRY_KWARG
 from torchactors.actors.pending import split_returns
 from torchactors.store.refs import ObjectRef
 
@@ -112,18 +113,69 @@ def _check_num_returns(n: Any) -> int:
     return n
 
 
-def method(fn: Callable | None = None, *, num_returns: int = 1, **unsupported: Any) -> Any:
-    """``@ta.method(num_returns=2)`` on an actor method: its ``.remote()`` returns one ref per value."""
+def _check_retries(n: Any, what: str) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < -1:
+        raise ValueError(f"{what} must be an int >= -1 (-1: retry without limit), not {n!r}")
+    return n
+
+
+def retry_policy(max_retries: int | None, max_task_retries: int | None,
+                 retry_exceptions: Any) -> tuple[int, bool | tuple[type, ...]] | None:
+    """Ray's method retry options, checked: ``(retries, True or the exception types)``, or
+    None when a raised exception is not retried. ``max_retries`` is Ray's older name of
+    ``max_task_retries``."""
+    if max_retries is not None and max_task_retries is not None:
+        raise TypeError("give max_task_retries or max_retries (its older name), not both")
+    retries = max_task_retries if max_task_retries is not None else max_retries
+    if retry_exceptions is False or retry_exceptions is None:
+        if retries is not None:
+            raise ValueError(f"max_task_retries={retries!r} on a method retries only the exceptions named by "
+                             f"retry_exceptions (True: any); retries after the actor's death are the actor's "
+                             f"max_task_retries option")
+        return None
+    if retry_exceptions is not True:
+        if not isinstance(retry_exceptions, (list, tuple)) or not all(
+                inspect.isclass(t) and issubclass(t, BaseException) for t in retry_exceptions):
+            raise TypeError(f"retry_exceptions must be True, False or a list of exception classes, "
+                            f"not {retry_exceptions!r}")
+        retry_exceptions = tuple(retry_exceptions)
+    if retries is None:
+        raise ValueError("retry_exceptions needs max_task_retries (or max_retries) with it: how many times "
+                         "to run the method again after it raised")
+    return _check_retries(retries, "max_task_retries"), retry_exceptions
+
+
+def method(fn: Callable | None = None, *, num_returns: int = 1, max_retries: int | None = None,
+           max_task_retries: int | None = None, retry_exceptions: Any = False, **unsupported: Any) -> Any:
+    """``@ta.method(num_returns=2)`` on an actor method: its ``.remote()`` returns one ref per
+    value. ``@ta.method(max_task_retries=3, retry_exceptions=[ValueError])`` (or ``True``: any
+    exception) runs the method again, in the actor, when it raises one of them (Ray's
+    application-level retries)."""
     if unsupported:
-        raise TypeError(f"@ta.method: unsupported option(s) {sorted(unsupported)}; supported: num_returns")
+        raise TypeError(f"@ta.method: unsupported option(s) {sorted(unsupported)}; supported: num_returns, "
+                        f"max_task_retries (or max_retries), retry_exceptions")
     n = _check_num_returns(num_returns)
+    policy = retry_policy(max_retries, max_task_retries, retry_exceptions)
 
     def mark(f: Callable) -> Callable:
         target: Any = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
         target.__torchactors_num_returns__ = n
+        if policy is not None:
+            target.__torchactors_retry__ = policy
         return f
 
     return mark(fn) if fn is not None else mark
+
+
+def method_decorators(cls: type) -> dict[str, Callable]:
+    """Ray's ``__ray_invocation_decorator__`` of the methods that have one: it wraps the
+    method's ``.remote()`` in the caller (``decorator(invoke)(args, kwargs)``)."""
+    out = {}
+    for n, v in inspect.getmembers(cls, callable):
+        decorator = getattr(v, "__ray_invocation_decorator__", None)
+        if decorator is not None and not n.startswith("_"):
+            out[n] = decorator
+    return out
 
 
 class ActorClass:
@@ -247,12 +299,13 @@ class ActorHandle:
     It carries the actor's ``max_task_retries``: every caller retries the same way."""
 
     def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int = 0,
-                 returns: dict | None = None, lent: str | None = None) -> None:
+                 returns: dict | None = None, lent: str | None = None, decorators: dict | None = None) -> None:
         self._actor_id = ActorID(actor_id)
         self._name = name
         self._methods = methods
         self._max_task_retries = max_task_retries
         self._returns = returns or {}
+        self._decorators = decorators or {}     # method -> its __ray_invocation_decorator__
         if lent is not None and lifetime.receive(actor_id, lent) and on_borrow is not None:
             on_borrow()
         if actor_id in lifetime.counts:
@@ -276,14 +329,14 @@ class ActorHandle:
         if methods is None:             # not initialised yet (unpickling)
             raise AttributeError(item)
         if item in methods and not item.startswith("__"):      # the user's own methods first
-            return ActorMethod(self, item, self._returns.get(item, 1))
+            return ActorMethod(self, item, self._returns.get(item, 1), self._decorators.get(item))
         if item in _SPECIAL:
             return _SPECIAL[item](self)
         raise AttributeError(f"actor {self._name} has no method {item!r}; it has: {', '.join(methods)}")
 
     def __reduce__(self) -> tuple:
         return (ActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._returns,
-                              lifetime.lend(self._actor_id)))
+                              lifetime.lend(self._actor_id), self._decorators or None))
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         """``__reduce__`` (this class's or a backend's subclass's) with the method signatures
@@ -349,23 +402,40 @@ _SPECIAL: dict[str, Callable[[ActorHandle], Any]] = {
 
 
 class ActorMethod:
-    __slots__ = ("handle", "name", "num_returns")
+    __slots__ = ("handle", "name", "num_returns", "decorator", "retry")
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1) -> None:
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1,
+                 decorator: Callable | None = None, retry: tuple | None = None) -> None:
         self.handle = handle
         self.name = name
         self.num_returns = num_returns
+        self.decorator = decorator      # the method's __ray_invocation_decorator__, if any
+        self.retry = retry              # this call's own retry policy (see retry_policy)
 
-    def options(self, num_returns: int = 1, **unsupported: Any) -> ActorMethod:
-        """``h.m.options(num_returns=2).remote(...)``."""
+    def options(self, num_returns: int | None = None, max_retries: int | None = None,
+                max_task_retries: int | None = None, retry_exceptions: Any = None,
+                **unsupported: Any) -> ActorMethod:
+        """``h.m.options(num_returns=2).remote(...)``; ``max_task_retries`` (or ``max_retries``)
+        and ``retry_exceptions`` as in ``@ta.method``, for these calls (``retry_exceptions=False``
+        turns the method's retries off)."""
         if unsupported:
             raise TypeError(f"{self.name}.options(): unsupported option(s) {sorted(unsupported)}; "
-                            f"supported: num_returns")
-        return ActorMethod(self.handle, self.name, _check_num_returns(num_returns))
+                            f"supported: num_returns, max_task_retries (or max_retries), retry_exceptions")
+        retry = self.retry
+        if retry_exceptions is not None or max_retries is not None or max_task_retries is not None:
+            retry = retry_policy(max_retries, max_task_retries, retry_exceptions) or (0, True)
+        returns = self.num_returns if num_returns is None else _check_num_returns(num_returns)
+        return ActorMethod(self.handle, self.name, returns, self.decorator, retry)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        self.handle._check_call(self.name, args, kwargs)
-        ref = _current.get().call(self.handle, self.name, args, kwargs)
+        if self.decorator is not None:
+            return self.decorator(self._invoke)(args, kwargs)
+        return self._invoke(args, kwargs)
+
+    def _invoke(self, args: Any, kwargs: Any) -> Any:
+        self.handle._check_call(self.name, tuple(args), kwargs)
+        kwargs = dict(kwargs) if self.retry is None else {**kwargs, RETRY_KWARG: self.retry}
+        ref = _current.get().call(self.handle, self.name, tuple(args), kwargs)
         if self.num_returns == 1:
             return ref
         return split_returns(ref, self.num_returns)

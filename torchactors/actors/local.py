@@ -8,6 +8,7 @@ the same inside actors (docs/design.md, "Layers and the current objects").
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -19,7 +20,14 @@ from torchactors.actors import handle as handle_module
 from torchactors.actors import lifetime, protocol
 from torchactors.actors.calls import DependencyFailed, encode_args
 from torchactors.actors.channel import Channel
-from torchactors.actors.handle import ActorHandle, dumps_class, method_returns, new_actor_id, public_methods
+from torchactors.actors.handle import (
+    ActorHandle,
+    dumps_class,
+    method_decorators,
+    method_returns,
+    new_actor_id,
+    public_methods,
+)
 from torchactors.actors.options import default_num_threads
 from torchactors.actors.pending import failed_ref
 from torchactors.errors import ActorDiedError
@@ -89,7 +97,8 @@ class Runtime:
                 return self._named(record, name)
         label = name or actor_id
         methods, returns = public_methods(cls), method_returns(cls)
-        body, held = encode_args(args, kwargs, self.store.put)
+        deps: list = []
+        body, held = encode_args(args, kwargs, self.store.put, deps)
         try:
             cls_bytes = dumps_class(cls)
         except Exception as e:
@@ -107,16 +116,53 @@ class Runtime:
         elif options.get("lifetime") != "detached":
             lifetime.track(actor_id)        # stopped when its last handle is dropped (README)
             self._watch_handles()
-        handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns)
-        spec = {"cls": cls_bytes, "args": body, "name": label, "max_concurrency": options["max_concurrency"]}
-        threads = options["num_threads"] or default_num_threads(len(self.owned))
-        self.owned[actor_id] = _Owned(actor_id, key, held, callable(getattr(cls, "__ray_shutdown__", None)))
-        self.supervisor.start(ProcessSpec(
-            key=actor_id, target="torchactors.actors.worker:serve", payload=pickle.dumps(spec),
-            num_threads=threads, env=dict(options.get("env") or {}), max_restarts=options["max_restarts"],
+        handle = ActorHandle(actor_id, label, methods, options["max_task_retries"], returns,
+                             decorators=method_decorators(cls))
+        spec = {"cls": cls_bytes, "name": label, "max_concurrency": options["max_concurrency"]}
+        process = ProcessSpec(
+            key=actor_id, target="torchactors.actors.worker:serve", payload=b"",
+            num_threads=options["num_threads"] or default_num_threads(len(self.owned)),
+            env=dict(options.get("env") or {}), max_restarts=options["max_restarts"],
             device=options["device"], start_method=options.get("start_method") or self.start_method,
-            backoff=Backoff.parse(options.get("restart_backoff"))))
+            backoff=Backoff.parse(options.get("restart_backoff")),
+            # Outlives this actor (Ray); the driver's own detached actors end with it as before.
+            detached=options.get("lifetime") == "detached" and not self.job.driver)
+        self.owned[actor_id] = _Owned(actor_id, key, held, callable(getattr(cls, "__ray_shutdown__", None)))
+        if deps:
+            # Its constructor waits for calls still running: start it once they are done
+            # (Ray's rule; .remote() returns at once). Until then callers find it "starting",
+            # owned by this process, and learn of its death if this process dies first.
+            self.job.write_status(actor_id, ActorStatus("starting", restarts_left=options["max_restarts"]))
+            threading.Thread(target=self._start_after_deps, args=(process, spec, args, kwargs), daemon=True,
+                             name=f"torchactors-deps-{label}").start()
+        else:
+            self._start(process, spec, body)
         return handle
+
+    def _start(self, process: ProcessSpec, spec: dict, body: bytes) -> None:
+        self.supervisor.start(dataclasses.replace(process, payload=pickle.dumps({**spec, "args": body})))
+
+    def _start_after_deps(self, process: ProcessSpec, spec: dict, args: tuple, kwargs: dict) -> None:
+        """Wait for the constructor's pending arguments, then start the actor; if one failed,
+        the actor is dead with that error as its constructor's (its calls raise ActorDiedError)."""
+        actor_id = process.key
+        try:
+            body, held = encode_args(args, kwargs, self.store.put)     # waits for the pending refs
+        except DependencyFailed as failed:
+            error = failed.error
+        except Exception as e:          # shut down meanwhile, or the store is full
+            error = e
+        else:
+            owned = self.owned.get(actor_id)
+            if owned is not None and not self.store.closed and not self.job.was_killed(actor_id):
+                owned.held = held
+                self._start(process, spec, body)
+            return
+        logger.info("%s is not started: a constructor argument failed: %s", actor_id, error)
+        if self.store.closed:
+            return
+        self.job.write_error(actor_id, f"a constructor argument is the ref of a call that failed: {error!r}")
+        self.job.write_status(actor_id, ActorStatus("dead", restarts_left=0, error=str(error)))
 
     def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict) -> ObjectRef:
         """Send a method call; its result ref at once. Tensors in the arguments travel as refs;

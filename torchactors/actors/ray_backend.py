@@ -34,6 +34,7 @@ from torchactors.actors.handle import (
     ActorHandle,
     dumps_class,
     is_async_class,
+    method_decorators,
     method_returns,
     new_actor_id,
     public_methods,
@@ -88,8 +89,8 @@ class RayActorHandle(ActorHandle):
     """An ActorHandle that also carries the Ray actor it names (picklable inside a Ray job)."""
 
     def __init__(self, actor_id: str, name: str, methods: list[str], max_task_retries: int, ray_actor: Any,
-                 returns: dict | None = None) -> None:
-        super().__init__(actor_id, name, methods, max_task_retries, returns)
+                 returns: dict | None = None, decorators: dict | None = None) -> None:
+        super().__init__(actor_id, name, methods, max_task_retries, returns, decorators=decorators)
         self._ray_actor = ray_actor
 
     def __reduce__(self) -> tuple:
@@ -97,7 +98,7 @@ class RayActorHandle(ActorHandle):
         # this process until shutdown, so Ray does not stop the actor when ours goes.
         _passed_on[self._actor_id] = self._ray_actor
         return (RayActorHandle, (self._actor_id, self._name, self._methods, self._max_task_retries, self._ray_actor,
-                                 self._returns))
+                                 self._returns, self._decorators or None))
 
 
 _passed_on: dict[str, Any] = {}     # actor id -> Ray handle, for handles this process pickled
@@ -232,7 +233,7 @@ class RayRuntime:
         host_cls = _AsyncHost if is_async_class(cls) else _Host
         host = ray.remote(host_cls).options(**ray_options).remote(spec)
         handle = RayActorHandle(actor_id, name or actor_id, public_methods(cls), options["max_task_retries"], host,
-                                method_returns(cls))
+                                method_returns(cls), method_decorators(cls))
         if name is not None or options.get("lifetime") == "detached":
             self.owned[actor_id] = handle
         else:

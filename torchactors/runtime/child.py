@@ -12,8 +12,11 @@ import importlib
 import logging
 import os
 import pickle
+import select
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +24,11 @@ if TYPE_CHECKING:
     from torchactors.runtime.job import Job
     from torchactors.store.core import Store
 
+logger = logging.getLogger(__name__)
+
 PR_SET_PDEATHSIG = 1
+DRIVER_PID_VAR = "TORCHACTORS_DRIVER_PID"   # set for every child of the job: its driver's pid
+JOB_WATCH_S = 0.5                           # how often a detached process looks for its job's end
 
 
 @dataclass
@@ -35,6 +42,23 @@ class ChildContext:
     num_threads: int
     job: Job
     store: Store
+
+
+def _end_with_job(job_dir: str) -> None:
+    """A detached process (no PDEATHSIG: it outlives the actor that started it) ends when the
+    job does: its driver exits or removes the job's directory (``ta.shutdown``)."""
+    driver = int(os.environ.get(DRIVER_PID_VAR) or 0)
+    try:
+        pidfd = os.pidfd_open(driver) if driver else -1
+    except ProcessLookupError:
+        os._exit(1)
+    while os.path.isdir(job_dir):
+        if pidfd >= 0 and select.select([pidfd], [], [], JOB_WATCH_S)[0]:
+            break
+        if pidfd < 0:
+            time.sleep(JOB_WATCH_S)
+    logger.info("the job ended (its driver exited or shut down): a detached actor ends with it")
+    os._exit(0)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -76,7 +100,8 @@ def enter_process(sys_path: list[str], num_threads: int, device: str) -> None:
 def main() -> None:
     """Entry point of a spawned process (``python -c``): the boot record is on stdin."""
     boot = pickle.loads(sys.stdin.buffer.read())
-    die_with_parent(boot["parent_pid"])
+    if not boot.get("detached"):
+        die_with_parent(boot["parent_pid"])
     sys.stdin.close()
     run(boot)
 
@@ -93,6 +118,8 @@ def run(boot: dict) -> None:
 
     info = boot["job"]
     job, store = job_module.Job.join(info["dir"], info["secret"], info["capacity"])
+    if boot.get("detached"):
+        threading.Thread(target=_end_with_job, args=(job.dir,), daemon=True, name="torchactors-job-watch").start()
     module, _, name = boot["target"].partition(":")
     target = getattr(importlib.import_module(module), name)
     target(boot["payload"], ChildContext(boot["key"], boot["incarnation"], boot["device"], boot["num_threads"],

@@ -23,7 +23,8 @@ class ActorStatus(NamedTuple):
     ``signal`` (a name such as ``"SIGKILL"``) tell how the last incarnation that ended ended;
     ``restarts`` is how often it was restarted, ``restarts_left`` how many it may still have
     (-1: unlimited). ``killed``: its death was asked for (``ta.kill``, shutdown); ``error``:
-    why a process could not be started; ``owner``: the pid of the supervisor's process.
+    why a process could not be started; ``owner``: the pid of the supervisor's process;
+    ``detached``: the process outlives its owner (a detached actor started by an actor).
     """
 
     state: str = "unknown"
@@ -36,6 +37,7 @@ class ActorStatus(NamedTuple):
     killed: bool = False
     error: str | None = None
     owner: int | None = None
+    detached: bool = False
 
     @classmethod
     def from_dict(cls, data: Any) -> ActorStatus | None:

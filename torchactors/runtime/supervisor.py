@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchactors.runtime.child import DRIVER_PID_VAR
 from torchactors.runtime.job import Job, describe
 from torchactors.runtime.status import ActorStatus
 from torchactors.runtime.zygote import ForkedProcess, Zygote, ZygoteError, ZygoteUnsafe
@@ -92,6 +93,7 @@ class ProcessSpec:
     device: str = "cpu"
     start_method: str = "zygote"
     backoff: Backoff = field(default_factory=Backoff)
+    detached: bool = False          # outlives this process (no PDEATHSIG, spared at shutdown)
 
 
 class _Proc:
@@ -122,7 +124,8 @@ class _Proc:
     def status(self, state: str, pid: int | None, **extra: Any) -> ActorStatus:
         """The record of this process in ``state``: every start after the first is a restart."""
         exit_code, sig = self.last_end
-        fields = {"exit_code": exit_code, "signal": sig, "restarts_left": self.restarts_left, **extra}
+        fields = {"exit_code": exit_code, "signal": sig, "restarts_left": self.restarts_left,
+                  "detached": self.spec.detached, **extra}
         return ActorStatus(state, max(self.incarnation, 0), pid, restarts=max(self.incarnation, 0), **fields)
 
 
@@ -234,6 +237,8 @@ class Supervisor:
                 victim = self.procs.get(req[1])
                 if victim is not None:
                     self._terminate([victim])
+                else:       # not started yet (its constructor waits for arguments): it never will be
+                    self.job.write_status(req[1], ActorStatus("dead", killed=True))
                 req[2].set()
             elif req[0] == "zygote":
                 try:
@@ -242,7 +247,7 @@ class Supervisor:
                     logger.warning("could not start the zygote (the first start tries again): %s", e)
             elif req[0] == "shutdown":
                 self._stopping = True
-                self._terminate(list(self.procs.values()))
+                self._terminate([p for p in self.procs.values() if not p.spec.detached])
                 if self._zygote is not None:
                     self._zygote.close()
                     self._zygote = None
@@ -256,10 +261,11 @@ class Supervisor:
         env.update({k: str(v) for k, v in spec.env.items()})
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(spec.num_threads)
+        env.setdefault(DRIVER_PID_VAR, str(os.getpid()))      # set in the driver's children: theirs is kept
         boot = {"job": describe(self.job), "key": spec.key, "incarnation": p.incarnation,
                 "target": spec.target, "payload": spec.payload, "num_threads": spec.num_threads,
                 "device": spec.device, "sys_path": list(sys.path), "parent_pid": os.getpid(),
-                "cwd": os.getcwd()}
+                "cwd": os.getcwd(), "detached": spec.detached}
         popen: subprocess.Popen | ForkedProcess | None
         try:
             popen = self._fork(env, boot) if spec.start_method == "zygote" else None

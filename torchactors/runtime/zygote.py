@@ -356,10 +356,11 @@ def _become_child(fds: list[int], sock: socket.socket, zygote_fds: tuple, zygote
         os.dup2(err_fd, 2)
         os.close(out_fd)
         os.close(err_fd)
-        child.die_with_parent(zygote_pid)
-        os.setsid()
         with os.fdopen(boot_fd, "rb") as f:
             environ, boot = pickle.loads(f.read())
+        if not boot.get("detached"):
+            child.die_with_parent(zygote_pid)
+        os.setsid()
         os.environ.clear()
         os.environ.update(environ)
         numpy_random = sys.modules.get("numpy.random")
