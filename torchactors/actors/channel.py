@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 120.0     # a new actor's process imports torch before it listens
 DEATH_DETAIL_WAIT = 0.5     # how long to wait for the supervisor's word on how it died
-SPIN_S = 50e-6              # a get polls this long before it sleeps (see Connection.read_spinning)
+SPIN_S = 100e-6             # a get polls this long before it sleeps (docs/design.md "Poll before sleeping, yielding the core")
 RECHECK_S = 0.002           # how often wait() re-checks calls whose socket another thread reads
 WRITER_POLL_S = 0.05        # how often the writer of a full socket looks again (and reads replies)
 
@@ -151,7 +151,7 @@ class Channel:
     bytes its socket had no room for. The backend's ``Runtime.channel`` makes one per actor;
     ``PendingCall`` (a ``get`` or ``wait``) reads its replies on the waiting thread. Its
     status reads (``Job.read_status``) decide between reconnecting, waiting for a restart and
-    ``ActorDiedError``. See docs/design.md, "Calls before an actor is up", "Poll 50 µs before
+    ``ActorDiedError``. See docs/design.md, "Calls before an actor is up", "Poll before
     sleeping, yielding the core", "wait() only selects on sockets it reads" and "Retried calls
     are re-sent by the caller, not replayed by the supervisor".
     """

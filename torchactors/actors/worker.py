@@ -65,7 +65,7 @@ from torchactors.runtime.transport import (
 logger = logging.getLogger(__name__)
 
 
-SPIN_S = 50e-6      # the loop polls this long before it sleeps in epoll_wait
+SPIN_S = 200e-6     # the loop polls this long before it sleeps in epoll_wait (docs/design.md "Poll before sleeping, yielding the core")
 MAX_JOINING = 64    # connections mid-handshake at most; a new one beyond drops the oldest
 ACCEPT_BACKOFF = (0.01, 1.0)    # the listener rests this long (doubling) when out of fds
 REFUSAL_LOG_S = 5.0             # refused connections are logged at most this often
@@ -142,7 +142,7 @@ class ActorServer:
     pool or event loop the calls run on. ``serve`` (the supervisor's target for actor
     processes) builds it and runs ``serve_forever`` until the process ends. Calls are decoded
     and answered with the codec of ``actors.calls``. See docs/design.md, "One thread per
-    actor, no thread per call", "Small results ride inside the reply" and "Poll 50 µs before
+    actor, no thread per call", "Small results ride inside the reply" and "Poll before
     sleeping, yielding the core".
     """
 
