@@ -63,7 +63,7 @@ import cloudpickle
 import psutil
 import pytest
 import torch
-from test_ray_semantics import SignalActor, wait_for_condition, wait_for_pid_to_exit
+from test_ray_semantics import RestartableActor, SignalActor, wait_for_condition, wait_for_pid_to_exit
 
 import torchactors as ta
 
@@ -1009,18 +1009,7 @@ def test_actor_owner_worker_dies_before_dependency_ready():
 
 def test_actor_restart_keeps_order():
     # Ray: test_actor_failures.py::test_actor_restart (the first half, 60 calls instead of 200;
-    # the end is in test_ray_semantics.py::test_actor_restart)
-    @ta.remote(max_restarts=1)
-    class RestartableActor:
-        def __init__(self):
-            self.value = 0
-
-        def increase(self, exit=False):
-            if exit:
-                os._exit(-1)
-            self.value += 1
-            return self.value
-
+    # the end is in test_ray_semantics.py::test_actor_restart, whose RestartableActor this is)
     actor = RestartableActor.remote()
     results = [actor.increase.remote(exit=(i == 30)) for i in range(60)]
     # Every call before the death ran, in order.
