@@ -433,9 +433,10 @@ class ActorMethod:
         return self._invoke(args, kwargs)
 
     def _invoke(self, args: Any, kwargs: Any) -> Any:
-        self.handle._check_call(self.name, tuple(args), kwargs)
+        args = tuple(args)          # a decorator may hand back a list
+        self.handle._check_call(self.name, args, kwargs)
         kwargs = dict(kwargs) if self.retry is None else {**kwargs, RETRY_KWARG: self.retry}
-        ref = _current.get().call(self.handle, self.name, tuple(args), kwargs)
+        ref = _current.get().call(self.handle, self.name, args, kwargs)
         if self.num_returns == 1:
             return ref
         return split_returns(ref, self.num_returns)

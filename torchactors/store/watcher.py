@@ -72,14 +72,13 @@ class Watcher:
         return [p.pidfd for p in list(self.store.membership.peers.values()) if p.pidfd >= 0 and not p.dead]
 
     def _check_deaths(self) -> None:
-        if self.store.membership.replaced_peers():     # dead, and already replaced at their index
-            self.store.drop_dead_peers()
         fds = self._live_pidfds()
-        if not fds:
-            return
-        try:
-            dead, _, _ = select.select(fds, [], [], 0)
-        except (OSError, ValueError):       # a pidfd closed meanwhile: look again next round
-            return
-        if dead:
+        dead: list[int] = []
+        if fds:
+            try:
+                dead, _, _ = select.select(fds, [], [], 0)
+            except (OSError, ValueError):   # a pidfd closed meanwhile: look again next round
+                return
+        # a peer can also be dead and already replaced at its index by a new process
+        if dead or self.store.membership.replaced_peers():
             self.store.drop_dead_peers()
